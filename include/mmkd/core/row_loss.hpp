@@ -1,0 +1,147 @@
+#pragma once
+
+// Plumbing shared by the losses whose terms are independent per row: optional row masks,
+// label checks, per-thread scratch, the non-finite diagnosis and the strong-guarantee commit.
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "mmkd/core/errors.hpp"
+#include "mmkd/core/parallel.hpp"
+#include "mmkd/core/reduction.hpp"
+#include "mmkd/core/softmax.hpp"
+#include "mmkd/core/types.hpp"
+
+namespace mmkd {
+namespace detail {
+
+/// An optional row mask: no mask means every row takes part.
+struct RowSelect {
+  const std::uint8_t* mask = nullptr;
+  bool operator()(Index i) const { return mask == nullptr || mask[i] != 0; }
+};
+
+/// Checks a row mask (length n, values 0 or 1) and returns how many rows take part.
+inline Index count_rows(const char* cls, const ConstRowMaskRef& mask, Index n) {
+  check_length(cls, "mask", mask, n, "one entry per row");
+  Index count = 0;
+  for (Index i = 0; i < n; ++i) {
+    const unsigned v = mask(i);
+    if (v > 1) {
+      throw_invalid(
+          cls, "mask[" + std::to_string(i) + "] is " + std::to_string(v) + ", expected 0 or 1");
+    }
+    count += v;
+  }
+  return count;
+}
+
+/// Checks the labels of the rows that take part (masked rows may hold anything, e.g. -100).
+inline void check_labels(const char* cls, const ConstLabelsRef& labels, Index n, Index c,
+                         RowSelect rows) {
+  check_length(cls, "labels", labels, n, "one label per row");
+  for (Index i = 0; i < n; ++i) {
+    if (rows(i) && (labels(i) < 0 || labels(i) >= c)) {
+      throw_invalid(cls, "labels[" + std::to_string(i) + "] is " + std::to_string(labels(i)) +
+                             ", expected a class in [0, " + std::to_string(c) + ")");
+    }
+  }
+}
+
+/// 1 / (number of terms averaged over) for a reduction; 0 when no row takes part.
+template <class T>
+T reduction_scale(Reduction r, Index rows_used, Index cols) {
+  if (rows_used == 0) return T(0);
+  switch (r) {
+    case Reduction::BatchMean:
+      return T(1) / T(rows_used);
+    case Reduction::Mean:
+      return T(1) / (T(rows_used) * T(cols));
+    case Reduction::Sum:
+      return T(1);
+  }
+  return T(1);
+}
+
+/// Scratch owned by a loss object and reused across calls: resized only when a shape changes.
+///
+/// Every scratch row starts on a 64-byte boundary (rows are padded): Eigen peels unaligned
+/// heads with scalar code whose exp differs from the packet exp in the last bit, so aligned rows
+/// make a row's result independent of which buffer (and which thread's buffer) it lands in.
+template <class T>
+class RowWorkspace {
+ public:
+  Vector<T> row_value;  // the loss term of each row
+
+  void prepare(Index n, Index c, int grads, int per_thread) {
+    cols_ = c;
+    const Index pad = Index(64 / sizeof(T));
+    const Index stride = (c + pad - 1) / pad * pad;
+    row_value.resize(n);
+    for (int g = 0; g < grads; ++g) grad_[g].resize(n, stride);
+    thread_rows_.resize(Index(max_threads()) * per_thread, stride);
+  }
+  /// Row i of scratch gradient g (the gradient before it is committed to the caller).
+  RowMap<T> grad_row(int g, Index i) {
+    return RowMap<T>(grad_[g].data() + i * grad_[g].cols(), cols_);
+  }
+  /// Row buffer k of thread `thread`.
+  RowMap<T> buffer(int thread, int per_thread, int k) {
+    return RowMap<T>(thread_rows_.data() + (Index(thread) * per_thread + k) * thread_rows_.cols(),
+                     cols_);
+  }
+  /// dst.row(i) += scratch gradient g, row i, for the rows that take part.
+  void commit(int g, MatrixRef<T>& dst, RowSelect rows) {
+    parallel_for(dst.rows(), cols_, [&](Index i, int) {
+      if (rows(i)) row_map(dst, i) += grad_row(g, i);
+    });
+  }
+  void release() {
+    row_value = Vector<T>();
+    grad_[0] = Matrix<T>();
+    grad_[1] = Matrix<T>();
+    thread_rows_ = Matrix<T>();
+  }
+
+ private:
+  Index cols_ = 0;
+  Matrix<T> grad_[2];
+  Matrix<T> thread_rows_;
+};
+
+/// First NaN or +Inf (and -Inf unless allowed) of row i of `m`, as "name[i,j] is NaN"; "" if none.
+template <class M>
+std::string bad_element_in_row(const char* name, const M& m, Index i, bool allow_neg_inf) {
+  for (Index j = 0; j < m.cols(); ++j) {
+    const double v = double(m(i, j));
+    if (std::isnan(v) || v == std::numeric_limits<double>::infinity() ||
+        (!allow_neg_inf && v == -std::numeric_limits<double>::infinity())) {
+      return element_str(name, i, j, v);
+    }
+  }
+  return "";
+}
+
+/// "name row i is entirely -Inf" when it is; "" otherwise.
+template <class M>
+std::string all_neg_inf_row(const char* name, const M& m, Index i) {
+  if ((m.row(i).array() == -std::numeric_limits<typename M::Scalar>::infinity()).all()) {
+    return std::string(name) + " row " + std::to_string(i) +
+           " is entirely -Inf (no class has positive probability)";
+  }
+  return "";
+}
+
+/// Index of the first row whose term is not finite, or -1.
+template <class T>
+Index first_nonfinite_row(const Vector<T>& row_value, RowSelect rows) {
+  for (Index i = 0; i < row_value.size(); ++i) {
+    if (rows(i) && !std::isfinite(row_value(i))) return i;
+  }
+  return -1;
+}
+
+}  // namespace detail
+}  // namespace mmkd

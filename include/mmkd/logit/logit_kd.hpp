@@ -1,0 +1,199 @@
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "mmkd/core/errors.hpp"
+#include "mmkd/core/kl.hpp"
+#include "mmkd/core/parallel.hpp"
+#include "mmkd/core/reduction.hpp"
+#include "mmkd/core/row_loss.hpp"
+#include "mmkd/core/types.hpp"
+
+namespace mmkd {
+
+/**
+ * Hinton knowledge distillation: the temperature-softened KL divergence from the teacher's to
+ * the student's class distribution.
+ *
+ *     L = weight · T² · (1/N') Σ_i KL( softmax(t_i/T) ‖ softmax(s_i/T) )
+ *
+ * with s the student logits, t the teacher logits (both N x C, raw logits, never probabilities),
+ * T the temperature and N' the number of rows that take part (all rows, or the rows whose mask
+ * entry is 1). This is `Reduction::BatchMean`, the default, and equals mdistiller `kd_loss` and
+ * RepDistiller / ReviewKD `DistillKL` (commit a08d46f / b84f547). `Reduction::Mean` divides by
+ * N'·C instead (PyTorch `kl_div(reduction="mean")`), `Reduction::Sum` by 1. With
+ * `scale_by_t2 = false` the T² factor is dropped (torchdistill `KDLoss` without `alpha`); the
+ * factor always applies to value and gradient alike.
+ *
+ * Gradients:  dL/ds_i = weight · T²/N' · (1/T) (p_s,i − p_t,i), and, for online/mutual
+ * distillation, dL/dt_i = weight · T²/N' · (1/T) p_t,i ⊙ (log p_t,i − log p_s,i − KL_i).
+ *
+ * Numerics: fused, max-subtracted log-softmax; a teacher logit of −inf is a class the teacher
+ * rules out (probability 0, term 0). If the student rules out (−inf) a class the teacher does
+ * not, the KL is infinite and `NumericalError` is thrown.
+ *
+ * Token-level (LLM) distillation: pass rows = batch × sequence positions and a row mask that is
+ * 0 at padding tokens; `BatchMean` then averages over the real tokens only, and masked rows are
+ * never read (they may hold garbage) and get exactly zero gradient.
+ *
+ * \pre  student and teacher are N x C with N, C ≥ 1; a mask has N entries, each 0 or 1;
+ *       gradient buffers are N x C. Options: temperature > 0, weight ≥ 0 (finite).
+ * \post `value_and_grad` adds the gradient to the buffers (`+=`) and returns the same value as
+ *       `value`. On any exception nothing has been written.
+ *
+ * Reference:
+ * @code
+ * @article{hinton2015distilling,
+ *   title   = {Distilling the Knowledge in a Neural Network},
+ *   author  = {Hinton, Geoffrey and Vinyals, Oriol and Dean, Jeff},
+ *   journal = {arXiv preprint arXiv:1503.02531}, year = {2015}}
+ * @endcode
+ *
+ * **Example**:
+ * @code
+ * mmkd::LogitKD<float> kd({4.0f});                 // temperature 4
+ * float loss = kd.value_and_grad(student, teacher, d_student);  // d_student += dL/dstudent
+ * @endcode
+ */
+template <class Scalar = float>
+class LogitKD {
+ public:
+  struct Options {
+    Scalar temperature = Scalar(4);  //!< T > 0
+    bool scale_by_t2 = true;         //!< multiply value and gradient by T²
+    Reduction reduction = Reduction::BatchMean;
+    Scalar weight = Scalar(1);  //!< ≥ 0, scales value and gradient
+  };
+
+  LogitKD() : LogitKD(Options{}) {}
+  explicit LogitKD(const Options& options) : options_(options) { validate(); }
+
+  //! The options; may be changed between calls (they are validated at every call).
+  Options& options() { return options_; }
+  const Options& options() const { return options_; }
+
+  Scalar value(const ConstMatrixRef<Scalar>& student, const ConstMatrixRef<Scalar>& teacher) {
+    return run(student, teacher, nullptr, nullptr, nullptr);
+  }
+  Scalar value(const ConstMatrixRef<Scalar>& student, const ConstMatrixRef<Scalar>& teacher,
+               const ConstRowMaskRef& mask) {
+    return run(student, teacher, &mask, nullptr, nullptr);
+  }
+
+  //! Returns the loss and adds dL/d(student) to `d_student`.
+  Scalar value_and_grad(const ConstMatrixRef<Scalar>& student,
+                        const ConstMatrixRef<Scalar>& teacher, MatrixRef<Scalar> d_student) {
+    return run(student, teacher, nullptr, &d_student, nullptr);
+  }
+  //! Also adds dL/d(teacher) to `d_teacher` (online / mutual distillation).
+  Scalar value_and_grad(const ConstMatrixRef<Scalar>& student,
+                        const ConstMatrixRef<Scalar>& teacher, MatrixRef<Scalar> d_student,
+                        MatrixRef<Scalar> d_teacher) {
+    return run(student, teacher, nullptr, &d_student, &d_teacher);
+  }
+  Scalar value_and_grad(const ConstMatrixRef<Scalar>& student,
+                        const ConstMatrixRef<Scalar>& teacher, const ConstRowMaskRef& mask,
+                        MatrixRef<Scalar> d_student) {
+    return run(student, teacher, &mask, &d_student, nullptr);
+  }
+  Scalar value_and_grad(const ConstMatrixRef<Scalar>& student,
+                        const ConstMatrixRef<Scalar>& teacher, const ConstRowMaskRef& mask,
+                        MatrixRef<Scalar> d_student, MatrixRef<Scalar> d_teacher) {
+    return run(student, teacher, &mask, &d_student, &d_teacher);
+  }
+
+  //! Frees the scratch memory kept between calls (the next call allocates it again).
+  void release_workspace() { ws_.release(); }
+
+ private:
+  static constexpr const char* kName = "LogitKD";
+
+  void validate() const {
+    detail::check_positive(kName, "temperature", options_.temperature);
+    detail::check_nonnegative(kName, "weight", options_.weight);
+  }
+
+  Scalar run(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
+             const ConstRowMaskRef* mask, MatrixRef<Scalar>* ds, MatrixRef<Scalar>* dt) {
+    validate();
+    const Index n = s.rows(), c = s.cols();
+    detail::check_nonempty(kName, "student", n, c);
+    detail::check_shape(kName, "teacher", t, n, c, "same as student");
+    if (ds) detail::check_shape(kName, "d_student", *ds, n, c, "same as student");
+    if (dt) detail::check_shape(kName, "d_teacher", *dt, n, c, "same as teacher");
+    detail::RowSelect rows{mask ? mask->data() : nullptr};
+    const Index used = mask ? detail::count_rows(kName, *mask, n) : n;
+
+    const Scalar temp = options_.temperature;
+    const Scalar inv_t = Scalar(1) / temp;
+    const Scalar factor = options_.weight * (options_.scale_by_t2 ? temp * temp : Scalar(1)) *
+                          detail::reduction_scale<Scalar>(options_.reduction, used, c);
+    const Scalar g_scale = factor * inv_t;  // chain rule through a = s/T
+
+    ws_.prepare(n, c, (ds ? 1 : 0) + (dt ? 1 : 0), 2);
+    const int gs = 0, gt = ds ? 1 : 0;  // scratch gradient slots
+    detail::parallel_for(n, c, [&](Index i, int thread) {
+      if (!rows(i)) {
+        ws_.row_value(i) = Scalar(0);
+        return;
+      }
+      auto es = ds ? ws_.grad_row(gs, i) : ws_.buffer(thread, 2, 0);
+      auto et = ws_.buffer(thread, 2, 1);
+      const auto srow = detail::const_row_map(s, i);
+      const auto trow = detail::const_row_map(t, i);
+      const auto r = detail::kl_row(srow, trow, inv_t, es, et);
+      ws_.row_value(i) = r.value;
+      if (dt) {
+        // dKL/db = p_t ⊙ (log p_t − log p_s − KL), 0 where p_t = 0.
+        const Scalar lse_s = r.s.lse(), lse_t = r.t.lse();
+        ws_.grad_row(gt, i) = (trow > -std::numeric_limits<Scalar>::infinity())
+                                  .select((et / r.t.sum) * ((trow * inv_t - lse_t) -
+                                                            (srow * inv_t - lse_s) - r.value),
+                                          Scalar(0)) *
+                              g_scale;
+      }
+      if (ds) es = es * (g_scale / r.s.sum) - et * (g_scale / r.t.sum);
+    });
+
+    const Scalar raw = ws_.row_value.sum();
+    if (!std::isfinite(raw)) diagnose(s, t, rows);
+    if (ds) ws_.commit(gs, *ds, rows);
+    if (dt) ws_.commit(gt, *dt, rows);
+    return factor * raw;
+  }
+
+  [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
+                             detail::RowSelect rows) const {
+    const Index i = detail::first_nonfinite_row(ws_.row_value, rows);
+    std::string why;
+    if (i >= 0) {
+      why = detail::bad_element_in_row("student", s, i, true);
+      if (why.empty()) why = detail::bad_element_in_row("teacher", t, i, true);
+      if (why.empty()) why = detail::all_neg_inf_row("teacher", t, i);
+      if (why.empty()) why = detail::all_neg_inf_row("student", s, i);
+      if (why.empty()) {
+        for (Index j = 0; j < s.cols() && why.empty(); ++j) {
+          if (s(i, j) == -std::numeric_limits<Scalar>::infinity() &&
+              t(i, j) > -std::numeric_limits<Scalar>::infinity()) {
+            why = detail::element_str("student", i, j, s(i, j)) +
+                  " where the teacher's probability is positive: the KL divergence is infinite";
+          }
+        }
+      }
+      if (why.empty()) {
+        why = "row " + std::to_string(i) +
+              " overflows: logits / temperature exceed the range of the scalar type";
+      }
+    } else {
+      why = "the sum over rows overflows";
+    }
+    detail::throw_numerical(kName, why);
+  }
+
+  Options options_;
+  detail::RowWorkspace<Scalar> ws_;
+};
+
+}  // namespace mmkd

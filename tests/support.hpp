@@ -1,0 +1,76 @@
+#pragma once
+
+// Helpers shared by the tests: seeded random inputs, per-type tolerances, exact-copy checks.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include <catch2/catch.hpp>
+#include <mmkd/mmkd.hpp>
+
+namespace mmkd_test {
+
+using mmkd::Index;
+using mmkd::Matrix;
+
+/// Relative tolerance for comparing a Scalar computation with an exact (long double) reference.
+template <class T>
+struct Tol;
+template <>
+struct Tol<float> {
+  static constexpr double rel = 2e-5;
+};
+template <>
+struct Tol<double> {
+  static constexpr double rel = 1e-12;
+};
+
+/// Tight finite-difference settings for double: central differences with h = 1e-6 are accurate
+/// to ~1e-9 on these smooth, O(1) functions.
+inline mmkd::GradcheckOptions tight() {
+  mmkd::GradcheckOptions o;
+  o.atol = 1e-8;
+  o.rtol = 1e-6;
+  return o;
+}
+
+template <class T>
+Matrix<T> random_matrix(Index rows, Index cols, std::uint64_t seed, double scale = 1.0) {
+  mmkd::SplitMix64 rng(seed);
+  Matrix<T> m(rows, cols);
+  for (Index k = 0; k < m.size(); ++k) m.data()[k] = T(scale * rng.normal());
+  return m;
+}
+
+inline mmkd::Labels random_labels(Index n, Index c, std::uint64_t seed) {
+  mmkd::SplitMix64 rng(seed);
+  mmkd::Labels y(n);
+  for (Index i = 0; i < n; ++i) y(i) = int(rng.next() % std::uint64_t(c));
+  return y;
+}
+
+/// True when the two matrices hold the same bits (NaN-safe, -0 vs +0 distinguished).
+template <class T>
+bool bit_identical(const Matrix<T>& a, const Matrix<T>& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         std::memcmp(a.data(), b.data(), sizeof(T) * std::size_t(a.size())) == 0;
+}
+
+template <class T>
+bool close(double a, double b, double rel) {
+  return std::abs(a - b) <= rel * std::max(1.0, std::max(std::abs(a), std::abs(b)));
+}
+
+/// Reference log-sum-exp of a row in long double, written directly from the definition.
+template <class Row>
+long double ref_lse(const Row& x, long double inv_t) {
+  long double m = -std::numeric_limits<long double>::infinity();
+  for (Index k = 0; k < x.size(); ++k) m = std::max(m, (long double)x(k) * inv_t);
+  long double z = 0;
+  for (Index k = 0; k < x.size(); ++k) z += std::exp((long double)x(k) * inv_t - m);
+  return m + std::log(z);
+}
+
+}  // namespace mmkd_test
