@@ -2,6 +2,7 @@
 
 // Helpers shared by the tests: seeded random inputs, per-type tolerances, exact-copy checks.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -71,6 +72,41 @@ long double ref_lse(const Row& x, long double inv_t) {
   long double z = 0;
   for (Index k = 0; k < x.size(); ++k) z += std::exp((long double)x(k) * inv_t - m);
   return m + std::log(z);
+}
+
+/// Reference KL(softmax(t/T) ‖ softmax(s/T)) of two rows, from the definition, long double.
+template <class RowS, class RowT>
+long double ref_kl(const RowS& s, const RowT& t, long double temp) {
+  const long double ls = ref_lse(s, 1 / temp), lt = ref_lse(t, 1 / temp);
+  long double kl = 0;
+  for (Index k = 0; k < s.size(); ++k) {
+    const long double log_pt = t(k) / temp - lt, log_ps = s(k) / temp - ls;
+    const long double pt = std::exp(log_pt);
+    if (pt > 0) kl += pt * (log_pt - log_ps);
+  }
+  return kl;
+}
+
+/// A random M x N x D stack.
+template <class T>
+mmkd::Tensor3<T> random_stack(Index m, Index n, Index d, std::uint64_t seed, double scale = 1.0) {
+  const Matrix<T> flat = random_matrix<T>(m * n, d, seed, scale);
+  mmkd::Tensor3<T> x(m, n, d);
+  std::copy(flat.data(), flat.data() + flat.size(), x.data());
+  return x;
+}
+
+/// Row i of modality m of a stack, as a row vector.
+template <class T>
+Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> stack_row(const mmkd::Tensor3<T>& x, Index m,
+                                                                Index i) {
+  return {x.data() + (m * x.dimension(1) + i) * x.dimension(2), x.dimension(2)};
+}
+
+/// A stack's memory as an (M·N) x D matrix copy (for gradcheck, which works on matrices).
+template <class T>
+Matrix<T> flat(const mmkd::Tensor3<T>& x) {
+  return Eigen::Map<const Matrix<T>>(x.data(), x.dimension(0) * x.dimension(1), x.dimension(2));
 }
 
 }  // namespace mmkd_test

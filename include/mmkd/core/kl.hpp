@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 
+#include "mmkd/core/row_loss.hpp"
 #include "mmkd/core/softmax.hpp"
 
 namespace mmkd {
@@ -38,6 +39,39 @@ KlRow<T> kl_row(const Eigen::ArrayBase<S>& s, const Eigen::ArrayBase<U>& t, T in
   }
   r.value = cross * inv_t / r.t.sum + r.s.lse() - r.t.lse();
   return r;
+}
+
+/// The temperature-KD rows of two logit matrices (N x C), computed into a workspace prepared
+/// with two buffers per thread: for each row with rows(i), ws.row_value(i) = KL_i, and
+///   slot_s ≥ 0:  ws.grad_row(slot_s, i) = scale(i) · (p_s − p_t)                 (dKL/da)
+///   slot_t ≥ 0:  ws.grad_row(slot_t, i) = scale(i) · p_t ⊙ (log p_t − log p_s − KL_i)  (dKL/db)
+/// with a = s/T, b = t/T; other rows get row_value 0. Every temperature-KD loss runs this loop.
+template <class T, class MS, class MT, class Rows, class Scale>
+void kd_rows(const MS& s, const MT& t, T inv_t, Rows&& rows, RowWorkspace<T>& ws, int slot_s,
+             int slot_t, Scale&& scale) {
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  parallel_for(s.rows(), s.cols(), [&](Index i, int thread) {
+    if (!rows(i)) {
+      ws.row_value(i) = T(0);
+      return;
+    }
+    auto es = slot_s >= 0 ? ws.grad_row(slot_s, i) : ws.buffer(thread, 2, 0);
+    auto et = ws.buffer(thread, 2, 1);
+    const auto srow = const_row_map(s, i);
+    const auto trow = const_row_map(t, i);
+    const auto r = kl_row(srow, trow, inv_t, es, et);
+    ws.row_value(i) = r.value;
+    const T c = scale(i);
+    if (slot_t >= 0) {
+      const T lse_s = r.s.lse(), lse_t = r.t.lse();
+      ws.grad_row(slot_t, i) =
+          (trow > ninf)
+              .select((et / r.t.sum) * ((trow * inv_t - lse_t) - (srow * inv_t - lse_s) - r.value),
+                      T(0)) *
+          c;
+    }
+    if (slot_s >= 0) es = es * (c / r.s.sum) - et * (c / r.t.sum);
+  });
 }
 
 }  // namespace detail

@@ -93,7 +93,8 @@ class RowWorkspace {
                      cols_);
   }
   /// dst.row(i) += scratch gradient g, row i, for the rows that take part.
-  void commit(int g, MatrixRef<T>& dst, RowSelect rows) {
+  template <class Dst, class Rows>
+  void commit(int g, Dst& dst, Rows&& rows) {
     parallel_for(dst.rows(), cols_, [&](Index i, int) {
       if (rows(i)) row_map(dst, i) += grad_row(g, i);
     });
@@ -135,8 +136,8 @@ std::string all_neg_inf_row(const char* name, const M& m, Index i) {
 }
 
 /// Index of the first row whose term is not finite, or -1.
-template <class T>
-Index first_nonfinite_row(const Vector<T>& row_value, RowSelect rows) {
+template <class T, class Rows>
+Index first_nonfinite_row(const Vector<T>& row_value, Rows&& rows) {
   for (Index i = 0; i < row_value.size(); ++i) {
     if (rows(i) && !std::isfinite(row_value(i))) return i;
   }

@@ -133,29 +133,8 @@ class LogitKD {
     const Scalar g_scale = factor * inv_t;  // chain rule through a = s/T
 
     ws_.prepare(n, c, (ds ? 1 : 0) + (dt ? 1 : 0), 2);
-    const int gs = 0, gt = ds ? 1 : 0;  // scratch gradient slots
-    detail::parallel_for(n, c, [&](Index i, int thread) {
-      if (!rows(i)) {
-        ws_.row_value(i) = Scalar(0);
-        return;
-      }
-      auto es = ds ? ws_.grad_row(gs, i) : ws_.buffer(thread, 2, 0);
-      auto et = ws_.buffer(thread, 2, 1);
-      const auto srow = detail::const_row_map(s, i);
-      const auto trow = detail::const_row_map(t, i);
-      const auto r = detail::kl_row(srow, trow, inv_t, es, et);
-      ws_.row_value(i) = r.value;
-      if (dt) {
-        // dKL/db = p_t ⊙ (log p_t − log p_s − KL), 0 where p_t = 0.
-        const Scalar lse_s = r.s.lse(), lse_t = r.t.lse();
-        ws_.grad_row(gt, i) = (trow > -std::numeric_limits<Scalar>::infinity())
-                                  .select((et / r.t.sum) * ((trow * inv_t - lse_t) -
-                                                            (srow * inv_t - lse_s) - r.value),
-                                          Scalar(0)) *
-                              g_scale;
-      }
-      if (ds) es = es * (g_scale / r.s.sum) - et * (g_scale / r.t.sum);
-    });
+    const int gs = ds ? 0 : -1, gt = dt ? (ds ? 1 : 0) : -1;  // scratch gradient slots
+    detail::kd_rows(s, t, inv_t, rows, ws_, gs, gt, [g_scale](Index) { return g_scale; });
 
     const Scalar raw = ws_.row_value.sum();
     if (!std::isfinite(raw)) diagnose(s, t, rows);

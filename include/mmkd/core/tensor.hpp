@@ -1,0 +1,86 @@
+#pragma once
+
+// Rank-3 and rank-4 views: modality stacks M x N x D and NCHW feature maps, row-major like a
+// contiguous PyTorch tensor. A `ConstTensor3Ref<T>` binds an `Eigen::Tensor<T, 3, RowMajor>` or is
+// built over any buffer: `mmkd::ConstTensor3Ref<float>(ptr, M, N, D)`.
+
+#include <string>
+
+#include <unsupported/Eigen/CXX11/Tensor>
+
+#include "mmkd/core/errors.hpp"
+#include "mmkd/core/types.hpp"
+
+namespace mmkd {
+
+template <class Scalar>
+using Tensor3 = Eigen::Tensor<Scalar, 3, Eigen::RowMajor>;
+template <class Scalar>
+using Tensor4 = Eigen::Tensor<Scalar, 4, Eigen::RowMajor>;
+
+/// Read-only rank-3 input (e.g. a modality stack M x N x C).
+template <class Scalar>
+using ConstTensor3Ref = Eigen::TensorMap<const Tensor3<Scalar>>;
+/// Rank-3 gradient output.
+template <class Scalar>
+using Tensor3Ref = Eigen::TensorMap<Tensor3<Scalar>>;
+template <class Scalar>
+using ConstTensor4Ref = Eigen::TensorMap<const Tensor4<Scalar>>;
+template <class Scalar>
+using Tensor4Ref = Eigen::TensorMap<Tensor4<Scalar>>;
+
+/// N x M presence mask of a multimodal batch: 1 = sample i has modality m, 0 = it is missing.
+using PresenceMask = Eigen::Matrix<std::uint8_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using ConstPresenceMaskRef = Eigen::Ref<const PresenceMask>;
+
+namespace detail {
+
+/// A stack M x N x D seen as the (M·N) x D row-major matrix it is in memory: modality m's block is
+/// rows [m·N, (m+1)·N).
+template <class Scalar>
+Eigen::Map<const Matrix<Scalar>> as_matrix(const ConstTensor3Ref<Scalar>& x) {
+  return {x.data(), x.dimension(0) * x.dimension(1), x.dimension(2)};
+}
+template <class Scalar>
+Eigen::Map<Matrix<Scalar>> as_matrix(Tensor3Ref<Scalar>& x) {
+  return {x.data(), x.dimension(0) * x.dimension(1), x.dimension(2)};
+}
+
+inline std::string shape_str3(Index a, Index b, Index c) {
+  return std::to_string(a) + "x" + std::to_string(b) + "x" + std::to_string(c);
+}
+
+template <class X>
+void check_shape3(const char* cls, const char* name, const X& x, Index a, Index b, Index c,
+                  const char* why) {
+  if (x.dimension(0) != a || x.dimension(1) != b || x.dimension(2) != c) {
+    throw_invalid(cls, std::string(name) + " has shape " +
+                           shape_str3(x.dimension(0), x.dimension(1), x.dimension(2)) +
+                           ", expected " + shape_str3(a, b, c) + " (" + why + ")");
+  }
+}
+
+/// Checks an N x M presence mask (values 0 or 1).
+inline void check_presence(const char* cls, const ConstPresenceMaskRef& mask, Index n, Index m) {
+  check_shape(cls, "mask", mask, n, m, "samples x modalities");
+  for (Index i = 0; i < n; ++i) {
+    for (Index j = 0; j < m; ++j) {
+      if (mask(i, j) > 1) {
+        throw_invalid(cls, "mask[" + std::to_string(i) + "," + std::to_string(j) + "] is " +
+                               std::to_string(unsigned(mask(i, j))) + ", expected 0 or 1");
+      }
+    }
+  }
+}
+
+/// Whether sample i has modality m; no mask means every modality is present.
+struct PresenceSelect {
+  const std::uint8_t* mask = nullptr;
+  Index modalities = 1;
+  bool operator()(Index i, Index m) const {
+    return mask == nullptr || mask[i * modalities + m] != 0;
+  }
+};
+
+}  // namespace detail
+}  // namespace mmkd

@@ -1,0 +1,364 @@
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "mmkd/core/errors.hpp"
+#include "mmkd/core/normalize.hpp"
+#include "mmkd/core/parallel.hpp"
+#include "mmkd/core/row_loss.hpp"
+#include "mmkd/core/tensor.hpp"
+#include "mmkd/core/types.hpp"
+
+namespace mmkd {
+
+/// How the rows (one embedding per modality) are normalised before the Gram is formed.
+enum class GramNormalization {
+  Cosine,    //!< rows L2-normalised: G_mm' = cos(f_m, f_m') (default)
+  Raw,       //!< G = F Fᵀ / D (D = the embedding width of that network)
+  Frobenius  //!< G = F Fᵀ / ‖F Fᵀ‖_F
+};
+
+/// Whether each sample's Gram is matched, or the batch-mean Gram.
+enum class GramScope { PerSample, Batch };
+
+/**
+ * Modality-level Gram relation distillation: per sample, the M x M Gram matrix of the modality
+ * embeddings (cosine similarities between modalities, by default) of the student is matched to
+ * the teacher's, by MSE.
+ *
+ *     U_i = rownorm(F_i) ∈ R^{M x D},  G_i = U_i U_iᵀ,   L = weight · (1/P) Σ_i ‖G_i^S − G_i^T‖_F²
+ *
+ * with F_i row m = sample i's embedding of modality m, and P = N·M² (or, with a presence mask,
+ * the number of present (m, m') pairs, summed over samples: only present pairs are compared). The
+ * student and teacher widths may differ (Ds ≠ Dt): the Gram is M x M either way. `GramScope::Batch`
+ * matches the batch-mean Grams instead (entry (m, m') averaged over the samples that have both),
+ * with P = the number of (m, m') entries compared. Zero-norm rows are handled as PyTorch's
+ * `F.normalize`: u = f / max(‖f‖, eps).
+ *
+ * The paper's method section could not be read; the reference note's reading is the default
+ * (per-sample Gram of cosine-normalised pooled embeddings, MSE over N·M²).
+ *
+ * Gradient (cosine, per sample): dL/dU_i = (4/P)(G_i^S − G_i^T) U_i, then through the row
+ * normalisation. The teacher gets its gradient through the overload with `d_teacher`.
+ *
+ * \pre  student M x N x Ds and teacher M x N x Dt (modality-major); mask N x M of 0/1.
+ * \post `value_and_grad` adds to the gradient buffers; on any exception nothing is written.
+ *
+ * Reference:
+ * @code
+ * @article{liu2021gram,
+ *   title   = {Multi-Modality Distillation via Learning the Teacher's Modality-Level Gram Matrix},
+ *   author  = {Liu, Peng}, journal = {arXiv preprint arXiv:2112.11447}, year = {2021}}
+ * @endcode
+ *
+ * **Example**:
+ * @code
+ * mmkd::ModalityGramKD<float> gram;                         // cosine rows, per sample
+ * float loss = gram.value_and_grad(student_emb, teacher_emb, d_student_emb);  // M x N x D
+ * @endcode
+ */
+template <class Scalar = float>
+class ModalityGramKD {
+ public:
+  struct Options {
+    GramNormalization normalization = GramNormalization::Cosine;
+    GramScope scope = GramScope::PerSample;
+    Scalar eps = Scalar(1e-12);  //!< norm guard, > 0
+    Scalar weight = Scalar(1);   //!< ≥ 0, scales value and gradient
+  };
+
+  ModalityGramKD() : ModalityGramKD(Options{}) {}
+  explicit ModalityGramKD(const Options& options) : options_(options) { validate(); }
+
+  Options& options() { return options_; }
+  const Options& options() const { return options_; }
+
+  Scalar value(const ConstTensor3Ref<Scalar>& student, const ConstTensor3Ref<Scalar>& teacher) {
+    return run(student, teacher, nullptr, nullptr, nullptr);
+  }
+  Scalar value(const ConstTensor3Ref<Scalar>& student, const ConstTensor3Ref<Scalar>& teacher,
+               const ConstPresenceMaskRef& mask) {
+    return run(student, teacher, &mask, nullptr, nullptr);
+  }
+  Scalar value_and_grad(const ConstTensor3Ref<Scalar>& student,
+                        const ConstTensor3Ref<Scalar>& teacher, Tensor3Ref<Scalar> d_student) {
+    return run(student, teacher, nullptr, &d_student, nullptr);
+  }
+  Scalar value_and_grad(const ConstTensor3Ref<Scalar>& student,
+                        const ConstTensor3Ref<Scalar>& teacher, const ConstPresenceMaskRef& mask,
+                        Tensor3Ref<Scalar> d_student) {
+    return run(student, teacher, &mask, &d_student, nullptr);
+  }
+  //! Also adds dL/d(teacher) (a trainable teacher or projection head).
+  Scalar value_and_grad(const ConstTensor3Ref<Scalar>& student,
+                        const ConstTensor3Ref<Scalar>& teacher, Tensor3Ref<Scalar> d_student,
+                        Tensor3Ref<Scalar> d_teacher) {
+    return run(student, teacher, nullptr, &d_student, &d_teacher);
+  }
+  Scalar value_and_grad(const ConstTensor3Ref<Scalar>& student,
+                        const ConstTensor3Ref<Scalar>& teacher, const ConstPresenceMaskRef& mask,
+                        Tensor3Ref<Scalar> d_student, Tensor3Ref<Scalar> d_teacher) {
+    return run(student, teacher, &mask, &d_student, &d_teacher);
+  }
+
+  //! Frees the scratch memory kept between calls.
+  void release_workspace() {
+    for (Side* side : {&s_, &t_}) *side = Side();
+    diff_ = Matrix<Scalar>();
+    per_sample_ = Vector<Scalar>();
+  }
+
+ private:
+  static constexpr const char* kName = "ModalityGramKD";
+
+  // Per network: normalised rows, norms, per-sample Grams (N x M²), their gradients, dF scratch.
+  struct Side {
+    Matrix<Scalar> u, du, df;
+    Vector<Scalar> norms;
+    Matrix<Scalar> gram, dgram;
+  };
+
+  void validate() const {
+    detail::check_positive(kName, "eps", options_.eps);
+    detail::check_nonnegative(kName, "weight", options_.weight);
+  }
+
+  template <class F>
+  void prepare_side(Side& side, const F& f, Index n, Index m) {
+    const Index rows = f.rows(), d = f.cols();
+    side.norms.resize(rows);
+    side.gram.resize(n, m * m);
+    side.dgram.resize(n, m * m);
+    if (options_.normalization == GramNormalization::Cosine) {
+      side.u.resize(rows, d);
+      l2_normalize_rows(f, side.u, side.norms, options_.eps);
+    }
+  }
+
+  // Row m of sample i of the (possibly normalised) features.
+  template <class F>
+  auto row(const Side& side, const F& f, Index i, Index m, Index n) const {
+    const bool cosine = options_.normalization == GramNormalization::Cosine;
+    const Scalar* base = cosine ? side.u.data() : f.data();
+    return Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(base + (m * n + i) * f.cols(),
+                                                                      f.cols());
+  }
+
+  template <class F>
+  void grams(Side& side, const F& f, Index n, Index m, detail::PresenceSelect present) {
+    const Scalar scale =
+        options_.normalization == GramNormalization::Raw ? Scalar(1) / Scalar(f.cols()) : Scalar(1);
+    detail::parallel_for(n, m * m * f.cols(), [&](Index i, int) {
+      for (Index a = 0; a < m; ++a) {
+        for (Index b = a; b < m; ++b) {
+          const Scalar g = present(i, a) && present(i, b)
+                               ? scale * row(side, f, i, a, n).dot(row(side, f, i, b, n))
+                               : Scalar(0);
+          side.gram(i, a * m + b) = g;
+          side.gram(i, b * m + a) = g;
+        }
+      }
+    });
+  }
+
+  // dG (symmetric) -> dF for one network, into side.df.
+  template <class F>
+  void backward(Side& side, const F& f, Index n, Index m, detail::PresenceSelect present) {
+    const Index d = f.cols();
+    const bool cosine = options_.normalization == GramNormalization::Cosine;
+    const Scalar scale =
+        options_.normalization == GramNormalization::Raw ? Scalar(1) / Scalar(d) : Scalar(1);
+    Matrix<Scalar>& target = cosine ? side.du : side.df;
+    target.resize(m * n, d);
+    detail::parallel_for(n, m * m * d, [&](Index i, int) {
+      for (Index a = 0; a < m; ++a) {
+        auto out = target.row(a * n + i);
+        out.setZero();
+        if (!present(i, a)) continue;
+        for (Index b = 0; b < m; ++b) {
+          const Scalar c = 2 * scale * side.dgram(i, a * m + b);
+          if (c != Scalar(0)) out.noalias() += c * row(side, f, i, b, n);
+        }
+      }
+    });
+    if (cosine) {
+      side.df.setZero(m * n, d);
+      l2_normalize_rows_backward(side.u, side.norms, side.du, side.df, options_.eps);
+    }
+  }
+
+  // Frobenius normalisation of one Gram (as a row of M² entries): forward in place, returns ‖G‖.
+  Scalar fro_forward(Eigen::Ref<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>> g) const {
+    const Scalar nrm = g.norm();
+    g /= std::max(nrm, options_.eps);
+    return nrm;
+  }
+  // dL/dG from dL/dĜ for Ĝ = G / max(‖G‖, eps), in place.
+  void fro_backward(Eigen::Ref<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>> dg,
+                    const Eigen::Ref<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>& ghat,
+                    Scalar nrm) const {
+    if (nrm > options_.eps) {
+      dg = (dg - dg.dot(ghat) * ghat) / nrm;
+    } else {
+      dg /= options_.eps;
+    }
+  }
+
+  Scalar run(const ConstTensor3Ref<Scalar>& st, const ConstTensor3Ref<Scalar>& tt,
+             const ConstPresenceMaskRef* mask, Tensor3Ref<Scalar>* ds, Tensor3Ref<Scalar>* dt) {
+    validate();
+    const Index m = st.dimension(0), n = st.dimension(1), dsw = st.dimension(2),
+                dtw = tt.dimension(2);
+    if (m == 0 || n == 0 || dsw == 0) {
+      detail::throw_invalid(kName,
+                            "student is empty (shape " + detail::shape_str3(m, n, dsw) + ")");
+    }
+    if (tt.dimension(0) != m || tt.dimension(1) != n || dtw == 0) {
+      detail::throw_invalid(kName, "teacher has shape " +
+                                       detail::shape_str3(tt.dimension(0), tt.dimension(1), dtw) +
+                                       ", expected " + detail::shape_str3(m, n, dtw) +
+                                       " (same modalities and samples as student, any width >= 1)");
+    }
+    if (mask) detail::check_presence(kName, *mask, n, m);
+    if (ds) detail::check_shape3(kName, "d_student", *ds, m, n, dsw, "same as student");
+    if (dt) detail::check_shape3(kName, "d_teacher", *dt, m, n, dtw, "same as teacher");
+    const detail::PresenceSelect present{mask ? mask->data() : nullptr, m};
+    const auto fs = detail::as_matrix(st);
+    const auto ft = detail::as_matrix(tt);
+
+    prepare_side(s_, fs, n, m);
+    prepare_side(t_, ft, n, m);
+    grams(s_, fs, n, m, present);
+    grams(t_, ft, n, m, present);
+
+    const bool fro = options_.normalization == GramNormalization::Frobenius;
+    const bool batch = options_.scope == GramScope::Batch;
+    diff_.resize(batch ? 1 : n, m * m);
+    per_sample_.resize(diff_.rows());
+    Scalar count = 0;  // P: the number of Gram entries compared
+    if (!batch) {
+      for (Index i = 0; i < n; ++i) {
+        Index k = 0;
+        for (Index a = 0; a < m; ++a) k += present(i, a) ? 1 : 0;
+        count += Scalar(k * k);
+      }
+      norms_s_.resize(n);
+      norms_t_.resize(n);
+      for (Index i = 0; i < n; ++i) {
+        if (fro) {
+          norms_s_(i) = fro_forward(s_.gram.row(i));
+          norms_t_(i) = fro_forward(t_.gram.row(i));
+        }
+        diff_.row(i) = s_.gram.row(i) - t_.gram.row(i);
+        per_sample_(i) = diff_.row(i).squaredNorm();
+      }
+    } else {
+      // Batch means over the samples that have both modalities of an entry.
+      pair_count_.setZero(1, m * m);
+      mean_s_.setZero(1, m * m);
+      mean_t_.setZero(1, m * m);
+      for (Index i = 0; i < n; ++i) {
+        for (Index a = 0; a < m; ++a) {
+          for (Index b = 0; b < m; ++b) {
+            if (present(i, a) && present(i, b)) pair_count_(0, a * m + b) += 1;
+          }
+        }
+        mean_s_ += s_.gram.row(i);
+        mean_t_ += t_.gram.row(i);
+      }
+      for (Index e = 0; e < m * m; ++e) {
+        const Scalar c = pair_count_(0, e);
+        mean_s_(0, e) = c > 0 ? mean_s_(0, e) / c : Scalar(0);
+        mean_t_(0, e) = c > 0 ? mean_t_(0, e) / c : Scalar(0);
+        count += c > 0 ? Scalar(1) : Scalar(0);
+      }
+      norms_s_.resize(1);
+      norms_t_.resize(1);
+      dmean_.resize(1, m * m);
+      if (fro) {
+        norms_s_(0) = fro_forward(mean_s_.row(0));
+        norms_t_(0) = fro_forward(mean_t_.row(0));
+      }
+      diff_.row(0) = mean_s_ - mean_t_;
+      per_sample_(0) = diff_.row(0).squaredNorm();
+    }
+    const Scalar raw = per_sample_.sum();
+    if (!std::isfinite(raw)) diagnose(fs, ft, n, present);
+    const Scalar factor = count > 0 ? options_.weight / count : Scalar(0);
+    if (!ds && !dt) return factor * raw;
+
+    // dL/dĜ = ±2 factor (Ĝ^S − Ĝ^T), back through the Frobenius normalisation and the batch mean.
+    for (Side* side : {&s_, &t_}) {
+      const bool is_student = side == &s_;
+      if ((is_student && !ds) || (!is_student && !dt)) continue;
+      const Scalar sign = is_student ? Scalar(2) * factor : Scalar(-2) * factor;
+      if (!batch) {
+        for (Index i = 0; i < n; ++i) {
+          side->dgram.row(i) = sign * diff_.row(i);
+          if (fro)
+            fro_backward(side->dgram.row(i), side->gram.row(i),
+                         (is_student ? norms_s_ : norms_t_)(i));
+        }
+      } else {
+        auto dmean = dmean_.row(0);
+        dmean = sign * diff_.row(0);
+        if (fro)
+          fro_backward(dmean, is_student ? mean_s_.row(0) : mean_t_.row(0),
+                       (is_student ? norms_s_ : norms_t_)(0));
+        for (Index e = 0; e < m * m; ++e) {
+          if (pair_count_(0, e) > 0) dmean(e) /= pair_count_(0, e);
+        }
+        for (Index i = 0; i < n; ++i) {
+          for (Index e = 0; e < m * m; ++e) {
+            side->dgram(i, e) = present(i, e / m) && present(i, e % m) ? dmean(e) : Scalar(0);
+          }
+        }
+      }
+      if (is_student) {
+        backward(s_, fs, n, m, present);
+      } else {
+        backward(t_, ft, n, m, present);
+      }
+    }
+    if (!(ds ? s_.df.allFinite() : true) || !(dt ? t_.df.allFinite() : true)) {
+      detail::throw_numerical(kName,
+                              "the gradient overflows (embeddings too large for the scalar type)");
+    }
+    auto rows = [&](Index k) { return present(k % n, k / n); };
+    if (ds) commit(s_.df, *ds, rows);
+    if (dt) commit(t_.df, *dt, rows);
+    return factor * raw;
+  }
+
+  template <class Rows>
+  static void commit(const Matrix<Scalar>& src, Tensor3Ref<Scalar>& dst, Rows&& rows) {
+    auto out = detail::as_matrix(dst);
+    for (Index k = 0; k < out.rows(); ++k) {
+      if (rows(k)) out.row(k) += src.row(k);
+    }
+  }
+
+  template <class F>
+  [[noreturn]] void diagnose(const F& fs, const F& ft, Index n,
+                             detail::PresenceSelect present) const {
+    for (Index k = 0; k < fs.rows(); ++k) {
+      if (!present(k % n, k / n)) continue;
+      std::string why = detail::bad_element_in_row("student", fs, k, false);
+      if (why.empty()) why = detail::bad_element_in_row("teacher", ft, k, false);
+      if (!why.empty()) {
+        detail::throw_numerical(kName, why + " (modality " + std::to_string(k / n) + ", sample " +
+                                           std::to_string(k % n) + ")");
+      }
+    }
+    detail::throw_numerical(kName, "the loss overflows (embeddings too large for the scalar type)");
+  }
+
+  Options options_;
+  Side s_, t_;
+  Matrix<Scalar> diff_, mean_s_, mean_t_, pair_count_, dmean_;
+  Vector<Scalar> per_sample_, norms_s_, norms_t_;
+};
+
+}  // namespace mmkd

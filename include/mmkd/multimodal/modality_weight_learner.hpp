@@ -1,0 +1,217 @@
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "mmkd/core/errors.hpp"
+#include "mmkd/core/module.hpp"
+#include "mmkd/core/random.hpp"
+#include "mmkd/core/types.hpp"
+
+namespace mmkd {
+
+/**
+ * Meta-learned auxiliary-loss weights for MSD: a small MLP g_φ that maps the features of each
+ * (sample, modality) pair to a weight w = sigmoid(g_φ(u)), trained by the hypergradient of a
+ * one-step SGD look-ahead on a held-out meta batch (Meta-Weight-Net style).
+ *
+ *     h = relu(u W1ᵀ + b1),  w = sigmoid(h W2ᵀ + b2)        default 1 → 100 → 1
+ *
+ * Features u of pair (i, m), row k = i·M + m of `make_features`: the auxiliary loss ℓ_im
+ * (default), optionally its saliency s_im, optionally a one-hot of m. A module by mmkd's
+ * protocol: `forward` caches what `backward` needs; `backward` *adds* the parameter gradients;
+ * `parameters()` / `gradients()` are named writable views; initialisation is PyTorch's `Linear`
+ * default (U(±1/√fan_in) for weights and biases) from an explicit seed.
+ *
+ * The look-ahead: the student takes θ' = θ − η ∇_θ[(1/B) Σ_k w_k ℓ_k(θ) + terms without w].
+ * θ' is linear in w, so the hypergradient is exact:
+ *
+ *     ∂L_meta(θ')/∂w_k = −(η/B) ⟨∇_θ L_meta(θ'), ∇_θ ℓ_k(θ)⟩ (`hypergradient`)
+ *
+ * Restricted to the student's final linear layer z = W h (append a 1 to h for a bias),
+ * ∇_W ℓ_k = g_k h_kᵀ with g_k = ∂ℓ_k/∂z, and for L_meta = (1/B_v) Σ_j ℓ^meta_j(W'):
+ *
+ *     ⟨∇_W L_meta(W'), ∇_W ℓ_k⟩ = (1/B_v) Σ_j (g'_j · g_k)(h'_j · h_k) (`hypergradient_linear`)
+ *
+ * Pass ∂L_meta/∂w to `backward` to get ∂L_meta/∂φ (features are constants, as in MW-Net). With
+ * Adam in the inner step the formula holds only for the preconditioned SGD step.
+ *
+ * **Example**:
+ * @code
+ * mmkd::ModalityWeightLearner<float> learner({});             // 1 -> 100 -> 1, seed 0
+ * learner.make_features(msd.auxiliary_losses(student_modal, teacher_modal), features);
+ * const auto& w = learner.forward(features);                  // (N·M) x 1, row k = i·M + m
+ * Eigen::Map<const mmkd::Matrix<float>> weights(w.data(), N, M);
+ * @endcode
+ */
+template <class Scalar = float>
+class ModalityWeightLearner {
+ public:
+  struct Options {
+    Index hidden = 100;           //!< hidden units, ≥ 1
+    bool use_saliency = false;    //!< add the saliency score to the features
+    Index onehot_modalities = 0;  //!< > 0: add a one-hot of the modality (M entries)
+    std::uint64_t seed = 0;       //!< initialisation seed
+  };
+
+  ModalityWeightLearner() : ModalityWeightLearner(Options{}) {}
+  explicit ModalityWeightLearner(const Options& options) : options_(options) {
+    if (options_.hidden < 1) detail::throw_invalid(kName, "option hidden must be >= 1");
+    if (options_.onehot_modalities < 0)
+      detail::throw_invalid(kName, "option onehot_modalities must be >= 0");
+    const Index f = feature_dim(), h = options_.hidden;
+    w1_.resize(h, f);
+    b1_.resize(1, h);
+    w2_.resize(1, h);
+    b2_.resize(1, 1);
+    SplitMix64 rng(options_.seed);
+    auto fill = [&](Matrix<Scalar>& m, Index fan_in) {
+      const double bound = 1.0 / std::sqrt(double(fan_in));
+      for (Index k = 0; k < m.size(); ++k) m.data()[k] = Scalar(rng.uniform(-bound, bound));
+    };
+    fill(w1_, f);
+    fill(b1_, f);
+    fill(w2_, h);
+    fill(b2_, h);
+    zero_grad();
+  }
+
+  //! Number of input features: 1 (aux loss) + use_saliency + onehot_modalities.
+  Index feature_dim() const {
+    return 1 + (options_.use_saliency ? 1 : 0) + options_.onehot_modalities;
+  }
+
+  //! Features from the N x M auxiliary losses (and saliencies when `use_saliency`); row k = i·M +
+  //! m.
+  void make_features(const ConstMatrixRef<Scalar>& aux_losses, Matrix<Scalar>& out) const {
+    if (options_.use_saliency)
+      detail::throw_invalid(kName, "use_saliency is set: pass the saliency scores too");
+    build(aux_losses, nullptr, out);
+  }
+  void make_features(const ConstMatrixRef<Scalar>& aux_losses,
+                     const ConstMatrixRef<Scalar>& saliency, Matrix<Scalar>& out) const {
+    if (!options_.use_saliency)
+      detail::throw_invalid(kName, "use_saliency is not set: pass only the auxiliary losses");
+    detail::check_shape(kName, "saliency", saliency, aux_losses.rows(), aux_losses.cols(),
+                        "same as aux_losses");
+    build(aux_losses, &saliency, out);
+  }
+
+  //! Weights for a K x F feature matrix: a K x 1 matrix (reshape to N x M for MSD).
+  const Matrix<Scalar>& forward(const ConstMatrixRef<Scalar>& features) {
+    const Index f = feature_dim();
+    if (features.cols() != f) {
+      detail::throw_invalid(kName, "features has " + std::to_string(features.cols()) +
+                                       " columns, expected " + std::to_string(f) +
+                                       " (feature_dim())");
+    }
+    if (!features.allFinite()) detail::throw_invalid(kName, "features hold a non-finite value");
+    const Index k = features.rows();
+    x_ = features;
+    pre_.noalias() = x_ * w1_.transpose();
+    pre_.rowwise() += b1_.row(0);
+    h_ = pre_.cwiseMax(Scalar(0));
+    out_.resize(k, 1);
+    out_.col(0).noalias() = h_ * w2_.row(0).transpose();
+    out_.array() = Scalar(1) / (Scalar(1) + (-(out_.array() + b2_(0, 0))).exp());
+    return out_;
+  }
+
+  //! Adds dL/dφ for dL/dw (K x 1, K = rows of the last `forward`) to the parameter gradients.
+  void backward(const ConstMatrixRef<Scalar>& d_weights) {
+    detail::check_shape(kName, "d_weights", d_weights, out_.rows(), 1,
+                        "one per row of the last forward");
+    if (!d_weights.allFinite()) detail::throw_invalid(kName, "d_weights hold a non-finite value");
+    // dw/da = w (1 − w) through the sigmoid; then the two linear layers and the relu.
+    da_ = (d_weights.array() * out_.array() * (Scalar(1) - out_.array())).matrix();
+    dpre_ = ((da_ * w2_).array() * (pre_.array() > Scalar(0)).template cast<Scalar>()).matrix();
+    gw2_.noalias() += da_.transpose() * h_;
+    gb2_(0, 0) += da_.sum();
+    gw1_.noalias() += dpre_.transpose() * x_;
+    gb1_ += dpre_.colwise().sum();
+  }
+
+  void zero_grad() {
+    gw1_.setZero(w1_.rows(), w1_.cols());
+    gb1_.setZero(1, b1_.cols());
+    gw2_.setZero(1, w2_.cols());
+    gb2_.setZero(1, 1);
+  }
+
+  //! Named views: fc1.weight (H x F), fc1.bias (1 x H), fc2.weight (1 x H), fc2.bias (1 x 1).
+  std::vector<ParameterView<Scalar>> parameters() { return views(w1_, b1_, w2_, b2_); }
+  std::vector<ParameterView<Scalar>> gradients() { return views(gw1_, gb1_, gw2_, gb2_); }
+
+  //! ∂L_meta/∂w_k = −(lr/batch) · dots_k, added to `out`; dots_k = ⟨∇L_meta(θ'), ∇ℓ_k(θ)⟩.
+  static void hypergradient(const ConstMatrixRef<Scalar>& dots, Scalar lr, Index batch,
+                            MatrixRef<Scalar> out) {
+    check_lr_batch(lr, batch);
+    detail::check_shape(kName, "out", out, dots.rows(), dots.cols(), "same as dots");
+    out -= (lr / Scalar(batch)) * dots;
+  }
+
+  //! The closed form for a look-ahead on the final linear layer, added to `out` (K x 1).
+  //! g: K x C = ∂ℓ_k/∂z at θ; h: K x D inputs of the layer; g_meta: B_v x C = ∂ℓ^meta_j/∂z at
+  //! θ'; h_meta: B_v x D.
+  static void hypergradient_linear(const ConstMatrixRef<Scalar>& g, const ConstMatrixRef<Scalar>& h,
+                                   const ConstMatrixRef<Scalar>& g_meta,
+                                   const ConstMatrixRef<Scalar>& h_meta, Scalar lr, Index batch,
+                                   MatrixRef<Scalar> out) {
+    check_lr_batch(lr, batch);
+    detail::check_shape(kName, "h", h, g.rows(), h.cols(), "one row per row of g");
+    detail::check_shape(kName, "g_meta", g_meta, g_meta.rows(), g.cols(), "same classes as g");
+    detail::check_shape(kName, "h_meta", h_meta, g_meta.rows(), h.cols(),
+                        "rows of g_meta, width of h");
+    detail::check_shape(kName, "out", out, g.rows(), 1, "one per row of g");
+    if (g_meta.rows() == 0) detail::throw_invalid(kName, "g_meta is empty (no meta samples)");
+    const Matrix<Scalar> gg = g * g_meta.transpose();  // K x B_v
+    const Matrix<Scalar> hh = h * h_meta.transpose();
+    out.col(0) -= (lr / (Scalar(batch) * Scalar(g_meta.rows()))) *
+                  (gg.array() * hh.array()).rowwise().sum().matrix();
+  }
+
+ private:
+  static constexpr const char* kName = "ModalityWeightLearner";
+
+  static void check_lr_batch(Scalar lr, Index batch) {
+    detail::check_nonnegative(kName, "lr", lr);
+    if (batch < 1) detail::throw_invalid(kName, "batch must be >= 1, got " + std::to_string(batch));
+  }
+
+  void build(const ConstMatrixRef<Scalar>& aux, const ConstMatrixRef<Scalar>* sal,
+             Matrix<Scalar>& out) const {
+    const Index n = aux.rows(), m = aux.cols();
+    if (options_.onehot_modalities > 0 && options_.onehot_modalities != m) {
+      detail::throw_invalid(
+          kName, "aux_losses has " + std::to_string(m) + " modalities, expected " +
+                     std::to_string(options_.onehot_modalities) + " (onehot_modalities)");
+    }
+    out.setZero(n * m, feature_dim());
+    for (Index i = 0; i < n; ++i) {
+      for (Index k = 0; k < m; ++k) {
+        Index col = 0;
+        out(i * m + k, col++) = aux(i, k);
+        if (sal) out(i * m + k, col++) = (*sal)(i, k);
+        if (options_.onehot_modalities > 0) out(i * m + k, col + k) = Scalar(1);
+      }
+    }
+  }
+
+  static std::vector<ParameterView<Scalar>> views(Matrix<Scalar>& a, Matrix<Scalar>& b,
+                                                  Matrix<Scalar>& c, Matrix<Scalar>& d) {
+    auto v = [](const char* name, Matrix<Scalar>& m) {
+      return ParameterView<Scalar>{name, Eigen::Map<Matrix<Scalar>>(m.data(), m.rows(), m.cols())};
+    };
+    return {v("fc1.weight", a), v("fc1.bias", b), v("fc2.weight", c), v("fc2.bias", d)};
+  }
+
+  Options options_;
+  Matrix<Scalar> w1_, b1_, w2_, b2_;      // parameters
+  Matrix<Scalar> gw1_, gb1_, gw2_, gb2_;  // their gradients
+  Matrix<Scalar> x_, pre_, h_, out_;      // forward cache
+  Matrix<Scalar> da_, dpre_;              // backward scratch
+};
+
+}  // namespace mmkd
