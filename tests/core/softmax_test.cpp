@@ -79,3 +79,17 @@ TEST_CASE("softmax kernels reject a bad temperature or output shape", "[core][so
   CHECK_THROWS_WITH(mmkd::log_softmax(x, bad),
                     "log_softmax: out has shape 3x2, expected 2x3 (same as logits)");
 }
+
+TEMPLATE_TEST_CASE("all_finite finds NaN and +-Inf and accepts huge finite values", "[core]", float,
+                   double) {
+  using T = TestType;
+  Matrix<T> x = Matrix<T>::Constant(5, 7, std::numeric_limits<T>::max());
+  CHECK(mmkd::detail::all_finite(x));
+  x(4, 6) = std::numeric_limits<T>::infinity();
+  CHECK_FALSE(mmkd::detail::all_finite(x));
+  x(4, 6) = -std::numeric_limits<T>::infinity();
+  CHECK_FALSE(mmkd::detail::all_finite(x));
+  x(4, 6) = std::numeric_limits<T>::quiet_NaN();
+  CHECK_FALSE(mmkd::detail::all_finite(x));
+  CHECK(mmkd::detail::all_finite(Matrix<T>(0, 3)));
+}

@@ -77,6 +77,14 @@ void check_nonnegative(const char* cls, const char* option, T v) {
   }
 }
 
+/// Whether every entry is finite, vectorised: Σ x·0 is 0 unless some x is ±inf or NaN
+/// (Eigen's allFinite() compares x − x elementwise without vectorising).
+template <class Derived>
+bool all_finite(const Eigen::DenseBase<Derived>& x) {
+  using T = typename Derived::Scalar;
+  return (x.derived().array() * T(0)).sum() == T(0);
+}
+
 /// "name[i,j] is NaN" / "+Inf" / "-Inf".
 inline std::string element_str(const char* name, Index i, Index j, double v) {
   const char* what = std::isnan(v) ? "NaN" : (v > 0 ? "+Inf" : "-Inf");

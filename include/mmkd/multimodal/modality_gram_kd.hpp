@@ -131,10 +131,8 @@ class ModalityGramKD {
     side.norms.resize(rows);
     side.gram.resize(n, m * m);
     side.dgram.resize(n, m * m);
-    if (options_.normalization == GramNormalization::Cosine) {
-      side.u.resize(rows, d);
-      l2_normalize_rows(f, side.u, side.norms, options_.eps);
-    }
+    side.df.resize(rows, d);
+    if (options_.normalization == GramNormalization::Cosine) side.u.resize(rows, d);
   }
 
   // Row m of sample i of the (possibly normalised) features.
@@ -146,47 +144,61 @@ class ModalityGramKD {
                                                                       f.cols());
   }
 
+  // Sample i: normalise its rows (cosine) and form its Gram (present pairs; others 0).
   template <class F>
-  void grams(Side& side, const F& f, Index n, Index m, detail::PresenceSelect present) {
+  void forward_sample(Side& side, const F& f, Index i, Index n, Index m,
+                      detail::PresenceSelect present) {
+    if (options_.normalization == GramNormalization::Cosine) {
+      for (Index a = 0; a < m; ++a) {
+        if (!present(i, a)) continue;
+        const Index k = a * n + i;
+        l2_normalize_rows(f.row(k), side.u.row(k), side.norms.segment(k, 1), options_.eps);
+      }
+    }
     const Scalar scale =
         options_.normalization == GramNormalization::Raw ? Scalar(1) / Scalar(f.cols()) : Scalar(1);
-    detail::parallel_for(n, m * m * f.cols(), [&](Index i, int) {
-      for (Index a = 0; a < m; ++a) {
-        for (Index b = a; b < m; ++b) {
-          const Scalar g = present(i, a) && present(i, b)
-                               ? scale * row(side, f, i, a, n).dot(row(side, f, i, b, n))
-                               : Scalar(0);
-          side.gram(i, a * m + b) = g;
-          side.gram(i, b * m + a) = g;
-        }
+    for (Index a = 0; a < m; ++a) {
+      for (Index b = a; b < m; ++b) {
+        const Scalar g = present(i, a) && present(i, b)
+                             ? scale * row(side, f, i, a, n).dot(row(side, f, i, b, n))
+                             : Scalar(0);
+        side.gram(i, a * m + b) = g;
+        side.gram(i, b * m + a) = g;
       }
-    });
+    }
   }
 
-  // dG (symmetric) -> dF for one network, into side.df.
+  // Sample i: dG (symmetric, in side.dgram) -> dF rows of the sample, into side.df.
   template <class F>
-  void backward(Side& side, const F& f, Index n, Index m, detail::PresenceSelect present) {
-    const Index d = f.cols();
+  void backward_sample(Side& side, const F& f, Index i, Index n, Index m,
+                       detail::PresenceSelect present, int thread) {
     const bool cosine = options_.normalization == GramNormalization::Cosine;
     const Scalar scale =
-        options_.normalization == GramNormalization::Raw ? Scalar(1) / Scalar(d) : Scalar(1);
-    Matrix<Scalar>& target = cosine ? side.du : side.df;
-    target.resize(m * n, d);
-    detail::parallel_for(n, m * m * d, [&](Index i, int) {
-      for (Index a = 0; a < m; ++a) {
-        auto out = target.row(a * n + i);
-        out.setZero();
-        if (!present(i, a)) continue;
-        for (Index b = 0; b < m; ++b) {
-          const Scalar c = 2 * scale * side.dgram(i, a * m + b);
-          if (c != Scalar(0)) out.noalias() += c * row(side, f, i, b, n);
-        }
+        options_.normalization == GramNormalization::Raw ? Scalar(1) / Scalar(f.cols()) : Scalar(1);
+    for (Index a = 0; a < m; ++a) {
+      const Index k = a * n + i;
+      auto out = side.df.row(k);
+      out.setZero();
+      if (!present(i, a)) continue;
+      // dU_a = 2 · scale · Σ_b dG_ab u_b (dG symmetric); the cosine case goes through the norm.
+      Eigen::Map<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>> du(
+          cosine ? thread_du_.row(thread).data() : out.data(), f.cols());
+      if (cosine) du.setZero();
+      for (Index b = 0; b < m; ++b) {
+        const Scalar c = 2 * scale * side.dgram(i, a * m + b);
+        if (c != Scalar(0)) du.noalias() += c * row(side, f, i, b, n);
       }
-    });
-    if (cosine) {
-      side.df.setZero(m * n, d);
-      l2_normalize_rows_backward(side.u, side.norms, side.du, side.df, options_.eps);
+      if (cosine)
+        l2_normalize_rows_backward(side.u.row(k), side.norms.segment(k, 1), du, out, options_.eps);
     }
+  }
+
+  // dL/dĜ = sign · (Ĝ^S − Ĝ^T) for sample (or batch) row r, back through the Frobenius norm.
+  void gram_grad(Index r, Scalar sign,
+                 const Eigen::Ref<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>& ghat, Scalar nrm,
+                 Eigen::Ref<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>> dg) const {
+    dg = sign * diff_.row(r);
+    if (options_.normalization == GramNormalization::Frobenius) fro_backward(dg, ghat, nrm);
   }
 
   // Frobenius normalisation of one Gram (as a row of M² entries): forward in place, returns ‖G‖.
@@ -227,44 +239,65 @@ class ModalityGramKD {
     const detail::PresenceSelect present{mask ? mask->data() : nullptr, m};
     const auto fs = detail::as_matrix(st);
     const auto ft = detail::as_matrix(tt);
+    const bool fro = options_.normalization == GramNormalization::Frobenius;
+    const bool batch = options_.scope == GramScope::Batch;
 
     prepare_side(s_, fs, n, m);
     prepare_side(t_, ft, n, m);
-    grams(s_, fs, n, m, present);
-    grams(t_, ft, n, m, present);
-
-    const bool fro = options_.normalization == GramNormalization::Frobenius;
-    const bool batch = options_.scope == GramScope::Batch;
+    thread_du_.resize(max_threads(), std::max(dsw, dtw));
     diff_.resize(batch ? 1 : n, m * m);
     per_sample_.resize(diff_.rows());
-    Scalar count = 0;  // P: the number of Gram entries compared
+    norms_s_.resize(diff_.rows());
+    norms_t_.resize(diff_.rows());
+
+    // P: the number of Gram entries compared.
+    Scalar count = 0;
     if (!batch) {
       for (Index i = 0; i < n; ++i) {
         Index k = 0;
         for (Index a = 0; a < m; ++a) k += present(i, a) ? 1 : 0;
         count += Scalar(k * k);
       }
-      norms_s_.resize(n);
-      norms_t_.resize(n);
+    } else {
+      pair_count_.setZero(1, m * m);
       for (Index i = 0; i < n; ++i) {
+        for (Index e = 0; e < m * m; ++e)
+          pair_count_(0, e) += present(i, e / m) && present(i, e % m) ? 1 : 0;
+      }
+      for (Index e = 0; e < m * m; ++e) count += pair_count_(0, e) > 0 ? Scalar(1) : Scalar(0);
+    }
+    const Scalar factor = count > 0 ? options_.weight / count : Scalar(0);
+    const Scalar sign_s = 2 * factor, sign_t = -2 * factor;
+
+    if (!batch) {
+      // Everything about sample i (2·M rows) stays in cache: forward, loss, backward.
+      detail::parallel_for(n, 4 * m * m * (dsw + dtw), [&](Index i, int thread) {
+        forward_sample(s_, fs, i, n, m, present);
+        forward_sample(t_, ft, i, n, m, present);
         if (fro) {
           norms_s_(i) = fro_forward(s_.gram.row(i));
           norms_t_(i) = fro_forward(t_.gram.row(i));
         }
         diff_.row(i) = s_.gram.row(i) - t_.gram.row(i);
         per_sample_(i) = diff_.row(i).squaredNorm();
-      }
+        if (ds) {
+          gram_grad(i, sign_s, s_.gram.row(i), norms_s_(i), s_.dgram.row(i));
+          backward_sample(s_, fs, i, n, m, present, thread);
+        }
+        if (dt) {
+          gram_grad(i, sign_t, t_.gram.row(i), norms_t_(i), t_.dgram.row(i));
+          backward_sample(t_, ft, i, n, m, present, thread);
+        }
+      });
     } else {
       // Batch means over the samples that have both modalities of an entry.
-      pair_count_.setZero(1, m * m);
       mean_s_.setZero(1, m * m);
       mean_t_.setZero(1, m * m);
-      for (Index i = 0; i < n; ++i) {
-        for (Index a = 0; a < m; ++a) {
-          for (Index b = 0; b < m; ++b) {
-            if (present(i, a) && present(i, b)) pair_count_(0, a * m + b) += 1;
-          }
-        }
+      detail::parallel_for(n, 2 * m * m * (dsw + dtw), [&](Index i, int) {
+        forward_sample(s_, fs, i, n, m, present);
+        forward_sample(t_, ft, i, n, m, present);
+      });
+      for (Index i = 0; i < n; ++i) {  // in sample order, for any thread count
         mean_s_ += s_.gram.row(i);
         mean_t_ += t_.gram.row(i);
       }
@@ -272,57 +305,38 @@ class ModalityGramKD {
         const Scalar c = pair_count_(0, e);
         mean_s_(0, e) = c > 0 ? mean_s_(0, e) / c : Scalar(0);
         mean_t_(0, e) = c > 0 ? mean_t_(0, e) / c : Scalar(0);
-        count += c > 0 ? Scalar(1) : Scalar(0);
       }
-      norms_s_.resize(1);
-      norms_t_.resize(1);
-      dmean_.resize(1, m * m);
       if (fro) {
         norms_s_(0) = fro_forward(mean_s_.row(0));
         norms_t_(0) = fro_forward(mean_t_.row(0));
       }
       diff_.row(0) = mean_s_ - mean_t_;
       per_sample_(0) = diff_.row(0).squaredNorm();
-    }
-    const Scalar raw = per_sample_.sum();
-    if (!std::isfinite(raw)) diagnose(fs, ft, n, present);
-    const Scalar factor = count > 0 ? options_.weight / count : Scalar(0);
-    if (!ds && !dt) return factor * raw;
-
-    // dL/dĜ = ±2 factor (Ĝ^S − Ĝ^T), back through the Frobenius normalisation and the batch mean.
-    for (Side* side : {&s_, &t_}) {
-      const bool is_student = side == &s_;
-      if ((is_student && !ds) || (!is_student && !dt)) continue;
-      const Scalar sign = is_student ? Scalar(2) * factor : Scalar(-2) * factor;
-      if (!batch) {
-        for (Index i = 0; i < n; ++i) {
-          side->dgram.row(i) = sign * diff_.row(i);
-          if (fro)
-            fro_backward(side->dgram.row(i), side->gram.row(i),
-                         (is_student ? norms_s_ : norms_t_)(i));
-        }
-      } else {
-        auto dmean = dmean_.row(0);
-        dmean = sign * diff_.row(0);
-        if (fro)
-          fro_backward(dmean, is_student ? mean_s_.row(0) : mean_t_.row(0),
-                       (is_student ? norms_s_ : norms_t_)(0));
-        for (Index e = 0; e < m * m; ++e) {
-          if (pair_count_(0, e) > 0) dmean(e) /= pair_count_(0, e);
-        }
-        for (Index i = 0; i < n; ++i) {
+      dmean_.resize(2, m * m);
+      if (ds) gram_grad(0, sign_s, mean_s_.row(0), norms_s_(0), dmean_.row(0));
+      if (dt) gram_grad(0, sign_t, mean_t_.row(0), norms_t_(0), dmean_.row(1));
+      for (Index e = 0; e < m * m; ++e) {
+        if (pair_count_(0, e) > 0) dmean_.col(e) /= pair_count_(0, e);
+      }
+      detail::parallel_for(n, 2 * m * m * (dsw + dtw), [&](Index i, int thread) {
+        for (int side = 0; side < 2; ++side) {
+          if ((side == 0 && !ds) || (side == 1 && !dt)) continue;
+          Side& sd = side == 0 ? s_ : t_;
           for (Index e = 0; e < m * m; ++e) {
-            side->dgram(i, e) = present(i, e / m) && present(i, e % m) ? dmean(e) : Scalar(0);
+            sd.dgram(i, e) = present(i, e / m) && present(i, e % m) ? dmean_(side, e) : Scalar(0);
+          }
+          if (side == 0) {
+            backward_sample(s_, fs, i, n, m, present, thread);
+          } else {
+            backward_sample(t_, ft, i, n, m, present, thread);
           }
         }
-      }
-      if (is_student) {
-        backward(s_, fs, n, m, present);
-      } else {
-        backward(t_, ft, n, m, present);
-      }
+      });
     }
-    if (!(ds ? s_.df.allFinite() : true) || !(dt ? t_.df.allFinite() : true)) {
+
+    const Scalar raw = per_sample_.sum();
+    if (!std::isfinite(raw)) diagnose(fs, ft, n, present);
+    if ((ds && !detail::all_finite(s_.df)) || (dt && !detail::all_finite(t_.df))) {
       detail::throw_numerical(kName,
                               "the gradient overflows (embeddings too large for the scalar type)");
     }
@@ -357,7 +371,7 @@ class ModalityGramKD {
 
   Options options_;
   Side s_, t_;
-  Matrix<Scalar> diff_, mean_s_, mean_t_, pair_count_, dmean_;
+  Matrix<Scalar> diff_, mean_s_, mean_t_, pair_count_, dmean_, thread_du_;
   Vector<Scalar> per_sample_, norms_s_, norms_t_;
 };
 

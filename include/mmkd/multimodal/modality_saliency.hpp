@@ -157,7 +157,7 @@ class ModalitySaliency {
         out(i, m) = kind == SaliencyKind::Sufficiency ? std::exp(-kl) : kl;
       }
     });
-    if (!out.allFinite()) diagnose(t, blocks, present, drop_one_given);
+    if (!detail::all_finite(out)) diagnose(t, blocks, present, drop_one_given);
     return scores_;
   }
 

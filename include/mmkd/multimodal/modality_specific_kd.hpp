@@ -160,7 +160,7 @@ class ModalitySpecificKD {
     modal_.prepare(m * n, c, 0, 2);
     detail::kd_rows(detail::as_matrix(zs), detail::as_matrix(zt), Scalar(1) / options_.temperature,
                     rows, modal_, -1, -1, [](Index) { return Scalar(0); });
-    if (!modal_.row_value.allFinite()) diagnose_modal(zs, zt, n, rows);
+    if (!detail::all_finite(modal_.row_value)) diagnose_modal(zs, zt, n, rows);
     store_aux(n, m);
     return aux_;
   }
@@ -207,7 +207,7 @@ class ModalitySpecificKD {
       if (modal_rows(k)) modal_raw += (*w)(k % n, k / n) * modal_.row_value(k);
     }
     if (!std::isfinite(full_raw)) diagnose_full(s, t);
-    if (!modal_.row_value.allFinite() || !std::isfinite(modal_raw))
+    if (!detail::all_finite(modal_.row_value) || !std::isfinite(modal_raw))
       diagnose_modal(zs, zt, n, modal_rows);
     store_aux(n, m);
     if (ds) full_.commit(0, *ds, all_rows);

@@ -107,7 +107,8 @@ class ModalityWeightLearner {
                                        " columns, expected " + std::to_string(f) +
                                        " (feature_dim())");
     }
-    if (!features.allFinite()) detail::throw_invalid(kName, "features hold a non-finite value");
+    if (!detail::all_finite(features))
+      detail::throw_invalid(kName, "features hold a non-finite value");
     const Index k = features.rows();
     x_ = features;
     pre_.noalias() = x_ * w1_.transpose();
@@ -123,7 +124,8 @@ class ModalityWeightLearner {
   void backward(const ConstMatrixRef<Scalar>& d_weights) {
     detail::check_shape(kName, "d_weights", d_weights, out_.rows(), 1,
                         "one per row of the last forward");
-    if (!d_weights.allFinite()) detail::throw_invalid(kName, "d_weights hold a non-finite value");
+    if (!detail::all_finite(d_weights))
+      detail::throw_invalid(kName, "d_weights hold a non-finite value");
     // dw/da = w (1 − w) through the sigmoid; then the two linear layers and the relu.
     da_ = (d_weights.array() * out_.array() * (Scalar(1) - out_.array())).matrix();
     dpre_ = ((da_ * w2_).array() * (pre_.array() > Scalar(0)).template cast<Scalar>()).matrix();

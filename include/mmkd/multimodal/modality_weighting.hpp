@@ -204,7 +204,7 @@ class SaliencyRunningMean {
                                        std::to_string(sum_.size()) + " (as in earlier updates)");
     }
     if (mask) detail::check_presence(kName, *mask, n, m);
-    if (!s.allFinite()) detail::throw_invalid(kName, "scores hold a non-finite value");
+    if (!detail::all_finite(s)) detail::throw_invalid(kName, "scores hold a non-finite value");
     const detail::PresenceSelect present{mask ? mask->data() : nullptr, m};
     if (sum_.size() == 0) {
       sum_.setZero(m);
