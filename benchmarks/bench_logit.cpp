@@ -3,36 +3,16 @@
 // counts the matrices each call must touch: value reads student and teacher; value_and_grad also
 // reads and writes the gradient.
 
-#include <benchmark/benchmark.h>
-
-#include <mmkd/mmkd.hpp>
-
-#ifdef MMKD_BENCH_TORCH
-#include <torch/torch.h>
-#endif
+#include "bench_common.hpp"
 
 namespace {
 
-using mmkd::Index;
-using Mat = mmkd::Matrix<float>;
+using namespace bench;
 
-Mat random_logits(Index n, Index c, std::uint64_t seed) {
-  mmkd::SplitMix64 rng(seed);
-  Mat m(n, c);
-  for (Index k = 0; k < m.size(); ++k) m.data()[k] = float(3 * rng.normal());
-  return m;
-}
-
-mmkd::Labels random_labels(Index n, Index c) {
-  mmkd::SplitMix64 rng(7);
-  mmkd::Labels y(n);
-  for (Index i = 0; i < n; ++i) y(i) = int(rng.next() % std::uint64_t(c));
-  return y;
-}
+Mat random_logits(Index n, Index c, std::uint64_t seed) { return random_matrix(n, c, seed); }
 
 void set_bytes(benchmark::State& st, int matrices) {
-  st.SetBytesProcessed(std::int64_t(st.iterations()) * st.range(0) * st.range(1) * matrices *
-                       std::int64_t(sizeof(float)));
+  bench::set_bytes(st, double(matrices) * double(st.range(0) * st.range(1)));
 }
 
 void mmkd_LogitKD_value(benchmark::State& st) {
@@ -85,11 +65,6 @@ void mmkd_CrossEntropy_value_and_grad(benchmark::State& st) {
 
 #ifdef MMKD_BENCH_TORCH
 namespace F = torch::nn::functional;
-
-torch::Tensor to_tensor(const Mat& m) {
-  return torch::from_blob(const_cast<float*>(m.data()), {m.rows(), m.cols()}, torch::kFloat32)
-      .clone();
-}
 
 torch::Tensor torch_kd(const torch::Tensor& s, const torch::Tensor& t, double temp) {
   return F::kl_div(torch::log_softmax(s / temp, 1), torch::softmax(t / temp, 1),

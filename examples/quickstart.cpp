@@ -48,7 +48,43 @@ int main() {
     return kd.value(s, teacher) + dkd.value(s, teacher, labels) + ce.value(s, labels);
   };
   const mmkd::GradcheckReport report = mmkd::check_gradient(total, student, grad);
-  std::printf("  %s\n", report.message().c_str());
+  std::printf("  %s\n\n", report.message().c_str());
+
+  // Multimodal: M = 2 modalities. Logits with only modality m kept form an M x N x C stack
+  // (modality-major, like a contiguous [M, N, C] tensor); embeddings an M x N x D stack.
+  const mmkd::Index m = 2, d = 8;
+  mmkd::Tensor3<double> student_modal(m, n, c), teacher_modal(m, n, c);
+  mmkd::Tensor3<double> student_emb(m, n, d), teacher_emb(m, n, 16);  // widths may differ
+  for (auto* t : {&student_modal, &teacher_modal, &student_emb, &teacher_emb}) {
+    for (mmkd::Index k = 0; k < t->size(); ++k) t->data()[k] = 2 * rng.normal();
+  }
+  mmkd::PresenceMask present = mmkd::PresenceMask::Ones(n, m);
+  present(2, 1) = 0;  // sample 2 lacks modality 1: its term is dropped, its gradient is zero
+
+  // MSD: saliency of each modality from the teacher, instance-wise weights, then the loss.
+  mmkd::ModalitySaliency<double> saliency;    // removal KL
+  mmkd::ModalityWeighting<double> weighting;  // instance-wise, mean one
+  const mmkd::Matrix<double>& w =
+      weighting.compute(saliency.compute(teacher, teacher_modal, present), present);
+  mmkd::ModalitySpecificKD<double> msd;
+  mmkd::Matrix<double> d_full = mmkd::Matrix<double>::Zero(n, c);
+  mmkd::Tensor3<double> d_modal(m, n, c);
+  d_modal.setZero();
+  const double l_msd = msd.value_and_grad(student, teacher, student_modal, teacher_modal, w,
+                                          present, d_full, d_modal);
+
+  // Gram relation: the M x M cosine Gram of each sample's modality embeddings.
+  mmkd::ModalityGramKD<double> gram;
+  mmkd::Tensor3<double> d_emb(m, n, d);
+  d_emb.setZero();
+  const double l_gram = gram.value_and_grad(student_emb, teacher_emb, present, d_emb);
+
+  std::printf("  %-18s %10.6f   beta * KD(full) + (1/N) sum_i,m w_im KD_i^m\n",
+              "ModalitySpecificKD", l_msd);
+  std::printf("  %-18s %10.6f   MSE of per-sample modality Gram matrices\n", "ModalityGramKD",
+              l_gram);
+  std::printf("  instance weights of sample 0: %.3f %.3f (sample 2: %.3f %.3f)\n\n", w(0, 0),
+              w(0, 1), w(2, 0), w(2, 1));
 
   // Bad input is an exception that names the argument; nothing is written.
   try {
