@@ -73,14 +73,5 @@ inline void check_presence(const char* cls, const ConstPresenceMaskRef& mask, In
   }
 }
 
-/// Whether sample i has modality m; no mask means every modality is present.
-struct PresenceSelect {
-  const std::uint8_t* mask = nullptr;
-  Index modalities = 1;
-  bool operator()(Index i, Index m) const {
-    return mask == nullptr || mask[i * modalities + m] != 0;
-  }
-};
-
 }  // namespace detail
 }  // namespace mmkd

@@ -7,9 +7,9 @@
 #include "mmkd/core/errors.hpp"
 #include "mmkd/core/parallel.hpp"
 #include "mmkd/core/reduction.hpp"
-#include "mmkd/core/row_loss.hpp"
 #include "mmkd/core/softmax.hpp"
 #include "mmkd/core/types.hpp"
+#include "mmkd/detail/row_loss.hpp"
 
 namespace mmkd {
 

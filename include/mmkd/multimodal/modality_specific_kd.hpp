@@ -5,10 +5,10 @@
 #include <string>
 
 #include "mmkd/core/errors.hpp"
-#include "mmkd/core/kl.hpp"
-#include "mmkd/core/row_loss.hpp"
 #include "mmkd/core/tensor.hpp"
 #include "mmkd/core/types.hpp"
+#include "mmkd/detail/kl.hpp"
+#include "mmkd/detail/row_loss.hpp"
 
 namespace mmkd {
 

@@ -7,6 +7,7 @@
 #include "mmkd/core/errors.hpp"
 #include "mmkd/core/tensor.hpp"
 #include "mmkd/core/types.hpp"
+#include "mmkd/detail/row_loss.hpp"
 
 namespace mmkd {
 

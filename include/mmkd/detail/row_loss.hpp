@@ -11,8 +11,8 @@
 #include "mmkd/core/errors.hpp"
 #include "mmkd/core/parallel.hpp"
 #include "mmkd/core/reduction.hpp"
-#include "mmkd/core/softmax.hpp"
 #include "mmkd/core/types.hpp"
+#include "mmkd/detail/softmax_kernels.hpp"
 
 namespace mmkd {
 namespace detail {
@@ -21,6 +21,15 @@ namespace detail {
 struct RowSelect {
   const std::uint8_t* mask = nullptr;
   bool operator()(Index i) const { return mask == nullptr || mask[i] != 0; }
+};
+
+/// Whether sample i has modality m; no mask means every modality is present.
+struct PresenceSelect {
+  const std::uint8_t* mask = nullptr;
+  Index modalities = 1;
+  bool operator()(Index i, Index m) const {
+    return mask == nullptr || mask[i * modalities + m] != 0;
+  }
 };
 
 /// Checks a row mask (length n, values 0 or 1) and returns how many rows take part.

@@ -3,8 +3,8 @@
 #include <cmath>
 #include <limits>
 
-#include "mmkd/core/row_loss.hpp"
-#include "mmkd/core/softmax.hpp"
+#include "mmkd/detail/row_loss.hpp"
+#include "mmkd/detail/softmax_kernels.hpp"
 
 namespace mmkd {
 namespace detail {
