@@ -2,6 +2,9 @@
 
 // Umbrella header: every public part of mmkd.
 
+#include "mmkd/contrastive/embedding_queue.hpp"
+#include "mmkd/contrastive/info_nce.hpp"
+#include "mmkd/contrastive/similarity_distillation.hpp"
 #include "mmkd/core/errors.hpp"
 #include "mmkd/core/module.hpp"
 #include "mmkd/core/normalize.hpp"
@@ -21,3 +24,5 @@
 #include "mmkd/multimodal/modality_specific_kd.hpp"
 #include "mmkd/multimodal/modality_weight_learner.hpp"
 #include "mmkd/multimodal/modality_weighting.hpp"
+#include "mmkd/structure/channel_decorrelation.hpp"
+#include "mmkd/structure/uniformity.hpp"

@@ -1,0 +1,66 @@
+#pragma once
+
+#include <string>
+
+#include "mmkd/core/errors.hpp"
+#include "mmkd/core/types.hpp"
+
+namespace mmkd {
+
+/**
+ * A fixed-size ring buffer of past teacher embeddings (a MoCo/SEED-style queue) for
+ * `SimilarityDistillation`'s dictionary. Explicit state: allocated once at construction, `push`
+ * overwrites the oldest rows, nothing is hidden in the loss.
+ *
+ * **Example**:
+ * @code
+ * mmkd::EmbeddingQueue<float> queue(4096, 128);        // capacity x width
+ * loss = seed.value_and_grad(student, teacher, queue, d_student);
+ * queue.push(teacher);                                 // after the step, as SEED
+ * @endcode
+ */
+template <class Scalar = float>
+class EmbeddingQueue {
+ public:
+  EmbeddingQueue(Index capacity, Index dim) {
+    if (capacity < 1 || dim < 1) {
+      detail::throw_invalid(kName, "capacity and dim must be >= 1, got " +
+                                       std::to_string(capacity) + " and " + std::to_string(dim));
+    }
+    rows_.setZero(capacity, dim);
+  }
+
+  //! Appends the rows of `embeddings` (B x dim), overwriting the oldest; with B > capacity only
+  //! the last `capacity` rows are kept.
+  void push(const ConstMatrixRef<Scalar>& embeddings) {
+    if (embeddings.cols() != dim()) {
+      detail::throw_invalid(kName, "embeddings has width " + std::to_string(embeddings.cols()) +
+                                       ", expected " + std::to_string(dim()));
+    }
+    if (!detail::all_finite(embeddings))
+      detail::throw_invalid(kName, "embeddings hold a non-finite value");
+    const Index b = embeddings.rows(), first = b > capacity() ? b - capacity() : 0;
+    for (Index r = first; r < b; ++r) {
+      rows_.row(head_) = embeddings.row(r);
+      head_ = (head_ + 1) % capacity();
+      if (size_ < capacity()) ++size_;
+    }
+  }
+
+  //! The stored rows (size() x dim), in storage order (the loss treats them as a set).
+  Eigen::Map<const Matrix<Scalar>> embeddings() const { return {rows_.data(), size_, dim()}; }
+  Index size() const { return size_; }
+  Index capacity() const { return rows_.rows(); }
+  Index dim() const { return rows_.cols(); }
+  void clear() {
+    size_ = 0;
+    head_ = 0;
+  }
+
+ private:
+  static constexpr const char* kName = "EmbeddingQueue";
+  Matrix<Scalar> rows_;
+  Index size_ = 0, head_ = 0;
+};
+
+}  // namespace mmkd

@@ -1,0 +1,290 @@
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "mmkd/core/errors.hpp"
+#include "mmkd/core/module.hpp"
+#include "mmkd/core/normalize.hpp"
+#include "mmkd/core/types.hpp"
+#include "mmkd/detail/row_loss.hpp"
+#include "mmkd/detail/softmax_kernels.hpp"
+
+namespace mmkd {
+
+/**
+ * InfoNCE between student queries and teacher keys (the CMC loss of cross-modality contrastive
+ * distillation): each query must pick out its positive key among all keys. Symmetric by default
+ * (CLIP: the mean of the query→key and key→query directions).
+ *
+ *     U = normalize(Q) (N x D),  V = normalize(K) (K' x D),  S = U Vᵀ / τ,  positive of query i =
+ * key i + offset L_q→k = Σ_i ( lse_j S_ij − S_i,i+offset ),   L_k→q = Σ_i ( lse_r S_r,i+offset −
+ * S_i,i+offset ) L = weight / G · ( L_q→k, or (L_q→k + L_k→q) / 2 when symmetric ),   G =
+ * global_batch or N
+ *
+ * Matches open_clip `ClipLoss` (symmetric) and the one-directional InfoNCE of the reference note;
+ * τ = 0.07 (CLIP's initial value). With `learn_temperature`, 1/τ = exp(θ) with θ a parameter of
+ * this object (initialised to log(1/temperature), exposed by `parameters()` / `gradients()`,
+ * dL/dθ = Σ dL/dS ∘ S) and clamped to [0, ln 100] at the start of every call, as CLIP clamps after
+ * each step.
+ *
+ * Data-parallel: a worker passes its local queries and the all-gathered keys with
+ * `offset` = its first global index and `global_batch` = the total number of queries; summed
+ * over workers, the one-directional losses and the key gradients are those of the whole batch.
+ * The symmetric loss shards as two one-directional calls (queries→all keys, and local keys→all
+ * queries), each with weight 1/2.
+ *
+ * Memory: `stream` computes S in blocks of `block_rows` query rows (online column
+ * log-sum-exp for the symmetric term; blocks are recomputed in the backward pass), so memory is
+ * O((N + K')·D + block·K') instead of O(N·K'). Blocked and unblocked agree to rounding.
+ *
+ * Gradients: dL/dS = c_r (rowsoftmax(S) − I⁺) + c_c (colsoftmax(S) − I⁺) on the positive
+ * columns; dL/dU = (1/τ) dS V, dL/dV = (1/τ) dSᵀ U, then through the normalisation. S, dU and
+ * dV are GEMMs. Keys get a gradient only through the overload with `d_keys`.
+ *
+ * Reference:
+ * @code
+ * @article{lin2024cmcd,
+ *   title   = {A Generalization Theory of Cross-Modality Distillation with Contrastive Learning},
+ *   author  = {Lin, Hangyu and Liu, Chen and Xu, Chengming and Gao, Zhengqi and Fu, Yanwei and
+ *              Yao, Yuan}, journal = {arXiv preprint arXiv:2405.03355}, year = {2024}}
+ * @endcode
+ *
+ * **Example**:
+ * @code
+ * mmkd::InfoNCE<float> nce;                                 // symmetric, τ = 0.07, normalised
+ * float loss = nce.value_and_grad(student_emb, teacher_emb, d_student_emb);
+ * @endcode
+ */
+template <class Scalar = float>
+class InfoNCE {
+ public:
+  struct Options {
+    Scalar temperature = Scalar(0.07);  //!< τ > 0, or the initial τ when learned
+    bool learn_temperature = false;     //!< learn θ = log(1/τ) (CLIP)
+    bool normalize = true;              //!< L2-normalise queries and keys
+    bool symmetric = true;              //!< CLIP's two directions; false: query→key only
+    Index offset = 0;                   //!< the positive of query i is key i + offset
+    Index global_batch = 0;             //!< divisor G: queries over all workers (0: N)
+    bool stream = false;                //!< stream S in row blocks (memory O(block·K'))
+    Index block_rows = 256;             //!< rows per block when streaming, ≥ 1
+    Scalar eps = Scalar(1e-12);         //!< norm guard, > 0
+    Scalar weight = Scalar(1);          //!< ≥ 0
+  };
+
+  InfoNCE() : InfoNCE(Options{}) {}
+  explicit InfoNCE(const Options& options) : options_(options) {
+    validate();
+    log_scale_(0, 0) = std::log(Scalar(1) / options_.temperature);
+    log_scale_grad_(0, 0) = 0;
+  }
+
+  Options& options() { return options_; }
+  const Options& options() const { return options_; }
+
+  Scalar value(const ConstMatrixRef<Scalar>& queries, const ConstMatrixRef<Scalar>& keys) {
+    return run(queries, keys, nullptr, nullptr);
+  }
+  Scalar value_and_grad(const ConstMatrixRef<Scalar>& queries, const ConstMatrixRef<Scalar>& keys,
+                        MatrixRef<Scalar> d_queries) {
+    return run(queries, keys, &d_queries, nullptr);
+  }
+  Scalar value_and_grad(const ConstMatrixRef<Scalar>& queries, const ConstMatrixRef<Scalar>& keys,
+                        MatrixRef<Scalar> d_queries, MatrixRef<Scalar> d_keys) {
+    return run(queries, keys, &d_queries, &d_keys);
+  }
+
+  //! The temperature in use: 1/exp(θ) when learned, else the option.
+  Scalar temperature() const {
+    return options_.learn_temperature ? std::exp(-log_scale_(0, 0)) : options_.temperature;
+  }
+  //! "log_scale" (θ = log 1/τ, 1 x 1); its gradient accumulates in `gradients()`.
+  std::vector<ParameterView<Scalar>> parameters() { return {view("log_scale", log_scale_)}; }
+  std::vector<ParameterView<Scalar>> gradients() { return {view("log_scale", log_scale_grad_)}; }
+  void zero_grad() { log_scale_grad_(0, 0) = 0; }
+
+  //! Frees the scratch memory kept between calls.
+  void release_workspace() {
+    u_ = v_ = s_ = du_ = dv_ = Matrix<Scalar>();
+    row_lse_ = col_lse_ = col_max_ = col_sum_ = Vector<Scalar>();
+  }
+
+ private:
+  static constexpr const char* kName = "InfoNCE";
+
+  static ParameterView<Scalar> view(const char* name, Eigen::Matrix<Scalar, 1, 1>& m) {
+    return {name, Eigen::Map<Matrix<Scalar>>(m.data(), 1, 1)};
+  }
+
+  void validate() const {
+    detail::check_positive(kName, "temperature", options_.temperature);
+    detail::check_positive(kName, "eps", options_.eps);
+    detail::check_nonnegative(kName, "weight", options_.weight);
+    if (options_.offset < 0) detail::throw_invalid(kName, "option offset must be >= 0");
+    if (options_.global_batch < 0) detail::throw_invalid(kName, "option global_batch must be >= 0");
+    if (options_.block_rows < 1) {
+      detail::throw_invalid(
+          kName, "option block_rows must be >= 1, got " + std::to_string(options_.block_rows));
+    }
+  }
+
+  // S for query rows [r0, r0 + b) into s_ (b x K').
+  void similarities(Index r0, Index b, Scalar scale) {
+    s_.resize(b, v_.rows());
+    s_.noalias() = u_.middleRows(r0, b) * v_.transpose();
+    s_ *= scale;
+  }
+
+  Scalar run(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Scalar>& k,
+             MatrixRef<Scalar>* dq, MatrixRef<Scalar>* dk) {
+    validate();
+    const Index n = q.rows(), d = q.cols(), kk = k.rows(), off = options_.offset;
+    detail::check_nonempty(kName, "queries", n, d);
+    if (k.cols() != d || kk == 0) {
+      detail::throw_invalid(kName, "keys has shape " + detail::shape_str(kk, k.cols()) +
+                                       ", expected K'x" + std::to_string(d) +
+                                       " with K' >= 1 (same width as queries)");
+    }
+    if (n + off > kk) {
+      detail::throw_invalid(kName, "offset " + std::to_string(off) +
+                                       " puts the positive of query " + std::to_string(n - 1) +
+                                       " at key " + std::to_string(n - 1 + off) +
+                                       ", but keys has " + std::to_string(kk) + " rows");
+    }
+    if (options_.global_batch > 0 && options_.global_batch < n) {
+      detail::throw_invalid(
+          kName, "option global_batch is " + std::to_string(options_.global_batch) +
+                     ", smaller than the " + std::to_string(n) + " queries of this call");
+    }
+    if (dq) detail::check_shape(kName, "d_queries", *dq, n, d, "same as queries");
+    if (dk) detail::check_shape(kName, "d_keys", *dk, kk, d, "same as keys");
+    if (options_.learn_temperature) {
+      log_scale_(0, 0) = std::min(std::max(log_scale_(0, 0), Scalar(0)), std::log(Scalar(100)));
+    }
+    const Scalar scale =
+        options_.learn_temperature ? std::exp(log_scale_(0, 0)) : Scalar(1) / options_.temperature;
+
+    // Normalised (or copied) inputs: rows of u_ and v_.
+    qn_.resize(n);
+    kn_.resize(kk);
+    u_.resize(n, d);
+    v_.resize(kk, d);
+    if (options_.normalize) {
+      l2_normalize_rows(q, u_, qn_, options_.eps);
+      l2_normalize_rows(k, v_, kn_, options_.eps);
+    } else {
+      u_ = q;
+      v_ = k;
+    }
+
+    const bool sym = options_.symmetric;
+    const Index block = options_.stream ? std::min(options_.block_rows, n) : n;
+    const Index blocks = (n + block - 1) / block;
+    constexpr Scalar ninf = -std::numeric_limits<Scalar>::infinity();
+    row_lse_.resize(n);
+    col_max_.setConstant(n, ninf);
+    col_sum_.setZero(n);
+    Scalar row_raw = 0, col_raw = 0;
+    for (Index bi = 0; bi < blocks; ++bi) {
+      const Index r0 = bi * block, b = std::min(block, n - r0);
+      similarities(r0, b, scale);
+      for (Index i = 0; i < b; ++i) {
+        row_lse_(r0 + i) = detail::log_sum_exp_row(s_.row(i).array(), Scalar(1));
+        row_raw += row_lse_(r0 + i) - s_(i, r0 + i + off);
+        if (sym) col_raw -= s_(i, r0 + i + off);
+      }
+      if (sym) {  // online log-sum-exp down the positive columns
+        const auto cols = s_.middleCols(off, n);
+        for (Index j = 0; j < n; ++j) {
+          const Scalar m_blk = detail::row_max(cols.col(j).array());
+          const Scalar m_new = detail::max_nan(col_max_(j), m_blk);
+          if (m_new == ninf) continue;
+          col_sum_(j) =
+              col_sum_(j) * (col_max_(j) == ninf ? Scalar(0) : std::exp(col_max_(j) - m_new)) +
+              (cols.col(j).array() - m_new).unaryExpr(detail::ExpShifted<Scalar>()).sum();
+          col_max_(j) = m_new;
+        }
+      }
+    }
+    if (sym) {
+      col_lse_ = col_max_.array() + col_sum_.array().log();
+      col_raw += col_lse_.sum();
+    }
+    const Scalar g = Scalar(options_.global_batch > 0 ? options_.global_batch : n);
+    const Scalar c_row = options_.weight / g * (sym ? Scalar(0.5) : Scalar(1));
+    const Scalar c_col = sym ? c_row : Scalar(0);
+    const Scalar value = c_row * row_raw + c_col * col_raw;
+    if (!std::isfinite(value)) diagnose(q, k);
+    if (!dq && !dk && !options_.learn_temperature) return value;
+
+    // Backward, block by block (the last block's S is still in s_ when there is one block).
+    if (dq) du_.setZero(n, d);
+    if (dk) dv_.setZero(kk, d);
+    Scalar d_log_scale = 0;
+    for (Index bi = 0; bi < blocks; ++bi) {
+      const Index r0 = bi * block, b = std::min(block, n - r0);
+      if (blocks > 1) similarities(r0, b, scale);
+      const bool keep_raw = sym || options_.learn_temperature;  // column softmax and dθ need S
+      if (keep_raw) s_copy_ = s_;
+      for (Index i = 0; i < b; ++i) {
+        // Row part: c_r (softmax_j − onehot), in place over S.
+        s_.row(i) =
+            c_row *
+            (s_.row(i).array() - row_lse_(r0 + i)).unaryExpr(detail::ExpShifted<Scalar>()).matrix();
+        s_(i, r0 + i + off) -= c_row;
+      }
+      if (sym) {  // column part, on the positive columns
+        s_.middleCols(off, n).array() +=
+            c_col * (s_copy_.middleCols(off, n).array().rowwise() - col_lse_.transpose().array())
+                        .unaryExpr(detail::ExpShifted<Scalar>());
+        for (Index i = 0; i < b; ++i) s_(i, r0 + i + off) -= c_col;
+      }
+      // s_ now holds dL/dS for the block.
+      if (options_.learn_temperature) d_log_scale += (s_.array() * s_copy_.array()).sum();
+      if (dq) du_.middleRows(r0, b).noalias() += scale * (s_ * v_);
+      if (dk) dv_.noalias() += scale * (s_.transpose() * u_.middleRows(r0, b));
+    }
+    if (dq && options_.normalize) {
+      dq_.setZero(n, d);
+      l2_normalize_rows_backward(u_, qn_, du_, dq_, options_.eps);
+    }
+    if (dk && options_.normalize) {
+      dk_.setZero(kk, d);
+      l2_normalize_rows_backward(v_, kn_, dv_, dk_, options_.eps);
+    }
+    const Matrix<Scalar>& gq = options_.normalize ? dq_ : du_;
+    const Matrix<Scalar>& gk = options_.normalize ? dk_ : dv_;
+    if ((dq && !detail::all_finite(gq)) || (dk && !detail::all_finite(gk)) ||
+        !std::isfinite(d_log_scale)) {
+      detail::throw_numerical(kName, "the gradient overflows");
+    }
+    if (dq) *dq += gq;
+    if (dk) *dk += gk;
+    if (options_.learn_temperature) log_scale_grad_(0, 0) += d_log_scale;
+    return value;
+  }
+
+  [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& q,
+                             const ConstMatrixRef<Scalar>& k) const {
+    for (Index i = 0; i < q.rows(); ++i) {
+      const std::string why = detail::bad_element_in_row("queries", q, i, false);
+      if (!why.empty()) detail::throw_numerical(kName, why);
+    }
+    for (Index i = 0; i < k.rows(); ++i) {
+      const std::string why = detail::bad_element_in_row("keys", k, i, false);
+      if (!why.empty()) detail::throw_numerical(kName, why);
+    }
+    detail::throw_numerical(kName,
+                            "the loss overflows (similarities too large for the scalar type)");
+  }
+
+  Options options_;
+  Eigen::Matrix<Scalar, 1, 1> log_scale_, log_scale_grad_;
+  Matrix<Scalar> u_, v_, s_, s_copy_, du_, dv_, dq_, dk_;
+  Vector<Scalar> qn_, kn_, row_lse_, col_lse_, col_max_, col_sum_;
+};
+
+}  // namespace mmkd

@@ -1,0 +1,225 @@
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "mmkd/core/errors.hpp"
+#include "mmkd/core/normalize.hpp"
+#include "mmkd/core/tensor.hpp"
+#include "mmkd/core/types.hpp"
+#include "mmkd/detail/kl.hpp"
+
+namespace mmkd {
+
+/// Which points `Uniformity` spreads out.
+enum class UniformityMode {
+  Samples,        //!< the N samples (flattened), L2-normalised: Wang & Isola (default)
+  SpatialTokens,  //!< per sample, its H·W position vectors (C channels each), averaged over N
+  SpatialEntropy  //!< per sample and channel, KL(spatial softmax ‖ uniform), averaged over N·C
+};
+
+/**
+ * Uniformity of intermediate features (the "uniformly distributed" half of the
+ * dimensional-structure KD of Si, Dong et al. 2023).
+ *
+ *     Samples / SpatialTokens (Wang & Isola 2020), on L2-normalised points u_1..u_P:
+ *       L = log( (2/(P(P−1))) Σ_{i<j} exp(−t ‖u_i − u_j‖²) ),   t = 2;   L ∈ [−4t, 0]
+ *     SpatialEntropy: L = (1/(N·C)) Σ_{n,c} KL( softmax(F_nc / T_s) ‖ uniform over H·W )
+ *
+ * Embeddings are N x D rows (Samples mode); feature maps are N x C x H x W (any mode; Samples
+ * flattens each sample). Lower is more uniform; scaling a point does not change L. The paper's
+ * exact functional could not be read: Samples is the reference note's default. Needs at least
+ * two points (N ≥ 2, or H·W ≥ 2 for SpatialTokens).
+ *
+ * Gradient (Samples): with ‖u_i − u_j‖² = 2 − 2 u_i·u_j and w the softmax over pairs of
+ * 2t·u_i·u_j, dL/dU = 2t W U (W symmetric, zero diagonal), then through the row normalisation.
+ * The Gram U Uᵀ is a rank-k update and W U a GEMM, both through Eigen.
+ *
+ * Reference:
+ * @code
+ * @inproceedings{wang2020uniformity,
+ *   title     = {Understanding Contrastive Representation Learning through Alignment and
+ *                Uniformity on the Hypersphere},
+ *   author    = {Wang, Tongzhou and Isola, Phillip}, booktitle = {ICML}, year = {2020}}
+ * @endcode
+ *
+ * **Example**:
+ * @code
+ * mmkd::Uniformity<float> unif;                            // samples, t = 2
+ * float loss = unif.value_and_grad(embeddings, d_embeddings);
+ * @endcode
+ */
+template <class Scalar = float>
+class Uniformity {
+ public:
+  struct Options {
+    UniformityMode mode = UniformityMode::Samples;
+    Scalar t = Scalar(2);                    //!< > 0
+    Scalar spatial_temperature = Scalar(1);  //!< T_s > 0 (SpatialEntropy)
+    Scalar eps = Scalar(1e-12);              //!< norm guard, > 0
+    Scalar weight = Scalar(1);               //!< ≥ 0
+  };
+
+  Uniformity() : Uniformity(Options{}) {}
+  explicit Uniformity(const Options& options) : options_(options) { validate(); }
+
+  Options& options() { return options_; }
+  const Options& options() const { return options_; }
+
+  //! N x D embeddings (Samples mode).
+  Scalar value(const ConstMatrixRef<Scalar>& x) { return run_rows(x, nullptr); }
+  Scalar value_and_grad(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> dx) {
+    return run_rows(x, &dx);
+  }
+  //! N x C x H x W feature maps (every mode).
+  Scalar value(const ConstTensor4Ref<Scalar>& f) { return run_maps(f, nullptr); }
+  Scalar value_and_grad(const ConstTensor4Ref<Scalar>& f, Tensor4Ref<Scalar> df) {
+    return run_maps(f, &df);
+  }
+
+  //! Frees the scratch memory kept between calls.
+  void release_workspace() {
+    u_ = s_ = w_ = du_ = dx_ = x_ = Matrix<Scalar>();
+    ws_.release();
+  }
+
+ private:
+  static constexpr const char* kName = "Uniformity";
+
+  void validate() const {
+    detail::check_positive(kName, "t", options_.t);
+    detail::check_positive(kName, "spatial_temperature", options_.spatial_temperature);
+    detail::check_positive(kName, "eps", options_.eps);
+    detail::check_nonnegative(kName, "weight", options_.weight);
+  }
+
+  // Wang & Isola on the rows of x (P x D). Writes dL/dx · grad_scale into dx_ when asked.
+  template <class X>
+  Scalar points(const X& x, bool grad, Scalar grad_scale) {
+    const Index p = x.rows();
+    const Scalar t = options_.t;
+    u_.resize(p, x.cols());
+    norms_.resize(p);
+    l2_normalize_rows(x, u_, norms_, options_.eps);
+    s_.setZero(p, p);
+    s_.template selfadjointView<Eigen::Lower>().rankUpdate(u_);
+    Scalar m = -std::numeric_limits<Scalar>::infinity();
+    for (Index j = 0; j < p; ++j) {
+      for (Index i = j + 1; i < p; ++i) m = detail::max_nan(m, s_(i, j));
+    }
+    Scalar z = 0;
+    w_.setZero(p, p);
+    for (Index j = 0; j < p; ++j) {
+      for (Index i = j + 1; i < p; ++i) {
+        const Scalar e = std::exp(2 * t * (s_(i, j) - m));
+        w_(i, j) = e;
+        z += e;
+      }
+    }
+    const Scalar pairs = Scalar(p) * Scalar(p - 1) / 2;
+    const Scalar value = 2 * t * m + std::log(z) - 2 * t - std::log(pairs);
+    if (grad && std::isfinite(value)) {
+      // W symmetric with w_ij = softmax weight of pair (i, j); dL/dU = 2t W U.
+      w_ /= z;
+      w_.template triangularView<Eigen::StrictlyUpper>() = w_.transpose();
+      du_.noalias() = (2 * t * grad_scale) * (w_ * u_);
+      dx_.setZero(p, x.cols());
+      l2_normalize_rows_backward(u_, norms_, du_, dx_, options_.eps);
+    }
+    return value;
+  }
+
+  Scalar run_rows(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar>* dx) {
+    validate();
+    if (options_.mode != UniformityMode::Samples) {
+      detail::throw_invalid(kName,
+                            "SpatialTokens and SpatialEntropy need N x C x H x W feature maps");
+    }
+    detail::check_nonempty(kName, "x", x.rows(), x.cols());
+    if (x.rows() < 2)
+      detail::throw_invalid(kName, "x has 1 row; uniformity needs at least 2 samples");
+    if (dx) detail::check_shape(kName, "dx", *dx, x.rows(), x.cols(), "same as x");
+    const Scalar v = points(x, dx != nullptr, options_.weight);
+    check(v, x);
+    if (dx) *dx += dx_;
+    return options_.weight * v;
+  }
+
+  Scalar run_maps(const ConstTensor4Ref<Scalar>& f, Tensor4Ref<Scalar>* df) {
+    validate();
+    const Index n = f.dimension(0), c = f.dimension(1), hw = f.dimension(2) * f.dimension(3);
+    if (n == 0 || c == 0 || hw == 0) detail::throw_invalid(kName, "feature maps are empty");
+    if (df && (df->dimension(0) != n || df->dimension(1) != c ||
+               df->dimension(2) != f.dimension(2) || df->dimension(3) != f.dimension(3))) {
+      detail::throw_invalid(kName, "df has a different shape from the feature maps");
+    }
+    const Eigen::Map<const Matrix<Scalar>> rows(f.data(), n * c,
+                                                hw);  // row (n, c) = one channel map
+    const Scalar w = options_.weight;
+    Scalar value = 0;
+    switch (options_.mode) {
+      case UniformityMode::Samples: {
+        if (n < 2)
+          detail::throw_invalid(kName, "feature maps have 1 sample; uniformity needs at least 2");
+        const Eigen::Map<const Matrix<Scalar>> flat(f.data(), n, c * hw);
+        value = points(flat, df != nullptr, w);
+        check(value, flat);
+        if (df) Eigen::Map<Matrix<Scalar>>(df->data(), n, c * hw) += dx_;
+        return w * value;
+      }
+      case UniformityMode::SpatialTokens: {
+        if (hw < 2)
+          detail::throw_invalid(kName, "SpatialTokens needs at least 2 positions (H·W >= 2)");
+        if (df) grad_.resize(n * c, hw);
+        for (Index i = 0; i < n; ++i) {
+          x_ = rows.middleRows(i * c, c).transpose();  // the H·W points of sample i, C each
+          value += points(x_, df != nullptr, w / Scalar(n));
+          if (df) grad_.middleRows(i * c, c) = dx_.transpose();
+        }
+        value /= Scalar(n);
+        check(value, rows);
+        if (df) Eigen::Map<Matrix<Scalar>>(df->data(), n * c, hw) += grad_;
+        return w * value;
+      }
+      case UniformityMode::SpatialEntropy: {
+        // KL(softmax(F/T) ‖ uniform) per row: the shared KL rows kernel against zero logits.
+        zeros_.setZero(hw);
+        const Eigen::Map<const Matrix<Scalar>, 0, Eigen::OuterStride<>> uniform(
+            zeros_.data(), n * c, hw, Eigen::OuterStride<>(0));
+        const Scalar inv_t = Scalar(1) / options_.spatial_temperature;
+        const Scalar g = w / (Scalar(n) * Scalar(c)) * inv_t;
+        ws_.prepare(n * c, hw, df ? 1 : 0, 2);
+        detail::kd_rows(
+            uniform, rows, inv_t, [](Index) { return true; }, ws_, -1, df ? 0 : -1,
+            [g](Index) { return g; });
+        value = ws_.row_value.sum() / (Scalar(n) * Scalar(c));
+        check(value, rows);
+        if (df) {
+          Eigen::Map<Matrix<Scalar>> out(df->data(), n * c, hw);
+          MatrixRef<Scalar> ref(out);
+          ws_.commit(0, ref, [](Index) { return true; });
+        }
+        return w * value;
+      }
+    }
+    return value;
+  }
+
+  template <class X>
+  void check(Scalar v, const X& x) const {
+    if (std::isfinite(v) && detail::all_finite(dx_)) return;
+    for (Index i = 0; i < x.rows(); ++i) {
+      const std::string why = detail::bad_element_in_row("x", x, i, false);
+      if (!why.empty()) detail::throw_numerical(kName, why);
+    }
+    detail::throw_numerical(kName, "the loss overflows");
+  }
+
+  Options options_;
+  Matrix<Scalar> u_, s_, w_, du_, dx_, x_, grad_;
+  Vector<Scalar> norms_, zeros_;
+  detail::RowWorkspace<Scalar> ws_;
+};
+
+}  // namespace mmkd
