@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq cmake g++ make libeigen3-dev catch2 libbenchmark-dev libtorch-dev \
-  libopenblas0-openmp >/dev/null
+  libopenblas0-openmp libopenblas-openmp-dev >/dev/null
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DMMKD_OPENMP=ON
 cmake --build build -j 2
 ctest --test-dir build --output-on-failure

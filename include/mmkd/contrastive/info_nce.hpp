@@ -109,7 +109,8 @@ class InfoNCE {
   //! Frees the scratch memory kept between calls.
   void release_workspace() {
     u_ = v_ = s_ = du_ = dv_ = Matrix<Scalar>();
-    row_lse_ = col_lse_ = col_max_ = col_sum_ = Vector<Scalar>();
+    row_lse_ = col_max_ = col_sum_ = Vector<Scalar>();
+    col_lse_ = blk_max_ = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>();
   }
 
  private:
@@ -131,11 +132,12 @@ class InfoNCE {
     }
   }
 
-  // S for query rows [r0, r0 + b) into s_ (b x K').
-  void similarities(Index r0, Index b, Scalar scale) {
-    s_.resize(b, v_.rows());
-    s_.noalias() = u_.middleRows(r0, b) * v_.transpose();
-    s_ *= scale;
+  // S for query rows [r0, r0 + b) into the top b rows of s_ (sized for a full block).
+  auto similarities(Index r0, Index b, Scalar scale) {
+    auto s = s_.topRows(b);
+    s.noalias() = u_.middleRows(r0, b) * v_.transpose();
+    s *= scale;
+    return s;
   }
 
   Scalar run(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Scalar>& k,
@@ -188,29 +190,32 @@ class InfoNCE {
     col_max_.setConstant(n, ninf);
     col_sum_.setZero(n);
     Scalar row_raw = 0, col_raw = 0;
+    s_.resize(block, kk);
+    if (sym || options_.learn_temperature) s_copy_.resize(block, kk);
     for (Index bi = 0; bi < blocks; ++bi) {
       const Index r0 = bi * block, b = std::min(block, n - r0);
-      similarities(r0, b, scale);
+      const auto s = similarities(r0, b, scale);
       for (Index i = 0; i < b; ++i) {
-        row_lse_(r0 + i) = detail::log_sum_exp_row(s_.row(i).array(), Scalar(1));
-        row_raw += row_lse_(r0 + i) - s_(i, r0 + i + off);
-        if (sym) col_raw -= s_(i, r0 + i + off);
+        row_lse_(r0 + i) = detail::log_sum_exp_row(s.row(i).array(), Scalar(1));
+        row_raw += row_lse_(r0 + i) - s(i, r0 + i + off);
+        if (sym) col_raw -= s(i, r0 + i + off);
       }
-      if (sym) {  // online log-sum-exp down the positive columns
-        const auto cols = s_.middleCols(off, n);
-        for (Index j = 0; j < n; ++j) {
-          const Scalar m_blk = detail::row_max(cols.col(j).array());
-          const Scalar m_new = detail::max_nan(col_max_(j), m_blk);
-          if (m_new == ninf) continue;
-          col_sum_(j) =
-              col_sum_(j) * (col_max_(j) == ninf ? Scalar(0) : std::exp(col_max_(j) - m_new)) +
-              (cols.col(j).array() - m_new).unaryExpr(detail::ExpShifted<Scalar>()).sum();
-          col_max_(j) = m_new;
+      if (sym) {
+        // Online log-sum-exp down the positive columns, a row at a time (rows are contiguous):
+        // new max, rescale the running sums, add the block's exponentials.
+        const auto cols = s.middleCols(off, n);
+        blk_max_ = cols.row(0);
+        for (Index i = 1; i < b; ++i) blk_max_ = blk_max_.cwiseMax(cols.row(i));
+        blk_max_ = blk_max_.cwiseMax(col_max_.transpose());
+        col_sum_.array() *= (col_max_.transpose() - blk_max_).array().unaryExpr(detail::ExpShifted<Scalar>()).transpose();
+        for (Index i = 0; i < b; ++i) {
+          col_sum_.array() += (cols.row(i) - blk_max_).array().unaryExpr(detail::ExpShifted<Scalar>()).transpose();
         }
+        col_max_ = blk_max_.transpose();
       }
     }
     if (sym) {
-      col_lse_ = col_max_.array() + col_sum_.array().log();
+      col_lse_ = (col_max_.array() + col_sum_.array().log()).matrix().transpose();
       col_raw += col_lse_.sum();
     }
     const Scalar g = Scalar(options_.global_batch > 0 ? options_.global_batch : n);
@@ -226,26 +231,26 @@ class InfoNCE {
     Scalar d_log_scale = 0;
     for (Index bi = 0; bi < blocks; ++bi) {
       const Index r0 = bi * block, b = std::min(block, n - r0);
-      if (blocks > 1) similarities(r0, b, scale);
+      auto ds = blocks > 1 ? similarities(r0, b, scale) : s_.topRows(b);
       const bool keep_raw = sym || options_.learn_temperature;  // column softmax and dθ need S
-      if (keep_raw) s_copy_ = s_;
+      auto raw = s_copy_.topRows(keep_raw ? b : 0);
+      if (keep_raw) raw = ds;
       for (Index i = 0; i < b; ++i) {
         // Row part: c_r (softmax_j − onehot), in place over S.
-        s_.row(i) =
-            c_row *
-            (s_.row(i).array() - row_lse_(r0 + i)).unaryExpr(detail::ExpShifted<Scalar>()).matrix();
-        s_(i, r0 + i + off) -= c_row;
+        ds.row(i) = c_row * (ds.row(i).array() - row_lse_(r0 + i)).unaryExpr(detail::ExpShifted<Scalar>()).matrix();
+        ds(i, r0 + i + off) -= c_row;
       }
-      if (sym) {  // column part, on the positive columns
-        s_.middleCols(off, n).array() +=
-            c_col * (s_copy_.middleCols(off, n).array().rowwise() - col_lse_.transpose().array())
-                        .unaryExpr(detail::ExpShifted<Scalar>());
-        for (Index i = 0; i < b; ++i) s_(i, r0 + i + off) -= c_col;
+      if (sym) {  // column part, on the positive columns, a (contiguous) row at a time
+        for (Index i = 0; i < b; ++i) {
+          ds.row(i).segment(off, n).array() +=
+              c_col * (raw.row(i).segment(off, n) - col_lse_).array().unaryExpr(detail::ExpShifted<Scalar>());
+          ds(i, r0 + i + off) -= c_col;
+        }
       }
-      // s_ now holds dL/dS for the block.
-      if (options_.learn_temperature) d_log_scale += (s_.array() * s_copy_.array()).sum();
-      if (dq) du_.middleRows(r0, b).noalias() += scale * (s_ * v_);
-      if (dk) dv_.noalias() += scale * (s_.transpose() * u_.middleRows(r0, b));
+      // ds now holds dL/dS for the block.
+      if (options_.learn_temperature) d_log_scale += (ds.array() * raw.array()).sum();
+      if (dq) du_.middleRows(r0, b).noalias() += scale * (ds * v_);
+      if (dk) dv_.noalias() += scale * (ds.transpose() * u_.middleRows(r0, b));
     }
     if (dq && options_.normalize) {
       dq_.setZero(n, d);
@@ -284,7 +289,8 @@ class InfoNCE {
   Options options_;
   Eigen::Matrix<Scalar, 1, 1> log_scale_, log_scale_grad_;
   Matrix<Scalar> u_, v_, s_, s_copy_, du_, dv_, dq_, dk_;
-  Vector<Scalar> qn_, kn_, row_lse_, col_lse_, col_max_, col_sum_;
+  Vector<Scalar> qn_, kn_, row_lse_, col_max_, col_sum_;
+  Eigen::Matrix<Scalar, 1, Eigen::Dynamic> blk_max_, col_lse_;
 };
 
 }  // namespace mmkd

@@ -120,13 +120,14 @@ class SimilarityDistillation {
     dict_norms_.resize(m);
     u_.resize(n, d);
     dict_.resize(m, d);
-    dict_.topRows(n) = t;
-    if (kq > 0) dict_.bottomRows(kq) = *queue;
-    if (options_.normalize) {
+    if (options_.normalize) {  // straight into the dictionary: no separate copy pass
       l2_normalize_rows(s, u_, norms_, options_.eps);
-      l2_normalize_rows(dict_, dict_, dict_norms_, options_.eps);
+      l2_normalize_rows(t, dict_.topRows(n), dict_norms_.head(n), options_.eps);
+      if (kq > 0) l2_normalize_rows(*queue, dict_.bottomRows(kq), dict_norms_.tail(kq), options_.eps);
     } else {
       u_ = s;
+      dict_.topRows(n) = t;
+      if (kq > 0) dict_.bottomRows(kq) = *queue;
     }
     // Logits already divided by their temperatures: the KL kernel then runs at T = 1.
     a_.noalias() = dict_.topRows(n) * dict_.transpose();
@@ -136,23 +137,20 @@ class SimilarityDistillation {
 
     const Scalar c = options_.weight / Scalar(n);
     ws_.prepare(n, m, ds ? 1 : 0, 2);
+    // Soft CE = KL(P ‖ Q) + H(P), H(P)_i = lse(A_i) − Σ_j P_ij A_ij, taken from the kernel's
+    // exp(A_i − max) while it is in cache.
+    entropy_.resize(n);
     detail::kd_rows(
-        b_, a_, Scalar(1), [](Index) { return true; }, ws_, ds ? 0 : -1, -1,
-        [c](Index) { return c; });
-    // Soft CE = KL(P ‖ Q) + H(P), H(P) = lse(A_i) − Σ_j P_ij A_ij.
-    Scalar entropy = 0;
-    for (Index i = 0; i < n; ++i) {
-      const auto arow = a_.row(i).array();
-      const Scalar lse = detail::log_sum_exp_row(arow, Scalar(1));
-      entropy += lse - ((arow - lse).unaryExpr(detail::ExpShifted<Scalar>()) * arow).sum();
-    }
+        b_, a_, Scalar(1), [](Index) { return true; }, ws_, ds ? 0 : -1, -1, [c](Index) { return c; },
+        [&](Index i, const detail::KlRow<Scalar>& r, const detail::RowMap<Scalar>& et) {
+          entropy_(i) = r.t.lse() - (et * a_.row(i).array()).sum() / r.t.sum;
+        });
+    const Scalar entropy = entropy_.sum();
     const Scalar raw = ws_.row_value.sum() + entropy;
     if (!std::isfinite(raw)) diagnose(s, t);
     if (ds) {
       // dL/dU = (1/tau_s) dL/dB · Dict; the kernel left dL/dB in the scratch gradient rows.
-      g_.resize(n, m);
-      for (Index i = 0; i < n; ++i) g_.row(i) = ws_.grad_row(0, i).matrix();
-      du_.noalias() = (Scalar(1) / options_.tau_s) * (g_ * dict_);
+      du_.noalias() = (Scalar(1) / options_.tau_s) * (ws_.grad_matrix(0) * dict_);
       if (options_.normalize) {
         dx_.setZero(n, d);
         l2_normalize_rows_backward(u_, norms_, du_, dx_, options_.eps);
@@ -178,8 +176,8 @@ class SimilarityDistillation {
   }
 
   Options options_;
-  Matrix<Scalar> u_, dict_, a_, b_, g_, du_, dx_;
-  Vector<Scalar> norms_, dict_norms_;
+  Matrix<Scalar> u_, dict_, a_, b_, du_, dx_;
+  Vector<Scalar> norms_, dict_norms_, entropy_;
   detail::RowWorkspace<Scalar> ws_;
 };
 

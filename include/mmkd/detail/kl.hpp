@@ -46,9 +46,10 @@ KlRow<T> kl_row(const Eigen::ArrayBase<S>& s, const Eigen::ArrayBase<U>& t, T in
 ///   slot_s ≥ 0:  ws.grad_row(slot_s, i) = scale(i) · (p_s − p_t)                 (dKL/da)
 ///   slot_t ≥ 0:  ws.grad_row(slot_t, i) = scale(i) · p_t ⊙ (log p_t − log p_s − KL_i)  (dKL/db)
 /// with a = s/T, b = t/T; other rows get row_value 0. Every temperature-KD loss runs this loop.
-template <class T, class MS, class MT, class Rows, class Scale>
+/// `hook(i, r, et)` runs for each computed row while et = exp(b − max b) is still in cache.
+template <class T, class MS, class MT, class Rows, class Scale, class Hook>
 void kd_rows(const MS& s, const MT& t, T inv_t, Rows&& rows, RowWorkspace<T>& ws, int slot_s,
-             int slot_t, Scale&& scale) {
+             int slot_t, Scale&& scale, Hook&& hook) {
   constexpr T ninf = -std::numeric_limits<T>::infinity();
   parallel_for(s.rows(), s.cols(), [&](Index i, int thread) {
     if (!rows(i)) {
@@ -61,6 +62,7 @@ void kd_rows(const MS& s, const MT& t, T inv_t, Rows&& rows, RowWorkspace<T>& ws
     const auto trow = const_row_map(t, i);
     const auto r = kl_row(srow, trow, inv_t, es, et);
     ws.row_value(i) = r.value;
+    hook(i, r, et);
     const T c = scale(i);
     if (slot_t >= 0) {
       const T lse_s = r.s.lse(), lse_t = r.t.lse();
@@ -72,6 +74,12 @@ void kd_rows(const MS& s, const MT& t, T inv_t, Rows&& rows, RowWorkspace<T>& ws
     }
     if (slot_s >= 0) es = es * (c / r.s.sum) - et * (c / r.t.sum);
   });
+}
+
+template <class T, class MS, class MT, class Rows, class Scale>
+void kd_rows(const MS& s, const MT& t, T inv_t, Rows&& rows, RowWorkspace<T>& ws, int slot_s,
+             int slot_t, Scale&& scale) {
+  kd_rows(s, t, inv_t, rows, ws, slot_s, slot_t, scale, [](Index, const KlRow<T>&, const RowMap<T>&) {});
 }
 
 }  // namespace detail

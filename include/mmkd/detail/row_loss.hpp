@@ -96,6 +96,10 @@ class RowWorkspace {
   RowMap<T> grad_row(int g, Index i) {
     return RowMap<T>(grad_[g].data() + i * grad_[g].cols(), cols_);
   }
+  /// Scratch gradient g as a matrix view (rows are padded, hence the outer stride).
+  Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> grad_matrix(int g) {
+    return {grad_[g].data(), grad_[g].rows(), cols_, Eigen::OuterStride<>(grad_[g].cols())};
+  }
   /// Row buffer k of thread `thread`.
   RowMap<T> buffer(int thread, int per_thread, int k) {
     return RowMap<T>(thread_rows_.data() + (Index(thread) * per_thread + k) * thread_rows_.cols(),

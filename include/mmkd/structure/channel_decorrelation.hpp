@@ -88,16 +88,17 @@ class ChannelDecorrelation {
 
   // Standardised (or centred) features into h, their statistic into r; sigma per channel.
   void statistic(const ConstMatrixRef<Scalar>& z, Matrix<Scalar>& h, Matrix<Scalar>& r,
-                 Vector<Scalar>& sigma) const {
+                 Vector<Scalar>& sigma) {
     const Index n = z.rows();
-    h = z.rowwise() - z.colwise().mean();
+    row_a_.noalias() = z.colwise().sum() / Scalar(n);
+    h = z.rowwise() - row_a_;
     if (options_.statistic == ChannelStatistic::Correlation) {
       sigma = ((h.array().square().colwise().sum() / Scalar(n)) + options_.eps).sqrt().transpose();
       h.array().rowwise() /= sigma.transpose().array();
     }
+    // Only the lower triangle is formed (the upper stays 0): R is symmetric.
     r.setZero(z.cols(), z.cols());
     r.template selfadjointView<Eigen::Lower>().rankUpdate(h.transpose(), Scalar(1) / Scalar(n));
-    r.template triangularView<Eigen::StrictlyUpper>() = r.transpose();
   }
 
   Scalar run(const ConstMatrixRef<Scalar>& z, const ConstMatrixRef<Scalar>* teacher,
@@ -128,25 +129,24 @@ class ChannelDecorrelation {
       statistic(*teacher, g_, rt_, sigma_t_);  // g_ is scratch here
       r_ -= rt_;
     }
-    r_.diagonal().setZero();  // r_ now holds R − T off the diagonal
+    r_.diagonal().setZero();  // r_ now holds R − T below the diagonal, 0 elsewhere
     const Scalar scale = options_.mean_off_diagonal
                              ? (c > 1 ? Scalar(1) / (Scalar(c) * Scalar(c - 1)) : Scalar(0))
                              : Scalar(1);
-    const Scalar raw = r_.squaredNorm();
+    const Scalar raw = 2 * r_.squaredNorm();  // both triangles
     if (!std::isfinite(raw)) diagnose(z, teacher);
     const Scalar value = options_.weight * scale * raw;
     if (!dz) return value;
 
     // G_R = 2 s (R − T) off-diagonal; G_H = (2/N) H G_R.
-    grad_.noalias() = h_ * r_;
+    grad_.noalias() = h_ * r_.template selfadjointView<Eigen::Lower>();
     grad_ *= Scalar(4) * options_.weight * scale / Scalar(n);
     if (options_.statistic == ChannelStatistic::Correlation) {
       // Standardisation backward, per channel: (g − mean g − h · mean(g∘h)) / sigma.
-      const auto mean_g = grad_.colwise().mean().eval();
-      const auto mean_gh = (grad_.array() * h_.array()).colwise().mean().eval();
+      row_a_.noalias() = grad_.colwise().sum() / Scalar(n);
+      row_b_.noalias() = (grad_.array() * h_.array()).matrix().colwise().sum() / Scalar(n);
       grad_.array() =
-          (grad_.array().rowwise() - mean_g.array() - h_.array().rowwise() * mean_gh.array())
-              .rowwise() /
+          (grad_.array().rowwise() - row_a_.array() - h_.array().rowwise() * row_b_.array()).rowwise() /
           sigma_.transpose().array();
     }
     if (!detail::all_finite(grad_)) diagnose(z, teacher);
@@ -177,6 +177,7 @@ class ChannelDecorrelation {
 
   Options options_;
   Matrix<Scalar> h_, r_, rt_, g_, grad_;
+  Eigen::Matrix<Scalar, 1, Eigen::Dynamic> row_a_, row_b_;  // per-channel means
   Vector<Scalar> sigma_, sigma_t_;
 };
 

@@ -121,9 +121,8 @@ class Uniformity {
     const Scalar value = 2 * t * m + std::log(z) - 2 * t - std::log(pairs);
     if (grad && std::isfinite(value)) {
       // W symmetric with w_ij = softmax weight of pair (i, j); dL/dU = 2t W U.
-      w_ /= z;
-      w_.template triangularView<Eigen::StrictlyUpper>() = w_.transpose();
-      du_.noalias() = (2 * t * grad_scale) * (w_ * u_);
+      w_ /= z;  // lower triangle only; the product reads it as symmetric
+      du_.noalias() = (2 * t * grad_scale) * (w_.template selfadjointView<Eigen::Lower>() * u_);
       dx_.setZero(p, x.cols());
       l2_normalize_rows_backward(u_, norms_, du_, dx_, options_.eps);
     }
