@@ -53,7 +53,8 @@ void run_gemm_bound(benchmark::State& st, double flops, Index m, Index n, Index 
     call();
     benchmark::ClobberMemory();
   }
-  const double per_call = std::chrono::duration<double>(Clock::now() - t0).count() / double(st.iterations());
+  const double per_call =
+      std::chrono::duration<double>(Clock::now() - t0).count() / double(st.iterations());
   set_flops(st, flops);
   st.counters["GEMM_share"] = (flops / per_call) / gemm_rate(m, n, k);
 }
@@ -74,7 +75,7 @@ void mmkd_InfoNCE_value_and_grad(benchmark::State& st) {
   const Index n = st.range(0), d = st.range(1);
   const Mat q = random_matrix(n, d, 1), k = random_matrix(n, d, 2);
   Mat dq = Mat::Zero(n, d);
-  mmkd::InfoNCE<float> nce;  // symmetric, τ = 0.07
+  mmkd::InfoNCE<float> nce;                                             // symmetric, τ = 0.07
   run_gemm_bound(st, 4.0 * double(n) * double(n) * double(d), n, n, d,  // S and dU
                  [&] { benchmark::DoNotOptimize(nce.value_and_grad(q, k, dq)); });
 }
@@ -165,7 +166,8 @@ void torch_SimilarityDistillation_value_and_grad(benchmark::State& st) {
   const Index n = st.range(0), k = st.range(1), d = st.range(2);
   auto s = to_tensor(random_matrix(n, d, 1)).set_requires_grad(true);
   const auto t = F::normalize(to_tensor(random_matrix(n, d, 2)), F::NormalizeFuncOptions().dim(1));
-  const auto queue = F::normalize(to_tensor(random_matrix(k, d, 3)), F::NormalizeFuncOptions().dim(1));
+  const auto queue =
+      F::normalize(to_tensor(random_matrix(k, d, 3)), F::NormalizeFuncOptions().dim(1));
   for (auto _ : st) {
     const auto dict = torch::cat({t, queue});
     const auto target = torch::softmax(torch::mm(t, dict.t()) / 0.07, 1);
@@ -178,27 +180,41 @@ void torch_SimilarityDistillation_value_and_grad(benchmark::State& st) {
 }
 #endif
 
-void args(benchmark::internal::Benchmark* b, std::initializer_list<std::vector<std::int64_t>> shapes) {
+void args(benchmark::internal::Benchmark* b,
+          std::initializer_list<std::vector<std::int64_t>> shapes) {
   for (const auto& s : shapes) b->Args(s);
   b->Unit(benchmark::kMicrosecond)->UseRealTime();
 }
-void nce_shapes(benchmark::internal::Benchmark* b) { args(b, {{256, 128}, {4096, 512}}); }
-void decor_shapes(benchmark::internal::Benchmark* b) { args(b, {{256, 2048}}); }
-void unif_shapes(benchmark::internal::Benchmark* b) { args(b, {{512, 4096}}); }
-void seed_shapes(benchmark::internal::Benchmark* b) { args(b, {{256, 4096, 128}}); }
+void nce_shapes(benchmark::internal::Benchmark* b) {
+  args(b, {{256, 128}, {4096, 512}});
+}
+void decor_shapes(benchmark::internal::Benchmark* b) {
+  args(b, {{256, 2048}});
+}
+void unif_shapes(benchmark::internal::Benchmark* b) {
+  args(b, {{512, 4096}});
+}
+void seed_shapes(benchmark::internal::Benchmark* b) {
+  args(b, {{256, 4096, 128}});
+}
 // The dominant product of each loss above, as C = A Bᵀ (m, n, k).
 void gemm_shapes(benchmark::internal::Benchmark* b) {
-  args(b, {{256, 256, 128}, {4096, 4096, 512}, {2048, 2048, 256}, {512, 512, 4096}, {256, 4352, 128}});
+  args(b,
+       {{256, 256, 128}, {4096, 4096, 512}, {2048, 2048, 256}, {512, 512, 4096}, {256, 4352, 128}});
 }
 
 }  // namespace
 
 BENCHMARK(gemm)->Name(GEMM_IMPL "_GEMM")->Apply(gemm_shapes);
-BENCHMARK(mmkd_InfoNCE_value_and_grad)->Name(MMKD_IMPL "_InfoNCE_value_and_grad")->Apply(nce_shapes);
+BENCHMARK(mmkd_InfoNCE_value_and_grad)
+    ->Name(MMKD_IMPL "_InfoNCE_value_and_grad")
+    ->Apply(nce_shapes);
 BENCHMARK(mmkd_ChannelDecorrelation_value_and_grad)
     ->Name(MMKD_IMPL "_ChannelDecorrelation_value_and_grad")
     ->Apply(decor_shapes);
-BENCHMARK(mmkd_Uniformity_value_and_grad)->Name(MMKD_IMPL "_Uniformity_value_and_grad")->Apply(unif_shapes);
+BENCHMARK(mmkd_Uniformity_value_and_grad)
+    ->Name(MMKD_IMPL "_Uniformity_value_and_grad")
+    ->Apply(unif_shapes);
 BENCHMARK(mmkd_SimilarityDistillation_value_and_grad)
     ->Name(MMKD_IMPL "_SimilarityDistillation_value_and_grad")
     ->Apply(seed_shapes);

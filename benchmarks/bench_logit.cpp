@@ -9,7 +9,9 @@ namespace {
 
 using namespace bench;
 
-Mat random_logits(Index n, Index c, std::uint64_t seed) { return random_matrix(n, c, seed); }
+Mat random_logits(Index n, Index c, std::uint64_t seed) {
+  return random_matrix(n, c, seed);
+}
 
 void set_bytes(benchmark::State& st, int matrices) {
   bench::set_bytes(st, double(matrices) * double(st.range(0) * st.range(1)));

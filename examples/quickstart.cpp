@@ -86,6 +86,32 @@ int main() {
   std::printf("  instance weights of sample 0: %.3f %.3f (sample 2: %.3f %.3f)\n\n", w(0, 0),
               w(0, 1), w(2, 0), w(2, 1));
 
+  // Cross-modal contrastive and dimensional-structure losses on N x D embeddings.
+  mmkd::Matrix<double> s_emb(n, d), t_emb(n, d);
+  for (mmkd::Index k = 0; k < s_emb.size(); ++k) {
+    s_emb.data()[k] = rng.normal();
+    t_emb.data()[k] = rng.normal();
+  }
+  mmkd::Matrix<double> d_s_emb = mmkd::Matrix<double>::Zero(n, d);
+  mmkd::InfoNCE<double> nce;  // CLIP loss, tau = 0.07
+  const double l_nce = nce.value_and_grad(s_emb, t_emb, d_s_emb);
+  mmkd::EmbeddingQueue<double> queue(16, d);  // past teacher embeddings
+  queue.push(t_emb);
+  mmkd::SimilarityDistillation<double> cmd;
+  const double l_cmd = cmd.value_and_grad(s_emb, t_emb, queue, d_s_emb);
+  mmkd::ChannelDecorrelation<double> decor;
+  const double l_decor = decor.value_and_grad(s_emb, d_s_emb);
+  mmkd::Uniformity<double> unif;
+  const double l_unif = unif.value_and_grad(s_emb, d_s_emb);
+  std::printf("  %-22s %10.6f   symmetric InfoNCE (CLIP), student queries vs teacher keys\n",
+              "InfoNCE", l_nce);
+  std::printf("  %-22s %10.6f   SEED soft cross-entropy over [teacher batch; queue]\n",
+              "SimilarityDistillation", l_cmd);
+  std::printf("  %-22s %10.6f   mean squared off-diagonal channel correlation\n",
+              "ChannelDecorrelation", l_decor);
+  std::printf("  %-22s %10.6f   log mean exp(-2 |u_i - u_j|^2), in [-8, 0]\n\n", "Uniformity",
+              l_unif);
+
   // Bad input is an exception that names the argument; nothing is written.
   try {
     mmkd::Matrix<double> wrong(n, c + 1);

@@ -87,7 +87,8 @@ TEMPLATE_TEST_CASE("structure and contrastive losses allocate nothing in steady 
   dmaps.setZero();
   Matrix<T> dz = Matrix<T>::Zero(n, d), dq = Matrix<T>::Zero(n, d), dk = Matrix<T>::Zero(n + 4, d);
   mmkd::ChannelDecorrelation<T> decor;
-  mmkd::ChannelDecorrelation<T> decor_t({mmkd::ChannelStatistic::Covariance, mmkd::DecorrelationTarget::Teacher});
+  mmkd::ChannelDecorrelation<T> decor_t(
+      {mmkd::ChannelStatistic::Covariance, mmkd::DecorrelationTarget::Teacher});
   mmkd::Uniformity<T> unif;
   mmkd::Uniformity<T> tokens({mmkd::UniformityMode::SpatialTokens});
   mmkd::Uniformity<T> entropy({mmkd::UniformityMode::SpatialEntropy});

@@ -10,13 +10,15 @@ TEST_CASE("ChannelDecorrelation equals libtorch", "[torch][structure][decor]") {
   mmkd::SplitMix64 rng(5);
   for (int rep = 0; rep < 6; ++rep) {
     const Index n = 2 + rng.next() % 30, c = 1 + rng.next() % 12;
-    const Matrix<double> z = random_matrix<double>(n, c, rep, 2), zt = random_matrix<double>(n + 3, c, rep + 50);
+    const Matrix<double> z = random_matrix<double>(n, c, rep, 2),
+                         zt = random_matrix<double>(n + 3, c, rep + 50);
     for (auto stat : {mmkd::ChannelStatistic::Correlation, mmkd::ChannelStatistic::Covariance}) {
       for (bool teacher : {false, true}) {
         INFO("N " << n << " C " << c << " stat " << int(stat) << " teacher " << teacher);
         auto statistic = [&](const torch::Tensor& x) {
           auto h = x - x.mean(0, true);
-          if (stat == mmkd::ChannelStatistic::Correlation) h = h / (h.pow(2).mean(0, true) + 1e-5).sqrt();
+          if (stat == mmkd::ChannelStatistic::Correlation)
+            h = h / (h.pow(2).mean(0, true) + 1e-5).sqrt();
           return torch::mm(h.t(), h) / double(x.size(0));
         };
         auto tz = to_torch(z, true);
@@ -27,7 +29,8 @@ TEST_CASE("ChannelDecorrelation equals libtorch", "[torch][structure][decor]") {
         loss.backward();
         mmkd::ChannelDecorrelation<double>::Options o;
         o.statistic = stat;
-        o.target = teacher ? mmkd::DecorrelationTarget::Teacher : mmkd::DecorrelationTarget::Identity;
+        o.target =
+            teacher ? mmkd::DecorrelationTarget::Teacher : mmkd::DecorrelationTarget::Identity;
         mmkd::ChannelDecorrelation<double> decor(o);
         Matrix<double> g = Matrix<double>::Zero(n, c);
         const double v = teacher ? decor.value_and_grad(z, zt, g) : decor.value_and_grad(z, g);
@@ -58,7 +61,8 @@ TEST_CASE("InfoNCE equals open_clip's ClipLoss and one-directional cross-entropy
   for (int rep = 0; rep < 6; ++rep) {
     const Index n = 1 + rng.next() % 20, extra = rng.next() % 5, d = 1 + rng.next() % 16;
     const double temp = rng.uniform(0.05, 1.0);
-    const Matrix<double> q = random_matrix<double>(n, d, rep), k = random_matrix<double>(n + extra, d, rep + 9);
+    const Matrix<double> q = random_matrix<double>(n, d, rep),
+                         k = random_matrix<double>(n + extra, d, rep + 9);
     for (bool symmetric : {false, true}) {
       INFO("N " << n << " K " << n + extra << " D " << d << " symmetric " << symmetric);
       auto tq = to_torch(q, true), tk = to_torch(k, true);
@@ -85,11 +89,13 @@ TEST_CASE("InfoNCE equals open_clip's ClipLoss and one-directional cross-entropy
   }
 }
 
-TEST_CASE("SimilarityDistillation equals SEED's soft cross-entropy in libtorch", "[torch][contrastive][seed]") {
+TEST_CASE("SimilarityDistillation equals SEED's soft cross-entropy in libtorch",
+          "[torch][contrastive][seed]") {
   const Matrix<double> s = random_matrix<double>(9, 12, 1), t = random_matrix<double>(9, 12, 2);
   const Matrix<double> queue = random_matrix<double>(7, 12, 3);
   auto ts = to_torch(s, true);
-  const auto dict = F::normalize(torch::cat({to_torch(t), to_torch(queue)}), F::NormalizeFuncOptions().dim(1));
+  const auto dict =
+      F::normalize(torch::cat({to_torch(t), to_torch(queue)}), F::NormalizeFuncOptions().dim(1));
   const auto u = F::normalize(ts, F::NormalizeFuncOptions().dim(1));
   const auto vt = F::normalize(to_torch(t), F::NormalizeFuncOptions().dim(1));
   const auto target = torch::softmax(torch::mm(vt, dict.t()) / 0.04, 1);

@@ -207,9 +207,13 @@ class InfoNCE {
         blk_max_ = cols.row(0);
         for (Index i = 1; i < b; ++i) blk_max_ = blk_max_.cwiseMax(cols.row(i));
         blk_max_ = blk_max_.cwiseMax(col_max_.transpose());
-        col_sum_.array() *= (col_max_.transpose() - blk_max_).array().unaryExpr(detail::ExpShifted<Scalar>()).transpose();
+        col_sum_.array() *= (col_max_.transpose() - blk_max_)
+                                .array()
+                                .unaryExpr(detail::ExpShifted<Scalar>())
+                                .transpose();
         for (Index i = 0; i < b; ++i) {
-          col_sum_.array() += (cols.row(i) - blk_max_).array().unaryExpr(detail::ExpShifted<Scalar>()).transpose();
+          col_sum_.array() +=
+              (cols.row(i) - blk_max_).array().unaryExpr(detail::ExpShifted<Scalar>()).transpose();
         }
         col_max_ = blk_max_.transpose();
       }
@@ -237,13 +241,16 @@ class InfoNCE {
       if (keep_raw) raw = ds;
       for (Index i = 0; i < b; ++i) {
         // Row part: c_r (softmax_j − onehot), in place over S.
-        ds.row(i) = c_row * (ds.row(i).array() - row_lse_(r0 + i)).unaryExpr(detail::ExpShifted<Scalar>()).matrix();
+        ds.row(i) =
+            c_row *
+            (ds.row(i).array() - row_lse_(r0 + i)).unaryExpr(detail::ExpShifted<Scalar>()).matrix();
         ds(i, r0 + i + off) -= c_row;
       }
       if (sym) {  // column part, on the positive columns, a (contiguous) row at a time
         for (Index i = 0; i < b; ++i) {
-          ds.row(i).segment(off, n).array() +=
-              c_col * (raw.row(i).segment(off, n) - col_lse_).array().unaryExpr(detail::ExpShifted<Scalar>());
+          ds.row(i).segment(off, n).array() += c_col * (raw.row(i).segment(off, n) - col_lse_)
+                                                           .array()
+                                                           .unaryExpr(detail::ExpShifted<Scalar>());
           ds(i, r0 + i + off) -= c_col;
         }
       }

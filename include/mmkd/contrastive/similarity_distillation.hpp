@@ -123,7 +123,8 @@ class SimilarityDistillation {
     if (options_.normalize) {  // straight into the dictionary: no separate copy pass
       l2_normalize_rows(s, u_, norms_, options_.eps);
       l2_normalize_rows(t, dict_.topRows(n), dict_norms_.head(n), options_.eps);
-      if (kq > 0) l2_normalize_rows(*queue, dict_.bottomRows(kq), dict_norms_.tail(kq), options_.eps);
+      if (kq > 0)
+        l2_normalize_rows(*queue, dict_.bottomRows(kq), dict_norms_.tail(kq), options_.eps);
     } else {
       u_ = s;
       dict_.topRows(n) = t;
@@ -141,7 +142,8 @@ class SimilarityDistillation {
     // exp(A_i − max) while it is in cache.
     entropy_.resize(n);
     detail::kd_rows(
-        b_, a_, Scalar(1), [](Index) { return true; }, ws_, ds ? 0 : -1, -1, [c](Index) { return c; },
+        b_, a_, Scalar(1), [](Index) { return true; }, ws_, ds ? 0 : -1, -1,
+        [c](Index) { return c; },
         [&](Index i, const detail::KlRow<Scalar>& r, const detail::RowMap<Scalar>& et) {
           entropy_(i) = r.t.lse() - (et * a_.row(i).array()).sum() / r.t.sum;
         });

@@ -79,7 +79,8 @@ void kd_rows(const MS& s, const MT& t, T inv_t, Rows&& rows, RowWorkspace<T>& ws
 template <class T, class MS, class MT, class Rows, class Scale>
 void kd_rows(const MS& s, const MT& t, T inv_t, Rows&& rows, RowWorkspace<T>& ws, int slot_s,
              int slot_t, Scale&& scale) {
-  kd_rows(s, t, inv_t, rows, ws, slot_s, slot_t, scale, [](Index, const KlRow<T>&, const RowMap<T>&) {});
+  kd_rows(s, t, inv_t, rows, ws, slot_s, slot_t, scale,
+          [](Index, const KlRow<T>&, const RowMap<T>&) {});
 }
 
 }  // namespace detail

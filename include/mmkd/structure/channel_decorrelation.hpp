@@ -146,7 +146,8 @@ class ChannelDecorrelation {
       row_a_.noalias() = grad_.colwise().sum() / Scalar(n);
       row_b_.noalias() = (grad_.array() * h_.array()).matrix().colwise().sum() / Scalar(n);
       grad_.array() =
-          (grad_.array().rowwise() - row_a_.array() - h_.array().rowwise() * row_b_.array()).rowwise() /
+          (grad_.array().rowwise() - row_a_.array() - h_.array().rowwise() * row_b_.array())
+              .rowwise() /
           sigma_.transpose().array();
     }
     if (!detail::all_finite(grad_)) diagnose(z, teacher);
