@@ -108,8 +108,8 @@ class InfoNCE {
 
   //! Frees the scratch memory kept between calls.
   void release_workspace() {
-    u_ = v_ = s_ = du_ = dv_ = Matrix<Scalar>();
-    row_lse_ = col_max_ = col_sum_ = Vector<Scalar>();
+    u_ = v_ = s_ = s_copy_ = du_ = dv_ = dq_ = dk_ = Matrix<Scalar>();
+    qn_ = kn_ = row_lse_ = col_max_ = col_sum_ = Vector<Scalar>();
     col_lse_ = blk_max_ = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>();
   }
 
@@ -281,14 +281,9 @@ class InfoNCE {
 
   [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& q,
                              const ConstMatrixRef<Scalar>& k) const {
-    for (Index i = 0; i < q.rows(); ++i) {
-      const std::string why = detail::bad_element_in_row("queries", q, i, false);
-      if (!why.empty()) detail::throw_numerical(kName, why);
-    }
-    for (Index i = 0; i < k.rows(); ++i) {
-      const std::string why = detail::bad_element_in_row("keys", k, i, false);
-      if (!why.empty()) detail::throw_numerical(kName, why);
-    }
+    std::string why = detail::bad_element("queries", q, false);
+    if (why.empty()) why = detail::bad_element("keys", k, false);
+    if (!why.empty()) detail::throw_numerical(kName, why);
     detail::throw_numerical(kName,
                             "the loss overflows (similarities too large for the scalar type)");
   }

@@ -167,11 +167,9 @@ class SimilarityDistillation {
 
   [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& s,
                              const ConstMatrixRef<Scalar>& t) const {
-    for (Index i = 0; i < s.rows(); ++i) {
-      std::string why = detail::bad_element_in_row("student", s, i, false);
-      if (why.empty()) why = detail::bad_element_in_row("teacher", t, i, false);
-      if (!why.empty()) detail::throw_numerical(kName, why);
-    }
+    std::string why = detail::bad_element("student", s, false);
+    if (why.empty()) why = detail::bad_element("teacher", t, false);
+    if (!why.empty()) detail::throw_numerical(kName, why);
     detail::throw_numerical(kName,
                             "the loss overflows (a temperature too small for the scalar type, or a "
                             "non-finite queue row)");

@@ -41,6 +41,25 @@ KlRow<T> kl_row(const Eigen::ArrayBase<S>& s, const Eigen::ArrayBase<U>& t, T in
   return r;
 }
 
+/// Why KD row i of (s, t) is not finite: a NaN/+Inf input, a row of -Inf, or a student -Inf where
+/// the teacher's probability is positive (an infinite KL); "" if none of these.
+template <class MS, class MT>
+std::string kd_row_reason(const char* sname, const MS& s, const char* tname, const MT& t, Index i) {
+  using T = typename MS::Scalar;
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  std::string why = bad_element_in_row(sname, s, i, true);
+  if (why.empty()) why = bad_element_in_row(tname, t, i, true);
+  if (why.empty()) why = all_neg_inf_row(tname, t, i);
+  if (why.empty()) why = all_neg_inf_row(sname, s, i);
+  for (Index j = 0; j < s.cols() && why.empty(); ++j) {
+    if (s(i, j) == ninf && t(i, j) > ninf) {
+      why = element_str(sname, i, j, s(i, j)) +
+            " where the teacher's probability is positive: the KL divergence is infinite";
+    }
+  }
+  return why;
+}
+
 /// The temperature-KD rows of two logit matrices (N x C), computed into a workspace prepared
 /// with two buffers per thread: for each row with rows(i), ws.row_value(i) = KL_i, and
 ///   slot_s ≥ 0:  ws.grad_row(slot_s, i) = scale(i) · (p_s − p_t)                 (dKL/da)

@@ -138,6 +138,16 @@ std::string bad_element_in_row(const char* name, const M& m, Index i, bool allow
   return "";
 }
 
+/// First NaN or +Inf (and -Inf unless allowed) of `m`, scanning rows in order; "" if none.
+template <class M>
+std::string bad_element(const char* name, const M& m, bool allow_neg_inf) {
+  for (Index i = 0; i < m.rows(); ++i) {
+    std::string why = bad_element_in_row(name, m, i, allow_neg_inf);
+    if (!why.empty()) return why;
+  }
+  return "";
+}
+
 /// "name row i is entirely -Inf" when it is; "" otherwise.
 template <class M>
 std::string all_neg_inf_row(const char* name, const M& m, Index i) {

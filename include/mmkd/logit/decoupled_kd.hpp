@@ -178,15 +178,7 @@ class DecoupledKD {
     const Index i = detail::first_nonfinite_row(ws_.row_value, rows);
     std::string why;
     if (i >= 0) {
-      why = detail::bad_element_in_row("student", s, i, true);
-      if (why.empty()) why = detail::bad_element_in_row("teacher", t, i, true);
-      if (why.empty()) why = detail::all_neg_inf_row("teacher", t, i);
-      for (Index j = 0; j < s.cols() && why.empty(); ++j) {
-        if (s(i, j) == ninf && t(i, j) > ninf) {
-          why = detail::element_str("student", i, j, s(i, j)) +
-                " where the teacher's probability is positive: the KL divergence is infinite";
-        }
-      }
+      why = detail::kd_row_reason("student", s, "teacher", t, i);
       if (why.empty() && s(i, labels(i)) == ninf) {
         why = detail::element_str("student", i, labels(i), ninf) + " at the target class";
       }

@@ -148,19 +148,7 @@ class LogitKD {
     const Index i = detail::first_nonfinite_row(ws_.row_value, rows);
     std::string why;
     if (i >= 0) {
-      why = detail::bad_element_in_row("student", s, i, true);
-      if (why.empty()) why = detail::bad_element_in_row("teacher", t, i, true);
-      if (why.empty()) why = detail::all_neg_inf_row("teacher", t, i);
-      if (why.empty()) why = detail::all_neg_inf_row("student", s, i);
-      if (why.empty()) {
-        for (Index j = 0; j < s.cols() && why.empty(); ++j) {
-          if (s(i, j) == -std::numeric_limits<Scalar>::infinity() &&
-              t(i, j) > -std::numeric_limits<Scalar>::infinity()) {
-            why = detail::element_str("student", i, j, s(i, j)) +
-                  " where the teacher's probability is positive: the KL divergence is infinite";
-          }
-        }
-      }
+      why = detail::kd_row_reason("student", s, "teacher", t, i);
       if (why.empty()) {
         why = "row " + std::to_string(i) +
               " overflows: logits / temperature exceed the range of the scalar type";

@@ -115,7 +115,7 @@ class ModalityGramKD {
 
   // Per network: normalised rows, norms, per-sample Grams (N x M²), their gradients, dF scratch.
   struct Side {
-    Matrix<Scalar> u, du, df;
+    Matrix<Scalar> u, df;
     Vector<Scalar> norms;
     Matrix<Scalar> gram, dgram;
   };

@@ -231,9 +231,7 @@ class ModalitySpecificKD {
     const Index i = detail::first_nonfinite_row(full_.row_value, [](Index) { return true; });
     std::string why;
     if (i >= 0) {
-      why = detail::bad_element_in_row("student", s, i, true);
-      if (why.empty()) why = detail::bad_element_in_row("teacher", t, i, true);
-      if (why.empty()) why = detail::all_neg_inf_row("teacher", t, i);
+      why = detail::kd_row_reason("student", s, "teacher", t, i);
     }
     if (why.empty()) why = "the full-input KD term is infinite (row " + std::to_string(i) + ")";
     detail::throw_numerical(kName, why);
@@ -249,9 +247,7 @@ class ModalitySpecificKD {
       const auto bt = detail::as_matrix(zt);
       const std::string where =
           " (modality " + std::to_string(k / n) + ", sample " + std::to_string(k % n) + ")";
-      why = detail::bad_element_in_row("student_modal", bs, k, true);
-      if (why.empty()) why = detail::bad_element_in_row("teacher_modal", bt, k, true);
-      if (why.empty()) why = detail::all_neg_inf_row("teacher_modal", bt, k);
+      why = detail::kd_row_reason("student_modal", bs, "teacher_modal", bt, k);
       if (why.empty()) why = "the auxiliary KD term is infinite";
       why += where;
     } else {

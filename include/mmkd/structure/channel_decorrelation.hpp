@@ -157,21 +157,9 @@ class ChannelDecorrelation {
 
   [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& z,
                              const ConstMatrixRef<Scalar>* teacher) const {
-    for (Index i = 0; i < z.rows(); ++i) {
-      for (Index j = 0; j < z.cols(); ++j) {
-        if (!std::isfinite(z(i, j)))
-          detail::throw_numerical(kName, detail::element_str("features", i, j, z(i, j)));
-      }
-    }
-    if (teacher) {
-      for (Index i = 0; i < teacher->rows(); ++i) {
-        for (Index j = 0; j < teacher->cols(); ++j) {
-          if (!std::isfinite((*teacher)(i, j))) {
-            detail::throw_numerical(kName, detail::element_str("teacher", i, j, (*teacher)(i, j)));
-          }
-        }
-      }
-    }
+    std::string why = detail::bad_element("features", z, false);
+    if (why.empty() && teacher) why = detail::bad_element("teacher", *teacher, false);
+    if (!why.empty()) detail::throw_numerical(kName, why);
     detail::throw_numerical(kName,
                             "the statistic overflows (features too large for the scalar type)");
   }

@@ -208,10 +208,8 @@ class Uniformity {
   template <class X>
   void check(Scalar v, const X& x) const {
     if (std::isfinite(v) && detail::all_finite(dx_)) return;
-    for (Index i = 0; i < x.rows(); ++i) {
-      const std::string why = detail::bad_element_in_row("x", x, i, false);
-      if (!why.empty()) detail::throw_numerical(kName, why);
-    }
+    const std::string why = detail::bad_element("x", x, false);
+    if (!why.empty()) detail::throw_numerical(kName, why);
     detail::throw_numerical(kName, "the loss overflows");
   }
 
