@@ -5,6 +5,7 @@
 
 #include "mmkd/core/errors.hpp"
 #include "mmkd/core/types.hpp"
+#include "mmkd/detail/row_loss.hpp"
 
 namespace mmkd {
 
