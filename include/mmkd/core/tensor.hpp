@@ -4,7 +4,9 @@
 // contiguous PyTorch tensor. A `ConstTensor3Ref<T>` binds an `Eigen::Tensor<T, 3, RowMajor>` or is
 // built over any buffer: `mmkd::ConstTensor3Ref<float>(ptr, M, N, D)`.
 
+#include <cmath>
 #include <string>
+#include <type_traits>
 
 #include <unsupported/Eigen/CXX11/Tensor>
 
@@ -58,6 +60,56 @@ void check_shape3(const char* cls, const char* name, const X& x, Index a, Index 
                            shape_str3(x.dimension(0), x.dimension(1), x.dimension(2)) +
                            ", expected " + shape_str3(a, b, c) + " (" + why + ")");
   }
+}
+
+/// T in a non-deduced context: op templates that take views name their scalar explicitly.
+template <class T>
+using NonDeduced = typename std::common_type<T>::type;
+
+inline std::string shape_str4(Index n, Index c, Index h, Index w) {
+  return std::to_string(n) + "x" + std::to_string(c) + "x" + std::to_string(h) + "x" +
+         std::to_string(w);
+}
+
+template <class X>
+void check_shape4(const char* cls, const std::string& name, const X& x, Index n, Index c, Index h,
+                  Index w, const char* why) {
+  if (x.dimension(0) != n || x.dimension(1) != c || x.dimension(2) != h || x.dimension(3) != w) {
+    throw_invalid(cls, name + " has shape " +
+                           shape_str4(x.dimension(0), x.dimension(1), x.dimension(2),
+                                      x.dimension(3)) +
+                           ", expected " + shape_str4(n, c, h, w) + " (" + why + ")");
+  }
+}
+
+/// A rank-4 NCHW tensor seen as the (N·C) x (H·W) row-major matrix it is in memory.
+template <class X>
+auto planes(X& x) {
+  using S = std::remove_pointer_t<decltype(x.data())>;
+  using M = std::conditional_t<std::is_const_v<S>, Eigen::Map<const Matrix<std::remove_const_t<S>>>,
+                               Eigen::Map<Matrix<S>>>;
+  return M(x.data(), x.dimension(0) * x.dimension(1), x.dimension(2) * x.dimension(3));
+}
+
+/// Whether every entry of a tensor (or its view) is finite.
+template <class X>
+bool all_finite4(const X& x) {
+  using S = std::remove_const_t<std::remove_pointer_t<decltype(x.data())>>;
+  return all_finite(Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(x.data(), x.size()));
+}
+
+/// "name[n,c,h,w] is NaN" (or +Inf / -Inf) for the first non-finite entry; "" if there is none.
+template <class X>
+std::string bad_element4(const std::string& name, const X& x) {
+  const Index d1 = x.dimension(1), d2 = x.dimension(2), d3 = x.dimension(3);
+  for (Index k = 0; k < x.size(); ++k) {
+    const double v = double(x.data()[k]);
+    if (std::isfinite(v)) continue;
+    const Index w = k % d3, h = (k / d3) % d2, c = (k / (d3 * d2)) % d1, n = k / (d3 * d2 * d1);
+    return name + "[" + std::to_string(n) + "," + std::to_string(c) + "," + std::to_string(h) +
+           "," + std::to_string(w) + "] is " + (std::isnan(v) ? "NaN" : (v > 0 ? "+Inf" : "-Inf"));
+  }
+  return "";
 }
 
 /// Checks an N x M presence mask (values 0 or 1).

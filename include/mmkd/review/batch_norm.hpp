@@ -1,0 +1,235 @@
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "mmkd/core/errors.hpp"
+#include "mmkd/core/module.hpp"
+#include "mmkd/core/tensor.hpp"
+#include "mmkd/core/types.hpp"
+
+namespace mmkd {
+
+template <class S>
+class AttentionFusion;
+
+/**
+ * 2-D batch normalisation of NCHW feature maps, PyTorch's `BatchNorm2d` (affine, running
+ * statistics tracked).
+ *
+ * Train mode, per channel over the M = N·H·W values: μ, biased σ² = mean((x − μ)²),
+ * x̂ = (x − μ)/√(σ² + ε), y = γ x̂ + β; then running_mean ← (1 − m)·running_mean + m·μ and
+ * running_var ← (1 − m)·running_var + m·σ²·M/(M − 1) (unbiased). Backward:
+ *
+ *     dβ = Σ dy,  dγ = Σ dy·x̂,  dx = γ/√(σ² + ε) · (dy − dβ/M − x̂·dγ/M)
+ *
+ * Eval mode uses the running statistics: y = γ (x − μ_r)/√(σ²_r + ε) + β, dx = γ dy/√(σ²_r + ε).
+ * Defaults ε = 1e-5, momentum m = 0.1, γ = 1, β = 0, running mean 0 and variance 1. Train mode
+ * needs M ≥ 2 (PyTorch raises for one value per channel too). Channel sums are accumulated per
+ * plane in the scalar type and across planes in double.
+ *
+ * A failed call changes nothing: the running statistics are updated only after the output has
+ * been computed, and `backward` adds its gradients only after they are all computed.
+ *
+ * **Example**:
+ * @code
+ * mmkd::BatchNorm2d<float> bn({64});                  // 64 channels, train mode
+ * const auto& y = bn.forward(x);                      // x: N x 64 x H x W
+ * bn.backward(dy, dx);                                // adds to dx and to bn.gradients()
+ * @endcode
+ */
+template <class Scalar = float>
+class BatchNorm2d {
+ public:
+  struct Options {
+    Index channels = 0;     //!< C, ≥ 1
+    double eps = 1e-5;      //!< > 0
+    double momentum = 0.1;  //!< in [0, 1]
+  };
+
+  explicit BatchNorm2d(const Options& options) : options_(options) {
+    if (options_.channels < 1) detail::throw_invalid(kName, "option channels must be >= 1");
+    detail::check_positive(kName, "eps", options_.eps);
+    if (!(options_.momentum >= 0 && options_.momentum <= 1))
+      detail::throw_invalid(kName, "option momentum must be in [0, 1]");
+    const Index c = options_.channels;
+    weight_.setOnes(1, c);
+    bias_.setZero(1, c);
+    running_mean_.setZero(1, c);
+    running_var_.setOnes(1, c);
+    mean_.resize(c);
+    var_.resize(c);
+    inv_std_.resize(c);
+    pending_weight_.resize(1, c);
+    pending_bias_.resize(1, c);
+    zero_grad();
+  }
+
+  const Options& options() const { return options_; }
+  void train(bool on = true) { training_ = on; }
+  void eval() { training_ = false; }
+  bool is_training() const { return training_; }
+
+  //! y for x (N x C x H x W); the reference stays valid until the next forward.
+  const Tensor4<Scalar>& forward(const ConstTensor4Ref<Scalar>& x) {
+    check_input(kName, "x", x);
+    if (!detail::all_finite4(x)) detail::throw_numerical(kName, detail::bad_element4("x", x));
+    forward_pending(x.data(), x.dimension(0), x.dimension(2), x.dimension(3));
+    commit_forward();
+    return output_;
+  }
+
+  //! Adds dL/dx to dx and dL/dγ, dL/dβ to gradients() for the cotangent dy of the last forward.
+  void backward(const ConstTensor4Ref<Scalar>& dy, Tensor4Ref<Scalar> dx) {
+    check_backward(kName, dy, dx);
+    if (!detail::all_finite4(dy)) detail::throw_numerical(kName, detail::bad_element4("dy", dy));
+    backward_pending(dy.data());
+    detail::planes(dx) += detail::planes(dx_);
+    commit_backward();
+  }
+
+  const Tensor4<Scalar>& output() const { return output_; }
+
+  void zero_grad() {
+    grad_weight_.setZero(1, options_.channels);
+    grad_bias_.setZero(1, options_.channels);
+  }
+
+  //! "weight" (γ) and "bias" (β), each 1 x C.
+  std::vector<ParameterView<Scalar>> parameters() {
+    return {view("weight", weight_), view("bias", bias_)};
+  }
+  std::vector<ParameterView<Scalar>> gradients() {
+    return {view("weight", grad_weight_), view("bias", grad_bias_)};
+  }
+  //! "running_mean" and "running_var", each 1 x C.
+  std::vector<ParameterView<Scalar>> buffers() {
+    return {view("running_mean", running_mean_), view("running_var", running_var_)};
+  }
+
+ private:
+  template <class>
+  friend class AttentionFusion;
+  static constexpr const char* kName = "BatchNorm2d";
+
+  static ParameterView<Scalar> view(const char* name, Matrix<Scalar>& m) {
+    return {name, Eigen::Map<Matrix<Scalar>>(m.data(), m.rows(), m.cols())};
+  }
+
+  template <class X>
+  void check_input(const char* cls, const std::string& name, const X& x) const {
+    if (x.dimension(1) != options_.channels) {
+      detail::throw_invalid(cls, name + " has " + std::to_string(x.dimension(1)) +
+                                     " channels, expected " + std::to_string(options_.channels));
+    }
+    check_batch(cls, name, x.dimension(0) * x.dimension(2) * x.dimension(3));
+  }
+  void check_batch(const char* cls, const std::string& name, Index m) const {
+    if (m == 0) detail::throw_invalid(cls, name + " is empty");
+    if (training_ && m < 2) {
+      detail::throw_invalid(cls, name + " has one value per channel (N·H·W = 1); batch norm in "
+                                        "train mode needs at least 2");
+    }
+  }
+  template <class D, class X>
+  void check_backward(const char* cls, const D& dy, const X& dx) const {
+    if (!has_forward_) detail::throw_invalid(cls, "backward called before forward");
+    const auto& d = output_.dimensions();
+    detail::check_shape4(cls, "dy", dy, d[0], d[1], d[2], d[3], "shape of the last output");
+    detail::check_shape4(cls, "dx", dx, d[0], d[1], d[2], d[3], "shape of the last input");
+  }
+
+  // Computes the output, x̂ and the batch statistics; changes no parameter or buffer.
+  void forward_pending(const Scalar* x, Index n, Index h, Index w) {
+    using Arr = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
+    using OutArr = Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
+    const Index c = options_.channels, hw = h * w, m = n * hw;
+    output_.resize(n, c, h, w);
+    xhat_.resize(n, c, h, w);
+    for (Index k = 0; k < c; ++k) {
+      double mu, var;
+      if (training_) {
+        double sum = 0;
+        for (Index i = 0; i < n; ++i) sum += double(Arr(x + (i * c + k) * hw, hw).sum());
+        mu = sum / double(m);
+        double sq = 0;
+        for (Index i = 0; i < n; ++i)
+          sq += double((Arr(x + (i * c + k) * hw, hw) - Scalar(mu)).square().sum());
+        var = sq / double(m);
+      } else {
+        mu = double(running_mean_(0, k));
+        var = double(running_var_(0, k));
+      }
+      mean_(k) = mu;
+      var_(k) = var;
+      inv_std_(k) = 1.0 / std::sqrt(var + options_.eps);
+      const Scalar mean_s = Scalar(mu), inv = Scalar(inv_std_(k));
+      const Scalar gamma = weight_(0, k), beta = bias_(0, k);
+      for (Index i = 0; i < n; ++i) {
+        const Index off = (i * c + k) * hw;
+        OutArr xh(xhat_.data() + off, hw);
+        xh = (Arr(x + off, hw) - mean_s) * inv;
+        OutArr(output_.data() + off, hw) = xh * gamma + beta;
+      }
+    }
+    batch_m_ = m;
+    forward_training_ = training_;
+    has_forward_ = true;
+  }
+
+  // The running-statistics update of the last train-mode forward_pending.
+  void commit_forward() {
+    if (!forward_training_) return;
+    const double mom = options_.momentum, m = double(batch_m_);
+    for (Index k = 0; k < options_.channels; ++k) {
+      running_mean_(0, k) = Scalar((1 - mom) * double(running_mean_(0, k)) + mom * mean_(k));
+      running_var_(0, k) =
+          Scalar((1 - mom) * double(running_var_(0, k)) + mom * var_(k) * m / (m - 1));
+    }
+  }
+
+  // dx_ (overwritten) and the pending γ, β gradients for dy.
+  void backward_pending(const Scalar* dy) {
+    using Arr = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
+    using OutArr = Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
+    const auto& d = output_.dimensions();
+    const Index n = d[0], c = d[1], hw = d[2] * d[3];
+    dx_.resize(d[0], d[1], d[2], d[3]);
+    for (Index k = 0; k < c; ++k) {
+      double sum_dy = 0, sum_dy_xhat = 0;
+      for (Index i = 0; i < n; ++i) {
+        const Index off = (i * c + k) * hw;
+        const Arr g(dy + off, hw);
+        sum_dy += double(g.sum());
+        sum_dy_xhat += double((g * Arr(xhat_.data() + off, hw)).sum());
+      }
+      pending_bias_(0, k) = Scalar(sum_dy);
+      pending_weight_(0, k) = Scalar(sum_dy_xhat);
+      const Scalar scale = Scalar(double(weight_(0, k)) * inv_std_(k));
+      // Batch statistics depend on x in train mode; the running ones are constants.
+      const Scalar a = Scalar(forward_training_ ? sum_dy / double(batch_m_) : 0.0);
+      const Scalar b = Scalar(forward_training_ ? sum_dy_xhat / double(batch_m_) : 0.0);
+      for (Index i = 0; i < n; ++i) {
+        const Index off = (i * c + k) * hw;
+        OutArr(dx_.data() + off, hw) =
+            scale * (Arr(dy + off, hw) - a - Arr(xhat_.data() + off, hw) * b);
+      }
+    }
+  }
+
+  void commit_backward() {
+    grad_weight_ += pending_weight_;
+    grad_bias_ += pending_bias_;
+  }
+
+  Options options_;
+  bool training_ = true, forward_training_ = true, has_forward_ = false;
+  Matrix<Scalar> weight_, bias_, running_mean_, running_var_, grad_weight_, grad_bias_;
+  Matrix<Scalar> pending_weight_, pending_bias_;
+  Eigen::VectorXd mean_, var_, inv_std_;
+  Index batch_m_ = 0;
+  Tensor4<Scalar> output_, xhat_, dx_;
+};
+
+}  // namespace mmkd
