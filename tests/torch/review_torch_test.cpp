@@ -1,0 +1,149 @@
+// Cross-checks of ReviewFusion + HierarchicalContextLoss against the same ABF chain and HCL
+// built from libtorch's conv2d, batch_norm, interpolate and adaptive_avg_pool2d, with our
+// parameters copied in: outputs, loss, feature gradients, parameter gradients and the running
+// statistics, in train and eval mode.
+
+#include "torch/review_reference.hpp"
+#include "torch/torch_support.hpp"
+
+using namespace mmkd_test;
+
+namespace {
+
+using Tensor4 = mmkd::Tensor4<double>;
+
+Tensor4 random_map(Index n, Index c, Index h, Index w, std::uint64_t seed) {
+  const Matrix<double> m = random_matrix<double>(n * c, h * w, seed);
+  Tensor4 t(n, c, h, w);
+  std::copy(m.data(), m.data() + m.size(), t.data());
+  return t;
+}
+
+torch::Tensor to_torch4(const Tensor4& t, bool requires_grad = false) {
+  const auto& d = t.dimensions();
+  return torch::from_blob(const_cast<double*>(t.data()), {d[0], d[1], d[2], d[3]}, torch::kFloat64)
+      .clone()
+      .set_requires_grad(requires_grad);
+}
+
+/// Largest |a − b| / max(1, |b|) over two equally sized buffers.
+double max_rel(const double* a, const torch::Tensor& b_in, Index size) {
+  const auto b = b_in.detach().contiguous().to(torch::kFloat64);
+  REQUIRE(b.numel() == size);
+  const Eigen::Map<const Eigen::ArrayXd> x(a, size), y(b.data_ptr<double>(), size);
+  return ((x - y).abs() / y.abs().max(1.0)).maxCoeff();
+}
+
+struct Config {
+  const char* name;
+  std::vector<Index> in, out, shapes, out_shapes;
+  Index mid, n;
+};
+
+void check_against_torch(const Config& cfg, bool train) {
+  INFO(cfg.name << (train ? ", train mode" : ", eval mode"));
+  mmkd::ReviewFusion<double>::Options o;
+  o.in_channels = cfg.in;
+  o.out_channels = cfg.out;
+  o.shapes = cfg.shapes;
+  o.out_shapes = cfg.out_shapes;
+  o.mid_channels = cfg.mid;
+  o.seed = 7;
+  mmkd::ReviewFusion<double> review(o);
+  const std::size_t s = cfg.in.size();
+  std::vector<Tensor4> feats, teacher, grads, dfeats;
+  for (std::size_t k = 0; k < s; ++k) {
+    const Index h = cfg.shapes[k], oh = cfg.out_shapes.empty() ? h : cfg.out_shapes[k];
+    feats.push_back(random_map(cfg.n, cfg.in[k], h, h, 100 + k));
+    teacher.push_back(random_map(cfg.n, cfg.out[k], oh, oh, 200 + k));
+    grads.emplace_back(cfg.n, cfg.out[k], oh, oh);
+    grads.back().setZero();
+    dfeats.emplace_back(cfg.n, cfg.in[k], h, h);
+    dfeats.back().setZero();
+  }
+  const std::vector<mmkd::ConstTensor4Ref<double>> fv(feats.begin(), feats.end()),
+      tv(teacher.begin(), teacher.end());
+  if (!train) {
+    // Move the running statistics away from (0, 1) first, with a train-mode pass.
+    review.forward(fv);
+    review.eval();
+  }
+  mmkd_torch::TorchReview ref(review, torch::kFloat64);
+
+  // mmkd
+  const auto& outs = review.forward(fv);
+  mmkd::HierarchicalContextLoss<double> hcl;
+  const double loss = hcl.value_and_grad(outs, tv, {grads.begin(), grads.end()});
+  review.backward({grads.begin(), grads.end()}, {dfeats.begin(), dfeats.end()});
+
+  // libtorch
+  std::vector<torch::Tensor> tfeats, tteach;
+  for (std::size_t k = 0; k < s; ++k) {
+    tfeats.push_back(to_torch4(feats[k], true));
+    tteach.push_back(to_torch4(teacher[k]));
+  }
+  const auto touts = ref.forward(tfeats);
+  const auto tloss = mmkd_torch::torch_hcl(touts, tteach);
+  tloss.backward();
+
+  CHECK(loss == Approx(tloss.item<double>()).epsilon(1e-11));
+  for (std::size_t k = 0; k < s; ++k) {
+    INFO("stage " << k);
+    CHECK(max_rel(outs[k].data(), touts[k], outs[k].size()) < 1e-10);
+    CHECK(max_rel(dfeats[k].data(), tfeats[k].grad(), dfeats[k].size()) < 1e-9);
+  }
+  auto grads_view = review.gradients();
+  REQUIRE(grads_view.size() == ref.params.size());
+  for (auto& g : grads_view) {
+    INFO(g.name);
+    CHECK(max_rel(g.value.data(), ref.params.at(g.name).grad(), g.value.size()) < 1e-9);
+  }
+  for (auto& b : review.buffers()) {
+    INFO(b.name);
+    CHECK(max_rel(b.value.data(), ref.buffers.at(b.name), b.value.size()) < 1e-12);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("ReviewFusion + HCL equal libtorch: CIFAR resnet56 -> resnet20 (N 4)",
+          "[torch][review]") {
+  const Config cfg{"resnet20", {16, 32, 64, 64}, {16, 32, 64, 64}, {32, 16, 8, 1}, {}, 64, 4};
+  check_against_torch(cfg, true);
+  check_against_torch(cfg, false);
+}
+
+TEST_CASE("ReviewFusion + HCL equal libtorch: ImageNet-like 28/14/7/1 stages (overlapping bins)",
+          "[torch][review]") {
+  const Config cfg{"imagenet-like", {8, 16, 32, 32}, {12, 24, 48, 48}, {28, 14, 7, 1}, {}, 16, 2};
+  check_against_torch(cfg, true);
+  check_against_torch(cfg, false);
+}
+
+TEST_CASE("ReviewFusion + HCL equal libtorch: ShuffleNet-like out_shapes (resize before conv2)",
+          "[torch][review]") {
+  const Config cfg{"out_shapes", {12, 24, 48, 48}, {8, 16, 32, 32}, {16, 8, 4, 1},
+                   {32, 16, 8, 1}, 16, 2};
+  check_against_torch(cfg, true);
+  check_against_torch(cfg, false);
+}
+
+TEST_CASE("nearest resize and adaptive pooling index rules equal libtorch", "[torch][review]") {
+  namespace F = torch::nn::functional;
+  const std::pair<Index, Index> sizes[] = {{1, 8}, {8, 16}, {4, 32}, {3, 7}, {5, 7}, {7, 4},
+                                           {14, 4}, {7, 2}, {5, 4}, {3, 2}, {16, 8}, {7, 5}};
+  for (auto [in, out] : sizes) {
+    INFO(in << " -> " << out);
+    const Tensor4 x = random_map(2, 3, in, in + 1, in * 31 + out);
+    auto tx = to_torch4(x);
+    Tensor4 y(2, 3, out, out);
+    mmkd::nearest_resize<double>(x, y);
+    auto ty = F::interpolate(tx, F::InterpolateFuncOptions()
+                                     .size(std::vector<int64_t>{out, out})
+                                     .mode(torch::kNearest));
+    CHECK(max_rel(y.data(), ty, y.size()) == 0);
+    mmkd::adaptive_avg_pool2d<double>(x, y);
+    auto tp = F::adaptive_avg_pool2d(tx, F::AdaptiveAvgPool2dFuncOptions({out, out}));
+    CHECK(max_rel(y.data(), tp, y.size()) < 1e-15);
+  }
+}
