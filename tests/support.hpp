@@ -109,4 +109,32 @@ Matrix<T> flat(const mmkd::Tensor3<T>& x) {
   return Eigen::Map<const Matrix<T>>(x.data(), x.dimension(0) * x.dimension(1), x.dimension(2));
 }
 
+/// A random N x C x H x W feature map.
+template <class T>
+mmkd::Tensor4<T> random_map(Index n, Index c, Index h, Index w, std::uint64_t seed,
+                            double scale = 1.0) {
+  const Matrix<T> m = random_matrix<T>(n * c, h * w, seed, scale);
+  mmkd::Tensor4<T> x(n, c, h, w);
+  std::copy(m.data(), m.data() + m.size(), x.data());
+  return x;
+}
+
+/// A feature map's memory as an (N·C) x (H·W) matrix copy.
+template <class T>
+Matrix<T> flat(const mmkd::Tensor4<T>& x) {
+  return Eigen::Map<const Matrix<T>>(x.data(), x.dimension(0) * x.dimension(1),
+                                     x.dimension(2) * x.dimension(3));
+}
+
+/// An (N·C) x (H·W) matrix seen as an N x C x H x W input map (no copy)...
+template <class T>
+mmkd::ConstTensor4Ref<T> map4(const Matrix<T>& m, Index n, Index c, Index h, Index w) {
+  return {m.data(), n, c, h, w};
+}
+/// ... and as an output map.
+template <class T>
+mmkd::Tensor4Ref<T> out4(Matrix<T>& m, Index n, Index c, Index h, Index w) {
+  return {m.data(), n, c, h, w};
+}
+
 }  // namespace mmkd_test

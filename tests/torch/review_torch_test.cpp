@@ -12,13 +12,6 @@ namespace {
 
 using Tensor4 = mmkd::Tensor4<double>;
 
-Tensor4 random_map(Index n, Index c, Index h, Index w, std::uint64_t seed) {
-  const Matrix<double> m = random_matrix<double>(n * c, h * w, seed);
-  Tensor4 t(n, c, h, w);
-  std::copy(m.data(), m.data() + m.size(), t.data());
-  return t;
-}
-
 torch::Tensor to_torch4(const Tensor4& t, bool requires_grad = false) {
   const auto& d = t.dimensions();
   return torch::from_blob(const_cast<double*>(t.data()), {d[0], d[1], d[2], d[3]}, torch::kFloat64)
@@ -54,8 +47,8 @@ void check_against_torch(const Config& cfg, bool train) {
   std::vector<Tensor4> feats, teacher, grads, dfeats;
   for (std::size_t k = 0; k < s; ++k) {
     const Index h = cfg.shapes[k], oh = cfg.out_shapes.empty() ? h : cfg.out_shapes[k];
-    feats.push_back(random_map(cfg.n, cfg.in[k], h, h, 100 + k));
-    teacher.push_back(random_map(cfg.n, cfg.out[k], oh, oh, 200 + k));
+    feats.push_back(random_map<double>(cfg.n, cfg.in[k], h, h, 100 + k));
+    teacher.push_back(random_map<double>(cfg.n, cfg.out[k], oh, oh, 200 + k));
     grads.emplace_back(cfg.n, cfg.out[k], oh, oh);
     grads.back().setZero();
     dfeats.emplace_back(cfg.n, cfg.in[k], h, h);
@@ -134,7 +127,7 @@ TEST_CASE("nearest resize and adaptive pooling index rules equal libtorch", "[to
                                            {14, 4}, {7, 2}, {5, 4}, {3, 2}, {16, 8}, {7, 5}};
   for (auto [in, out] : sizes) {
     INFO(in << " -> " << out);
-    const Tensor4 x = random_map(2, 3, in, in + 1, in * 31 + out);
+    const Tensor4 x = random_map<double>(2, 3, in, in + 1, in * 31 + out);
     auto tx = to_torch4(x);
     Tensor4 y(2, 3, out, out);
     mmkd::nearest_resize<double>(x, y);

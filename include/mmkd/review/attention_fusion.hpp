@@ -361,6 +361,7 @@ class AttentionFusion {
   // Everything of a forward except the running-statistics update.
   void forward_pending(const ConstTensor4Ref<Scalar>& x, const ConstTensor4Ref<Scalar>* residual,
                        Index out_size) {
+    has_forward_ = false;  // the caches are being overwritten: no backward until the commit
     const Index n = x.dimension(0), h = x.dimension(2), w = x.dimension(3);
     const Index in = options_.in_channels, mid = options_.mid_channels;
     x_.resize(n, in, h, w);
@@ -390,7 +391,6 @@ class AttentionFusion {
     c2_.resize(n, options_.out_channels, oh_, ow_);
     detail::conv3x3_forward<Scalar>(this->residual().data(), n, mid, oh_, ow_, w2_, c2_.data(), col_);
     bn2_.forward_pending(c2_.data(), n, oh_, ow_);
-    has_forward_ = true;
   }
 
   void check_output() const {
@@ -404,6 +404,7 @@ class AttentionFusion {
   void commit_forward() {
     bn1_.commit_forward();
     bn2_.commit_forward();
+    has_forward_ = true;
   }
 
   void check_backward(const ConstTensor4Ref<Scalar>& d_output,

@@ -1,0 +1,194 @@
+// ReviewFusion: the reference's resnet56 -> resnet20 stage table, finite differences of the whole
+// chain through HCL for every feature and parameter, stage-naming errors and the strong
+// guarantee.
+
+#include "support.hpp"
+
+using namespace mmkd_test;
+
+namespace {
+
+using Review = mmkd::ReviewFusion<double>;
+using Views = std::vector<mmkd::ConstTensor4Ref<double>>;
+
+struct Chain {
+  std::vector<mmkd::Tensor4<double>> feats, teacher;
+};
+
+Chain make_chain(const Review::Options& o, Index n, std::uint64_t seed) {
+  Chain c;
+  for (std::size_t k = 0; k < o.in_channels.size(); ++k) {
+    const Index h = o.shapes[k], oh = o.out_shapes.empty() ? h : o.out_shapes[k];
+    c.feats.push_back(random_map<double>(n, o.in_channels[k], h, h, seed + k));
+    c.teacher.push_back(random_map<double>(n, o.out_channels[k], oh, oh, seed + 50 + k));
+  }
+  return c;
+}
+
+double hcl_of(Review& review, const std::vector<mmkd::Tensor4<double>>& feats,
+              const std::vector<mmkd::Tensor4<double>>& teacher) {
+  mmkd::HierarchicalContextLoss<double> hcl;
+  return hcl.value(review.forward(Views(feats.begin(), feats.end())),
+                   Views(teacher.begin(), teacher.end()));
+}
+
+}  // namespace
+
+TEST_CASE("ReviewFusion builds the reference's resnet56 -> resnet20 chain", "[review][fusion]") {
+  Review review({{16, 32, 64, 64}, {16, 32, 64, 64}, {32, 16, 8, 1}});
+  CHECK(review.options().mid_channels == 64);  // min(512, 64)
+  REQUIRE(review.stages() == 4);
+  for (Index k = 0; k < 4; ++k) CHECK(review.stage(k).options().fuse == (k < 3));
+  CHECK(review.stage(2).options().in_channels == 64);
+  CHECK(review.stage(0).options().out_channels == 16);
+  const Chain c = make_chain(review.options(), 2, 1);
+  const auto& outs = review.forward(Views(c.feats.begin(), c.feats.end()));
+  const Index expect[4][4] = {{2, 16, 32, 32}, {2, 32, 16, 16}, {2, 64, 8, 8}, {2, 64, 1, 1}};
+  const Index residual[4] = {32, 16, 8, 1};
+  for (Index k = 0; k < 4; ++k) {
+    INFO("stage " << k);
+    for (int d = 0; d < 4; ++d) CHECK(outs[std::size_t(k)].dimension(d) == expect[k][d]);
+    CHECK(review.stage(k).residual().dimension(1) == 64);
+    CHECK(review.stage(k).residual().dimension(2) == residual[k]);
+  }
+  auto params = review.parameters();
+  CHECK(std::string(params.front().name) == "abfs.0.conv1.0.weight");  // deepest stage first
+  CHECK(std::string(params.back().name) == "abfs.3.att_conv.0.bias");
+  CHECK(params.size() == 6 + 3 * 8);
+  CHECK(review.buffers().size() == 16);
+}
+
+TEST_CASE("ReviewFusion + HCL gradients match finite differences for features and parameters",
+          "[review][fusion]") {
+  Review::Options plain{{2, 3, 4}, {3, 2, 2}, {4, 2, 1}, {}, 3, 9};
+  Review::Options resized{{2, 3, 2}, {2, 3, 2}, {3, 2, 1}, {5, 3, 1}, 2, 4};
+  for (const auto& o : {plain, resized}) {
+    for (bool train : {true, false}) {
+      INFO("out_shapes " << o.out_shapes.size() << " train " << train);
+      Review review(o);
+      const Chain c = make_chain(o, 2, 21);
+      if (!train) {
+        hcl_of(review, c.feats, c.teacher);
+        review.eval();
+      }
+      // Analytic: HCL gradient into the outputs, then the chain's backward.
+      mmkd::HierarchicalContextLoss<double> hcl;
+      const auto& outs = review.forward(Views(c.feats.begin(), c.feats.end()));
+      std::vector<mmkd::Tensor4<double>> d_out, d_feat;
+      for (const auto& y : outs) {
+        d_out.emplace_back(y.dimension(0), y.dimension(1), y.dimension(2), y.dimension(3));
+        d_out.back().setZero();
+      }
+      for (const auto& f : c.feats) {
+        d_feat.emplace_back(f.dimensions());
+        d_feat.back().setConstant(1.0);
+      }
+      hcl.value_and_grad(outs, Views(c.teacher.begin(), c.teacher.end()),
+                         {d_out.begin(), d_out.end()});
+      review.backward(Views(d_out.begin(), d_out.end()), {d_feat.begin(), d_feat.end()});
+      for (std::size_t k = 0; k < c.feats.size(); ++k) {
+        INFO("feature " << k);
+        auto f = [&](const Matrix<double>& t) {
+          auto feats = c.feats;
+          std::copy(t.data(), t.data() + t.size(), feats[k].data());
+          return hcl_of(review, feats, c.teacher);
+        };
+        const Matrix<double> g = flat(d_feat[k]).array() - 1.0;
+        CHECK(mmkd::check_gradient(f, flat(c.feats[k]), g, tight()));
+      }
+      auto params = review.parameters();
+      auto grads = review.gradients();
+      for (std::size_t p = 0; p < params.size(); ++p) {
+        INFO(params[p].name);
+        const Matrix<double> p0 = params[p].value;
+        auto f = [&](const Matrix<double>& t) {
+          params[p].value = t;
+          const double v = hcl_of(review, c.feats, c.teacher);
+          params[p].value = p0;
+          return v;
+        };
+        CHECK(mmkd::check_gradient(f, p0, grads[p].value, tight()));
+      }
+    }
+  }
+}
+
+TEST_CASE("ReviewFusion: bad stage lists and features name the stage", "[review][fusion]") {
+  using O = Review::Options;
+  CHECK_THROWS_WITH(Review(O{{16, 32}, {16}, {}, {}, 0, 0}),
+                    Catch::Contains("out_channels has 1 entries, expected 2"));
+  CHECK_THROWS_WITH(Review(O{{16, 32, 0}, {16, 32, 64}, {}, {}, 0, 0}),
+                    Catch::Contains("stage 2 of 3: in_channels[2] must be >= 1, got 0"));
+  CHECK_THROWS_WITH(Review(O{{16, 32}, {16, 32}, {8, 4, 2}, {}, 0, 0}),
+                    Catch::Contains("shapes has 3 entries, expected 2"));
+  CHECK_THROWS_WITH(Review(O{{}, {}, {}, {}, 0, 0}), Catch::Contains("in_channels is empty"));
+
+  Review review({{2, 3, 4}, {2, 3, 4}, {4, 2, 1}, {}, 3, 0});
+  const Chain c = make_chain(review.options(), 2, 3);
+  Views v(c.feats.begin(), c.feats.end());
+  CHECK_THROWS_WITH(review.forward(Views(v.begin(), v.end() - 1)),
+                    Catch::Contains("got 2 features, expected 3"));
+  // (A TensorMap's operator= copies data, so each bad list is built afresh.)
+  const auto wrong_c = random_map<double>(2, 5, 2, 2, 1);
+  CHECK_THROWS_WITH(review.forward(Views{v[0], wrong_c, v[2]}),
+                    Catch::Contains("ReviewFusion: stage 1 of 3: feature has shape 2x5x2x2, "
+                                    "expected 2x3x2x2 (batch of stage 0, in_channels[1], shapes[1])"));
+  const auto wrong_hw = random_map<double>(2, 3, 3, 3, 1);
+  CHECK_THROWS_WITH(review.forward(Views{v[0], wrong_hw, v[2]}), Catch::Contains("stage 1 of 3: feature has shape 2x3x3x3"));
+  // Train-mode batch norm on the pooled 1x1 stage with one sample.
+  Chain one = make_chain(review.options(), 1, 4);
+  CHECK_THROWS_WITH(review.forward(Views(one.feats.begin(), one.feats.end())),
+                    Catch::Contains("ReviewFusion stage 2 of 3: batch norm in train mode"));
+  review.eval();
+  CHECK_NOTHROW(review.forward(Views(one.feats.begin(), one.feats.end())));
+}
+
+TEST_CASE("ReviewFusion: a failed forward or backward changes nothing", "[review][fusion]") {
+  Review review({{2, 3, 4}, {2, 3, 4}, {4, 2, 1}, {}, 3, 0});
+  Chain c = make_chain(review.options(), 2, 5);
+  const auto& outs = review.forward(Views(c.feats.begin(), c.feats.end()));
+  std::vector<mmkd::Tensor4<double>> d_out, d_feat;
+  for (std::size_t k = 0; k < outs.size(); ++k) {
+    d_out.push_back(random_map<double>(2, outs[k].dimension(1), outs[k].dimension(2),
+                                       outs[k].dimension(3), 70 + k));
+    d_feat.push_back(random_map<double>(2, c.feats[k].dimension(1), c.feats[k].dimension(2),
+                                        c.feats[k].dimension(3), 80 + k));
+  }
+  review.backward(Views(d_out.begin(), d_out.end()), {d_feat.begin(), d_feat.end()});
+  auto snapshot = [&] {
+    std::vector<Matrix<double>> s;
+    for (auto& x : review.parameters()) s.emplace_back(x.value);
+    for (auto& x : review.gradients()) s.emplace_back(x.value);
+    for (auto& x : review.buffers()) s.emplace_back(x.value);
+    for (auto& x : d_feat) s.push_back(flat(x));
+    return s;
+  };
+  const auto before = snapshot();
+  auto same = [&] {
+    const auto now = snapshot();
+    for (std::size_t k = 0; k < now.size(); ++k) CHECK(bit_identical(now[k], before[k]));
+  };
+  // A NaN in the deepest feature: found before any stage commits its running statistics.
+  c.feats[2].data()[5] = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(review.forward(Views(c.feats.begin(), c.feats.end())),
+                    Catch::Contains("input[1,1,0,0] is NaN"));
+  same();
+  // The chain's caches were overwritten by the failed forward: backward is refused.
+  CHECK_THROWS_WITH(review.backward(Views(d_out.begin(), d_out.end()), {d_feat.begin(), d_feat.end()}),
+                    Catch::Contains("backward called before forward"));
+  same();
+  // A NaN in a shallow feature: the deeper stages already ran, nothing is committed.
+  c.feats[2].data()[5] = 0.5;
+  c.feats[0].data()[3] = std::numeric_limits<double>::infinity();
+  CHECK_THROWS_AS(review.forward(Views(c.feats.begin(), c.feats.end())), mmkd::NumericalError);
+  same();
+  c.feats[0].data()[3] = 0.5;
+  review.forward(Views(c.feats.begin(), c.feats.end()));
+  const auto mid_before = review.buffers();
+  d_out[1].data()[0] = std::numeric_limits<double>::quiet_NaN();
+  const auto grads_before = snapshot();
+  CHECK_THROWS_WITH(review.backward(Views(d_out.begin(), d_out.end()), {d_feat.begin(), d_feat.end()}),
+                    Catch::Contains("d_outputs[1][0,0,0,0] is NaN"));
+  const auto now = snapshot();
+  for (std::size_t k = 0; k < now.size(); ++k) CHECK(bit_identical(now[k], grads_before[k]));
+}
