@@ -441,8 +441,7 @@ class AttentionFusion {
     bn2_.backward_pending(d_output.data());
     dr_.resize(n, mid, oh_, ow_);
     detail::conv3x3_backward<Scalar>(residual().data(), n, mid, oh_, ow_, w2_,
-                                     bn2_.dx_.data(), pending_w2_.data(), dr_.data(), true, col_,
-                                     dcol_);
+                                     bn2_.dx_.data(), pending_w2_.data(), dr_.data(), true, dcol_);
     if (d_residual) {
       detail::planes(dr_) += Eigen::Map<const Matrix<Scalar>>(d_residual, n * mid, oh_ * ow_);
     }
