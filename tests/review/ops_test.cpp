@@ -106,16 +106,19 @@ TEST_CASE("conv2d_1x1 matches its definition; backward matches finite difference
 TEST_CASE("conv2d_3x3 matches its definition, 1x1 inputs included; backward matches finite "
           "differences",
           "[review][ops][conv]") {
+  using Algo = mmkd::Conv3x3Algorithm;
+  for (Algo algo : {Algo::Im2col, Algo::Winograd, Algo::Auto})
   for (Shape s : {Shape{2, 3, 5, 4}, Shape{3, 2, 1, 1}, Shape{1, 2, 1, 6}, Shape{2, 2, 3, 1},
-                  Shape{1, 1, 2, 2}}) {
-    INFO("N " << s.n << " C " << s.c << " H " << s.h << " W " << s.w);
+                  Shape{1, 1, 2, 2}, Shape{2, 2, 7, 7}}) {
+    INFO("N " << s.n << " C " << s.c << " H " << s.h << " W " << s.w << " algorithm " << int(algo));
     const Index o = 3, hw = s.h * s.w;
     const Matrix<double> x = random_matrix<double>(s.n * s.c, hw, 4);
     const Matrix<double> w = random_matrix<double>(o, 9 * s.c, 5);
     Matrix<double> ws1, ws2;
     auto fwd = [&](const Matrix<double>& xx, const Matrix<double>& ww) {
       Matrix<double> y(s.n * o, hw);
-      mmkd::conv2d_3x3<double>(map4(xx, s.n, s.c, s.h, s.w), ww, out4(y, s.n, o, s.h, s.w), ws1);
+      mmkd::conv2d_3x3<double>(map4(xx, s.n, s.c, s.h, s.w), ww, out4(y, s.n, o, s.h, s.w), ws1,
+                               algo);
       return y;
     };
     CHECK((fwd(x, w) - conv3x3_loops(x, s.n, s.c, s.h, s.w, w)).cwiseAbs().maxCoeff() < 1e-12);
@@ -123,7 +126,8 @@ TEST_CASE("conv2d_3x3 matches its definition, 1x1 inputs included; backward matc
       Matrix<double> dx = Matrix<double>::Ones(x.rows(), x.cols()),
                      dw = Matrix<double>::Ones(o, 9 * s.c);
       mmkd::conv2d_3x3_backward<double>(map4(x, s.n, s.c, s.h, s.w), w, map4(u, s.n, o, s.h, s.w),
-                                        out4(dx, s.n, s.c, s.h, s.w), dw, ws2);
+                                        out4(dx, s.n, s.c, s.h, s.w), dw, ws2,
+                                        algo);
       return Matrix<double>((input ? dx : dw).array() - 1.0);
     };
     CHECK(mmkd::check_vjp([&](const Matrix<double>& v) { return fwd(v, w); },

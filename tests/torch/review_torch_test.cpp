@@ -140,3 +140,29 @@ TEST_CASE("nearest resize and adaptive pooling index rules equal libtorch", "[to
     CHECK(max_rel(y.data(), tp, y.size()) < 1e-15);
   }
 }
+
+TEST_CASE("conv2d_3x3 (im2col and Winograd) and conv2d_1x1 equal libtorch's conv2d",
+          "[torch][review]") {
+  using Algo = mmkd::Conv3x3Algorithm;
+  const Index n = 3, c = 48, o = 40;
+  for (auto [h, w] : {std::pair<Index, Index>{9, 8}, {14, 14}, {1, 1}, {2, 5}}) {
+    const Tensor4 x = random_map<double>(n, c, h, w, h * 7 + w);
+    const Matrix<double> wt = random_matrix<double>(o, 9 * c, 3, 0.1);
+    const Tensor4 dy = random_map<double>(n, o, h, w, 99);
+    auto tx = to_torch4(x, true);
+    auto tw = to_torch(wt, true);
+    auto ty = torch::conv2d(tx, tw.view({o, c, 3, 3}), {}, 1, 1);
+    (ty * to_torch4(dy)).sum().backward();
+    for (Algo algo : {Algo::Im2col, Algo::Winograd}) {
+      INFO(h << "x" << w << " algorithm " << int(algo));
+      Tensor4 y(n, o, h, w), dx(n, c, h, w);
+      dx.setZero();
+      Matrix<double> dw = Matrix<double>::Zero(o, 9 * c), ws;
+      mmkd::conv2d_3x3<double>(x, wt, y, ws, algo);
+      mmkd::conv2d_3x3_backward<double>(x, wt, dy, dx, dw, ws, algo);
+      CHECK(max_rel(y.data(), ty, y.size()) < 1e-12);
+      CHECK(max_rel(dx.data(), tx.grad(), dx.size()) < 1e-12);
+      CHECK(max_rel(dw.data(), tw.grad(), dw.size()) < 1e-12);
+    }
+  }
+}

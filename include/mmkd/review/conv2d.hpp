@@ -18,12 +18,112 @@
 #include "mmkd/core/types.hpp"
 
 namespace mmkd {
+
+/// How `conv2d_3x3` computes: im2col + GEMM, Winograd F(2x2, 3x3) + GEMMs (2.25x fewer flops,
+/// extra transforms), or Auto (picks per shape; what the modules use).
+enum class Conv3x3Algorithm { Auto, Im2col, Winograd };
+
 namespace detail {
 
 template <class S>
 using SampleMap = Eigen::Map<Matrix<S>>;
 template <class S>
 using ConstSampleMap = Eigen::Map<const Matrix<S>>;
+
+/// im2col for a 3x3 kernel, stride 1, padding 1: x (C x H x W) → col (9C x HW) with
+/// col[c·9 + 3a + b, h·W + w] = x[c, h + a − 1, w + b − 1] (0 outside the image).
+template <class S>
+void im2col3x3(const S* x, Index c_in, Index h, Index w, S* col) {
+  const Index hw = h * w;
+  for (Index c = 0; c < c_in; ++c) {
+    const S* xc = x + c * hw;
+    for (Index a = 0; a < 3; ++a) {
+      for (Index b = 0; b < 3; ++b) {
+        S* dst = col + (c * 9 + a * 3 + b) * hw;
+        for (Index r = 0; r < h; ++r) {
+          S* d = dst + r * w;
+          const Index sr = r + a - 1;
+          if (sr < 0 || sr >= h) {
+            std::fill(d, d + w, S(0));
+            continue;
+          }
+          const S* s = xc + sr * w;
+          if (b == 0) {
+            d[0] = S(0);
+            std::copy(s, s + w - 1, d + 1);
+          } else if (b == 1) {
+            std::copy(s, s + w, d);
+          } else {
+            std::copy(s + 1, s + w, d);
+            d[w - 1] = S(0);
+          }
+        }
+      }
+    }
+  }
+}
+
+/// The adjoint of im2col3x3: dx (C x H x W) += scatter of dcol (9C x HW).
+template <class S>
+void col2im3x3_add(const S* dcol, Index c_in, Index h, Index w, S* dx) {
+  using Seg = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>;
+  using ConstSeg = Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>;
+  const Index hw = h * w;
+  for (Index c = 0; c < c_in; ++c) {
+    S* xc = dx + c * hw;
+    for (Index a = 0; a < 3; ++a) {
+      for (Index b = 0; b < 3; ++b) {
+        const S* src = dcol + (c * 9 + a * 3 + b) * hw;
+        for (Index r = 0; r < h; ++r) {
+          const Index sr = r + a - 1;
+          if (sr < 0 || sr >= h) continue;
+          const S* s = src + r * w;
+          S* d = xc + sr * w;
+          if (b == 0) {
+            if (w > 1) Seg(d, w - 1) += ConstSeg(s + 1, w - 1);
+          } else if (b == 1) {
+            Seg(d, w) += ConstSeg(s, w);
+          } else if (w > 1) {
+            Seg(d + 1, w - 1) += ConstSeg(s, w - 1);
+          }
+        }
+      }
+    }
+  }
+}
+
+/// y[n] = W im2col(x[n]) with a 9C x HW workspace `col`.
+template <class S>
+void conv3x3_forward_im2col(const S* x, Index n, Index c, Index h, Index w,
+                            const ConstMatrixRef<S>& weight, S* y, S* col_data) {
+  const Index o = weight.rows(), hw = h * w;
+  SampleMap<S> col(col_data, 9 * c, hw);
+  for (Index i = 0; i < n; ++i) {
+    im2col3x3(x + i * c * hw, c, h, w, col_data);
+    SampleMap<S>(y + i * o * hw, o, hw).noalias() = weight * col;
+  }
+}
+
+/// dW += Σ_n dy[n] im2col(x[n])ᵀ, dx[n] += col2im(Wᵀ dy[n]); null pointers skip. Two 9C x HW
+/// workspaces.
+template <class S>
+void conv3x3_backward_im2col(const S* x, Index n, Index c, Index h, Index w,
+                             const ConstMatrixRef<S>& weight, const S* dy, S* dweight, S* dx,
+                             S* col_data, S* dcol_data) {
+  const Index o = weight.rows(), hw = h * w;
+  SampleMap<S> col(col_data, 9 * c, hw), dcol(dcol_data, 9 * c, hw);
+  for (Index i = 0; i < n; ++i) {
+    const ConstSampleMap<S> g(dy + i * o * hw, o, hw);
+    if (dweight) {
+      im2col3x3(x + i * c * hw, c, h, w, col_data);
+      SampleMap<S>(dweight, o, 9 * c).noalias() += g * col.transpose();
+    }
+    if (dx) {
+      dcol.noalias() = weight.transpose() * g;
+      col2im3x3_add(dcol_data, c, h, w, dx + i * c * hw);
+    }
+  }
+}
 
 // 3x3 convolutions use Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms
 // for Convolutional Neural Networks", CVPR 2016): each 2x2 output tile is
@@ -305,14 +405,30 @@ auto centre_taps(W& weight, Index c) {
                                                                   weight.outerStride(), 9));
 }
 
+/// Auto: Winograd pays off when the products dominate its transforms — their cost per tile
+/// grows with C + O, the flops saved with C·O — and when padding to whole 2x2 tiles wastes
+/// little (7x7 pads to 8x8). Thresholds measured with AVX2 (e.g. C 256 → O 128 at 28x28: 1.3x
+/// faster; C 64 → O 16 at 32x32: 1.9x slower).
+inline bool use_winograd(Conv3x3Algorithm algorithm, Index c, Index o, Index h, Index w) {
+  if (algorithm != Conv3x3Algorithm::Auto) return algorithm == Conv3x3Algorithm::Winograd;
+  const double padded = double(2 * ((h + 1) / 2)) * double(2 * ((w + 1) / 2));
+  return double(c) * double(o) >= 48.0 * double(c + o) && padded <= 1.15 * double(h * w);
+}
+
 /// y = conv3x3(x; W) for N x C x H x W input and O x 9C weight. `ws` is a workspace reused
 /// across calls.
 template <class S>
 void conv3x3_forward(const S* x, Index n, Index c, Index h, Index w,
-                     const ConstMatrixRef<S>& weight, S* y, Matrix<S>& ws) {
+                     const ConstMatrixRef<S>& weight, S* y, Matrix<S>& ws,
+                     Conv3x3Algorithm algorithm = Conv3x3Algorithm::Auto) {
   const Index o = weight.rows(), hw = h * w;
   if (hw == 1) {  // only the centre tap meets data: Y (N x O) = X (N x C) W_cᵀ
     SampleMap<S>(y, n, o).noalias() = ConstSampleMap<S>(x, n, c) * centre_taps<S>(weight, c).transpose();
+    return;
+  }
+  if (!use_winograd(algorithm, c, o, h, w)) {
+    ws.resize(9 * c, hw);
+    conv3x3_forward_im2col(x, n, c, h, w, weight, y, ws.data());
     return;
   }
   const WinogradPlan p(c, o, h, w, n);
@@ -338,7 +454,8 @@ void conv3x3_forward(const S* x, Index n, Index c, Index h, Index w,
 template <class S>
 void conv3x3_backward(const S* x, Index n, Index c, Index h, Index w,
                       const ConstMatrixRef<S>& weight, const S* dy, S* dweight, S* dx,
-                      bool assign, Matrix<S>& ws) {
+                      bool assign, Matrix<S>& ws,
+                      Conv3x3Algorithm algorithm = Conv3x3Algorithm::Auto) {
   const Index o = weight.rows(), hw = h * w;
   if (assign) {
     if (dweight) SampleMap<S>(dweight, o, 9 * c).setZero();
@@ -351,6 +468,12 @@ void conv3x3_backward(const S* x, Index n, Index c, Index h, Index w,
       centre_taps<S>(dw, c).noalias() += g.transpose() * ConstSampleMap<S>(x, n, c);
     }
     if (dx) SampleMap<S>(dx, n, c).noalias() += g * centre_taps<S>(weight, c);
+    return;
+  }
+  if (!use_winograd(algorithm, c, o, h, w)) {
+    ws.resize(18 * c, hw);
+    conv3x3_backward_im2col(x, n, c, h, w, weight, dy, dweight, dx, ws.data(),
+                            ws.data() + 9 * c * hw);
     return;
   }
   const WinogradPlan p(c, o, h, w, n);
@@ -439,18 +562,19 @@ void conv2d_1x1_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
 /// 3x3 convolution, stride 1, zero padding 1, no bias:
 /// y[n,o,h,w] = Σ_{i,a,b} W[o, 9i + 3a + b] x[n, i, h + a − 1, w + b − 1].
 /// x: N x C x H x W; weight: O x 9C; y: N x O x H x W, overwritten. `workspace` is reused
-/// across calls. A 1x1 input is valid: only the centre taps meet data. Computed with Winograd's
-/// F(2x2, 3x3) (see the note above): 2.25x fewer flops than im2col + GEMM.
+/// across calls. A 1x1 input is valid: only the centre taps meet data. `algorithm` picks im2col
+/// + GEMM or Winograd's F(2x2, 3x3) (see the note above); Auto chooses per shape.
 template <class S>
 void conv2d_3x3(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
                 const ConstMatrixRef<detail::NonDeduced<S>>& weight,
-                Tensor4Ref<detail::NonDeduced<S>> y, Matrix<detail::NonDeduced<S>>& workspace) {
+                Tensor4Ref<detail::NonDeduced<S>> y, Matrix<detail::NonDeduced<S>>& workspace,
+                Conv3x3Algorithm algorithm = Conv3x3Algorithm::Auto) {
   static constexpr const char* op = "conv2d_3x3";
   detail::check_conv_args<S>(op, x, weight, 9);
   detail::check_shape4(op, "y", y, x.dimension(0), weight.rows(), x.dimension(2), x.dimension(3),
                        "N x out_channels x H x W");
   detail::conv3x3_forward<S>(x.data(), x.dimension(0), x.dimension(1), x.dimension(2),
-                             x.dimension(3), weight, y.data(), workspace);
+                             x.dimension(3), weight, y.data(), workspace, algorithm);
 }
 
 /// Backward of `conv2d_3x3`: adds dL/dx and dL/dW to the non-empty arguments among dx
@@ -461,7 +585,8 @@ void conv2d_3x3_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
                          const ConstTensor4Ref<detail::NonDeduced<S>>& dy,
                          Tensor4Ref<detail::NonDeduced<S>> dx,
                          MatrixRef<detail::NonDeduced<S>> dweight,
-                         Matrix<detail::NonDeduced<S>>& workspace) {
+                         Matrix<detail::NonDeduced<S>>& workspace,
+                         Conv3x3Algorithm algorithm = Conv3x3Algorithm::Auto) {
   static constexpr const char* op = "conv2d_3x3_backward";
   detail::check_conv_args<S>(op, x, weight, 9);
   const Index n = x.dimension(0), h = x.dimension(2), w = x.dimension(3);
@@ -470,7 +595,7 @@ void conv2d_3x3_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
   if (dweight.size()) detail::check_shape(op, "dweight", dweight, weight.rows(), weight.cols(), "same as weight");
   detail::conv3x3_backward<S>(x.data(), n, x.dimension(1), h, w, weight, dy.data(),
                               dweight.size() ? dweight.data() : nullptr,
-                              dx.size() ? dx.data() : nullptr, false, workspace);
+                              dx.size() ? dx.data() : nullptr, false, workspace, algorithm);
 }
 
 }  // namespace mmkd
