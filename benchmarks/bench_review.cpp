@@ -1,7 +1,8 @@
 // ReviewKD: ReviewFusion forward + HierarchicalContextLoss + backward (train mode), mmkd against
 // the same pipeline in libtorch (conv2d, batch_norm, interpolate, adaptive_avg_pool2d, autograd),
-// single thread, in one binary. Args: the configuration (0 = CIFAR resnet56 -> resnet20,
-// 1 = ImageNet-like 28/14/7/1 stages) and the batch size.
+// single thread, in one binary (with EIGEN_USE_BLAS: mmkd's products on the BLAS, reported as
+// "mmkd-blas"). The argument is the batch size. FLOPS counts the flops of the convolutions as
+// direct (im2col) convolutions: an effective rate, since Winograd does fewer.
 
 #include <vector>
 
@@ -9,6 +10,12 @@
 
 #ifdef MMKD_BENCH_TORCH
 #include "torch/review_reference.hpp"
+#endif
+
+#ifdef EIGEN_USE_BLAS
+#define MMKD_IMPL "mmkd-blas"
+#else
+#define MMKD_IMPL "mmkd"
 #endif
 
 namespace {
@@ -55,9 +62,9 @@ mmkd::ReviewFusion<float>::Options options(const Config& c) {
   return o;
 }
 
-void mmkd_ReviewKD_forward_backward(benchmark::State& st) {
-  const Config& cfg = kConfigs[st.range(0)];
-  const Index n = st.range(1);
+void mmkd_review(benchmark::State& st, int config) {
+  const Config& cfg = kConfigs[config];
+  const Index n = st.range(0);
   Inputs in(cfg, n);
   mmkd::ReviewFusion<float> review(options(cfg));
   mmkd::HierarchicalContextLoss<float> hcl;
@@ -80,15 +87,15 @@ void mmkd_ReviewKD_forward_backward(benchmark::State& st) {
   };
   step();  // warm-up: buffers sized and touched, as in a training loop's steady state
   for (auto _ : st) benchmark::DoNotOptimize(step());
-  st.counters["FLOPS"] = benchmark::Counter(in.conv_flops * double(st.iterations()),
-                                            benchmark::Counter::kIsRate);
+  st.counters["FLOPS"] =
+      benchmark::Counter(in.conv_flops * double(st.iterations()), benchmark::Counter::kIsRate);
 }
 
 #ifdef MMKD_BENCH_TORCH
-void torch_ReviewKD_forward_backward(benchmark::State& st) {
+void torch_review(benchmark::State& st, int config) {
   torch::set_num_threads(1);
-  const Config& cfg = kConfigs[st.range(0)];
-  const Index n = st.range(1);
+  const Config& cfg = kConfigs[config];
+  const Index n = st.range(0);
   Inputs in(cfg, n);
   mmkd::ReviewFusion<float> review(options(cfg));
   mmkd_torch::TorchReview ref(review, torch::kFloat32);
@@ -108,21 +115,37 @@ void torch_ReviewKD_forward_backward(benchmark::State& st) {
   };
   step();  // warm-up
   for (auto _ : st) benchmark::DoNotOptimize(step());
-  st.counters["FLOPS"] = benchmark::Counter(in.conv_flops * double(st.iterations()),
-                                            benchmark::Counter::kIsRate);
+  st.counters["FLOPS"] =
+      benchmark::Counter(in.conv_flops * double(st.iterations()), benchmark::Counter::kIsRate);
 }
 #endif
 
-void shapes(benchmark::internal::Benchmark* b) {
-  b->Args({0, 4})->Args({0, 64})->Args({1, 16});
+void setup(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 }
 
 }  // namespace
 
-BENCHMARK(mmkd_ReviewKD_forward_backward)->Apply(shapes);
-#ifdef MMKD_BENCH_TORCH
-BENCHMARK(torch_ReviewKD_forward_backward)->Apply(shapes);
+// Names: <impl>_ReviewKD-<config>_forward+backward/<N>.
+BENCHMARK_CAPTURE(mmkd_review, resnet20, 0)
+    ->Name(MMKD_IMPL "_ReviewKD-resnet20_forward+backward")
+    ->Arg(4)
+    ->Arg(64)
+    ->Apply(setup);
+BENCHMARK_CAPTURE(mmkd_review, imagenet, 1)
+    ->Name(MMKD_IMPL "_ReviewKD-ImageNet-like_forward+backward")
+    ->Arg(16)
+    ->Apply(setup);
+#if defined(MMKD_BENCH_TORCH) && !defined(EIGEN_USE_BLAS)
+BENCHMARK_CAPTURE(torch_review, resnet20, 0)
+    ->Name("torch_ReviewKD-resnet20_forward+backward")
+    ->Arg(4)
+    ->Arg(64)
+    ->Apply(setup);
+BENCHMARK_CAPTURE(torch_review, imagenet, 1)
+    ->Name("torch_ReviewKD-ImageNet-like_forward+backward")
+    ->Arg(16)
+    ->Apply(setup);
 #endif
 
 BENCHMARK_MAIN();

@@ -4,6 +4,7 @@
 #include <mmkd/mmkd.hpp>
 
 #include <cstdio>
+#include <vector>
 
 int main() {
   const mmkd::Index n = 4, c = 5;  // 4 samples, 5 classes
@@ -111,6 +112,38 @@ int main() {
               "ChannelDecorrelation", l_decor);
   std::printf("  %-22s %10.6f   log mean exp(-2 |u_i - u_j|^2), in [-8, 0]\n\n", "Uniformity",
               l_unif);
+
+  // ReviewKD: the student's stage features (shallow -> deep) fused deep-to-shallow by attention
+  // (ReviewFusion), compared with the teacher's features by the hierarchical context loss.
+  {
+    const std::vector<mmkd::Index> channels = {8, 16, 16}, sizes = {8, 4, 1};
+    mmkd::ReviewFusion<double>::Options o;
+    o.in_channels = o.out_channels = channels;
+    o.shapes = sizes;
+    o.mid_channels = 16;
+    o.seed = 1;
+    mmkd::ReviewFusion<double> review(o);
+    std::vector<mmkd::Tensor4<double>> fs, ft, d_out, d_feat;
+    for (std::size_t k = 0; k < channels.size(); ++k) {
+      for (auto* v : {&fs, &ft, &d_out, &d_feat})
+        v->emplace_back(4, channels[k], sizes[k], sizes[k]);
+      for (mmkd::Index e = 0; e < fs[k].size(); ++e) {
+        fs[k].data()[e] = rng.normal();
+        ft[k].data()[e] = rng.normal();
+      }
+      d_out[k].setZero();
+      d_feat[k].setZero();
+    }
+    mmkd::HierarchicalContextLoss<double> hcl;
+    const auto& outs = review.forward({fs.begin(), fs.end()});
+    const double l_hcl =
+        hcl.value_and_grad(outs, {ft.begin(), ft.end()}, {d_out.begin(), d_out.end()});
+    review.backward({d_out.begin(), d_out.end()}, {d_feat.begin(), d_feat.end()});
+    std::printf("  %-22s %10.6f   sum over stages of (MSE + pooled 4/2/1 MSEs) / total weight\n",
+                "ReviewFusion + HCL", l_hcl);
+    std::printf("  %zu parameter tensors, e.g. %s; gradients added to every feature\n\n",
+                review.parameters().size(), review.parameters().front().name);
+  }
 
   // Bad input is an exception that names the argument; nothing is written.
   try {

@@ -59,11 +59,12 @@ TEST_CASE("AttentionFusion gradients match finite differences for inputs and eve
       Matrix<double> dr = Matrix<double>::Ones(r.rows(), r.cols());
       abf.backward(map4(u, k.n, k.out, oh, ow), map4(v, k.n, k.mid, oh, ow),
                    out4(dx, k.n, k.in, k.h, k.w),
-                   k.fuse ? out4(dr, k.n, k.mid, k.rh, k.rw) : mmkd::Tensor4Ref<double>(nullptr, 0, 0, 0, 0));
+                   k.fuse ? out4(dr, k.n, k.mid, k.rh, k.rw)
+                          : mmkd::Tensor4Ref<double>(nullptr, 0, 0, 0, 0));
       dx.array() -= 1.0;
       dr.array() -= 1.0;
-      CHECK(mmkd::check_gradient([&](const Matrix<double>& t) { return scalar(abf, k, t, r, u, v); },
-                                 x, dx, tight()));
+      CHECK(mmkd::check_gradient(
+          [&](const Matrix<double>& t) { return scalar(abf, k, t, r, u, v); }, x, dx, tight()));
       if (k.fuse) {
         CHECK(mmkd::check_gradient(
             [&](const Matrix<double>& t) { return scalar(abf, k, x, t, u, v); }, r, dr, tight()));
@@ -87,16 +88,16 @@ TEST_CASE("AttentionFusion gradients match finite differences for inputs and eve
   }
 }
 
-TEST_CASE("AttentionFusion initialisation follows the reference's distributions",
-          "[review][abf]") {
+TEST_CASE("AttentionFusion initialisation follows the reference's distributions", "[review][abf]") {
   Abf a({64, 48, 32, true, 1}), b({64, 48, 32, true, 1}), c({64, 48, 32, true, 2});
   auto pa = a.parameters(), pb = b.parameters(), pc = c.parameters();
   const char* names[] = {"conv1.0.weight",    "conv1.1.weight", "conv1.1.bias",
                          "conv2.0.weight",    "conv2.1.weight", "conv2.1.bias",
                          "att_conv.0.weight", "att_conv.0.bias"};
   // kaiming_uniform(a=1): U(±√(3/fan_in)); PyTorch's Conv2d default: U(±1/√fan_in).
-  const double bound[] = {std::sqrt(3.0 / 64), 0, 0, std::sqrt(3.0 / (9 * 48)), 0, 0,
-                          1 / std::sqrt(96.0), 1 / std::sqrt(96.0)};
+  const double bound[] = {
+      std::sqrt(3.0 / 64), 0, 0, std::sqrt(3.0 / (9 * 48)), 0, 0, 1 / std::sqrt(96.0),
+      1 / std::sqrt(96.0)};
   for (std::size_t k = 0; k < 8; ++k) {
     INFO(names[k]);
     CHECK(std::string(pa[k].name) == names[k]);
@@ -125,7 +126,8 @@ TEST_CASE("AttentionFusion initialisation follows the reference's distributions"
 TEST_CASE("AttentionFusion: errors name the problem and a failed call changes nothing",
           "[review][abf]") {
   Abf abf({2, 3, 2, true, 0});
-  const Matrix<double> x = random_matrix<double>(2 * 2, 4, 1), r = random_matrix<double>(2 * 3, 1, 2);
+  const Matrix<double> x = random_matrix<double>(2 * 2, 4, 1),
+                       r = random_matrix<double>(2 * 3, 1, 2);
   CHECK_THROWS_WITH(abf.forward(map4(x, 2, 2, 2, 2)), Catch::Contains("fuse is set"));
   CHECK_THROWS_WITH(abf.forward(map4(x, 4, 1, 2, 2), map4(r, 2, 3, 1, 1)),
                     Catch::Contains("AttentionFusion: input has shape 4x1x2x2, expected Nx2xHxW"));
@@ -143,7 +145,8 @@ TEST_CASE("AttentionFusion: errors name the problem and a failed call changes no
 
   // Strong guarantee: a NaN input or cotangent changes no buffer, gradient or caller buffer.
   abf.forward(map4(x, 2, 2, 2, 2), map4(r, 2, 3, 1, 1));
-  abf.backward(map4(u, 2, 2, 2, 2), map4(u, 0, 0, 0, 0), out4(dx, 2, 2, 2, 2), out4(dr, 2, 3, 1, 1));
+  abf.backward(map4(u, 2, 2, 2, 2), map4(u, 0, 0, 0, 0), out4(dx, 2, 2, 2, 2),
+               out4(dr, 2, 3, 1, 1));
   auto snapshot = [&] {
     std::vector<Matrix<double>> s;
     for (auto& v : abf.parameters()) s.emplace_back(v.value);
@@ -164,8 +167,8 @@ TEST_CASE("AttentionFusion: errors name the problem and a failed call changes no
   same(snapshot());
   Matrix<double> badu = u;
   badu(0, 2) = std::numeric_limits<double>::quiet_NaN();
-  CHECK_THROWS_WITH(abf.backward(map4(badu, 2, 2, 2, 2), map4(u, 0, 0, 0, 0),
-                                 out4(dx, 2, 2, 2, 2), out4(dr, 2, 3, 1, 1)),
+  CHECK_THROWS_WITH(abf.backward(map4(badu, 2, 2, 2, 2), map4(u, 0, 0, 0, 0), out4(dx, 2, 2, 2, 2),
+                                 out4(dr, 2, 3, 1, 1)),
                     Catch::Contains("d_output[0,0,1,0] is NaN"));
   same(snapshot());
   // Overflow inside the module (finite input, huge weights): NumericalError, nothing committed.
@@ -183,7 +186,8 @@ TEST_CASE("AttentionFusion: errors name the problem and a failed call changes no
 TEST_CASE("AttentionFusion in float agrees with double", "[review][abf]") {
   mmkd::AttentionFusion<float> af({3, 4, 2, true, 5});
   Abf ad({3, 4, 2, true, 5});
-  const Matrix<double> x = random_matrix<double>(2 * 3, 16, 1), r = random_matrix<double>(2 * 4, 4, 2);
+  const Matrix<double> x = random_matrix<double>(2 * 3, 16, 1),
+                       r = random_matrix<double>(2 * 4, 4, 2);
   const Matrix<float> xf = x.cast<float>(), rf = r.cast<float>();
   const auto& yd = ad.forward(map4(x, 2, 3, 4, 4), map4(r, 2, 4, 2, 2));
   const auto& yf = af.forward(map4(xf, 2, 3, 4, 4), map4(rf, 2, 4, 2, 2));

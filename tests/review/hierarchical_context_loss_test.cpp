@@ -70,7 +70,8 @@ TEST_CASE("HCL total weights follow the reference table", "[review][hcl]") {
 
 TEST_CASE("HCL equals the reference loops and its gradient matches finite differences",
           "[review][hcl]") {
-  const Index shapes[][4] = {{2, 3, 7, 7}, {1, 2, 14, 14}, {2, 2, 3, 3}, {3, 2, 1, 1}, {2, 1, 2, 5}};
+  const Index shapes[][4] = {
+      {2, 3, 7, 7}, {1, 2, 14, 14}, {2, 2, 3, 3}, {3, 2, 1, 1}, {2, 1, 2, 5}};
   std::vector<mmkd::Tensor4<double>> s, t;
   for (std::size_t k = 0; k < 5; ++k) {
     const auto* d = shapes[k];
@@ -96,6 +97,21 @@ TEST_CASE("HCL equals the reference loops and its gradient matches finite differ
     };
     CHECK(mmkd::check_gradient(f, flat(s[k]), Matrix<double>(flat(g[k]).array() - 0.25), tight()));
   }
+  // weight scales value and gradient (ReviewKD's per-pair weight and warm-up).
+  mmkd::HierarchicalContextLoss<double>::Options wo;
+  wo.weight = 0.6;
+  mmkd::HierarchicalContextLoss<double> weighted(wo);
+  std::vector<mmkd::Tensor4<double>> gw;
+  for (auto& x : s) {
+    gw.emplace_back(x.dimensions());
+    gw.back().setZero();
+  }
+  CHECK(weighted.value_and_grad(Views(s.begin(), s.end()), Views(t.begin(), t.end()),
+                                {gw.begin(), gw.end()}) == Approx(0.6 * v).epsilon(1e-14));
+  for (std::size_t k = 0; k < s.size(); ++k) {
+    const Matrix<double> expect = 0.6 * (flat(g[k]).array() - 0.25).matrix();
+    CHECK((flat(gw[k]) - expect).cwiseAbs().maxCoeff() < 1e-15);
+  }
   // Equal inputs: zero loss, zero gradient.
   for (auto& x : g) x.setZero();
   CHECK(hcl.value_and_grad(Views(s.begin(), s.end()), Views(s.begin(), s.end()),
@@ -113,7 +129,8 @@ TEST_CASE("HCL with custom levels; float agrees with double", "[review][hcl]") {
   CHECK(only_full.value({s}, {t}) == Approx(d.squaredNorm() / d.size()).epsilon(1e-14));
   // Level 1 alone: (mse + ½·mean of the squared plane means) / 1.5.
   const double pooled = (d.rowwise().mean()).squaredNorm() / double(d.rows());
-  CHECK(one.value({s}, {t}) == Approx((d.squaredNorm() / d.size() + 0.5 * pooled) / 1.5).epsilon(1e-14));
+  CHECK(one.value({s}, {t}) ==
+        Approx((d.squaredNorm() / d.size() + 0.5 * pooled) / 1.5).epsilon(1e-14));
   mmkd::HierarchicalContextLoss<float> hf;
   mmkd::HierarchicalContextLoss<double> hd;
   const mmkd::Tensor4<float> sf = s.cast<float>(), tf = t.cast<float>();

@@ -103,48 +103,51 @@ TEST_CASE("conv2d_1x1 matches its definition; backward matches finite difference
   }
 }
 
-TEST_CASE("conv2d_3x3 matches its definition, 1x1 inputs included; backward matches finite "
-          "differences",
-          "[review][ops][conv]") {
+TEST_CASE(
+    "conv2d_3x3 matches its definition, 1x1 inputs included; backward matches finite "
+    "differences",
+    "[review][ops][conv]") {
   using Algo = mmkd::Conv3x3Algorithm;
   for (Algo algo : {Algo::Im2col, Algo::Winograd, Algo::Auto})
-  for (Shape s : {Shape{2, 3, 5, 4}, Shape{3, 2, 1, 1}, Shape{1, 2, 1, 6}, Shape{2, 2, 3, 1},
-                  Shape{1, 1, 2, 2}, Shape{2, 2, 7, 7}}) {
-    INFO("N " << s.n << " C " << s.c << " H " << s.h << " W " << s.w << " algorithm " << int(algo));
-    const Index o = 3, hw = s.h * s.w;
-    const Matrix<double> x = random_matrix<double>(s.n * s.c, hw, 4);
-    const Matrix<double> w = random_matrix<double>(o, 9 * s.c, 5);
-    Matrix<double> ws1, ws2;
-    auto fwd = [&](const Matrix<double>& xx, const Matrix<double>& ww) {
-      Matrix<double> y(s.n * o, hw);
-      mmkd::conv2d_3x3<double>(map4(xx, s.n, s.c, s.h, s.w), ww, out4(y, s.n, o, s.h, s.w), ws1,
-                               algo);
-      return y;
-    };
-    CHECK((fwd(x, w) - conv3x3_loops(x, s.n, s.c, s.h, s.w, w)).cwiseAbs().maxCoeff() < 1e-12);
-    auto vjp = [&](const Matrix<double>& u, bool input) {
-      Matrix<double> dx = Matrix<double>::Ones(x.rows(), x.cols()),
-                     dw = Matrix<double>::Ones(o, 9 * s.c);
-      mmkd::conv2d_3x3_backward<double>(map4(x, s.n, s.c, s.h, s.w), w, map4(u, s.n, o, s.h, s.w),
-                                        out4(dx, s.n, s.c, s.h, s.w), dw, ws2,
-                                        algo);
-      return Matrix<double>((input ? dx : dw).array() - 1.0);
-    };
-    CHECK(mmkd::check_vjp([&](const Matrix<double>& v) { return fwd(v, w); },
-                          [&](const Matrix<double>&, const Matrix<double>& u) { return vjp(u, true); },
-                          x, tight()));
-    const auto rw = mmkd::check_vjp(
-        [&](const Matrix<double>& v) { return fwd(x, v); },
-        [&](const Matrix<double>&, const Matrix<double>& u) { return vjp(u, false); }, w, tight());
-    CHECK(rw);
-    if (hw == 1) {  // only the centre taps see data; the others get exactly zero
-      const Matrix<double> u = random_matrix<double>(s.n * o, 1, 6);
-      const Matrix<double> dw = vjp(u, false);
-      for (Index k = 0; k < dw.cols(); ++k) {
-        if (k % 9 != 4) CHECK(dw.col(k).isZero(0));
+    for (Shape s : {Shape{2, 3, 5, 4}, Shape{3, 2, 1, 1}, Shape{1, 2, 1, 6}, Shape{2, 2, 3, 1},
+                    Shape{1, 1, 2, 2}, Shape{2, 2, 7, 7}}) {
+      INFO("N " << s.n << " C " << s.c << " H " << s.h << " W " << s.w << " algorithm "
+                << int(algo));
+      const Index o = 3, hw = s.h * s.w;
+      const Matrix<double> x = random_matrix<double>(s.n * s.c, hw, 4);
+      const Matrix<double> w = random_matrix<double>(o, 9 * s.c, 5);
+      Matrix<double> ws1, ws2;
+      auto fwd = [&](const Matrix<double>& xx, const Matrix<double>& ww) {
+        Matrix<double> y(s.n * o, hw);
+        mmkd::conv2d_3x3<double>(map4(xx, s.n, s.c, s.h, s.w), ww, out4(y, s.n, o, s.h, s.w), ws1,
+                                 algo);
+        return y;
+      };
+      CHECK((fwd(x, w) - conv3x3_loops(x, s.n, s.c, s.h, s.w, w)).cwiseAbs().maxCoeff() < 1e-12);
+      auto vjp = [&](const Matrix<double>& u, bool input) {
+        Matrix<double> dx = Matrix<double>::Ones(x.rows(), x.cols()),
+                       dw = Matrix<double>::Ones(o, 9 * s.c);
+        mmkd::conv2d_3x3_backward<double>(map4(x, s.n, s.c, s.h, s.w), w, map4(u, s.n, o, s.h, s.w),
+                                          out4(dx, s.n, s.c, s.h, s.w), dw, ws2, algo);
+        return Matrix<double>((input ? dx : dw).array() - 1.0);
+      };
+      CHECK(mmkd::check_vjp(
+          [&](const Matrix<double>& v) { return fwd(v, w); },
+          [&](const Matrix<double>&, const Matrix<double>& u) { return vjp(u, true); }, x,
+          tight()));
+      const auto rw = mmkd::check_vjp(
+          [&](const Matrix<double>& v) { return fwd(x, v); },
+          [&](const Matrix<double>&, const Matrix<double>& u) { return vjp(u, false); }, w,
+          tight());
+      CHECK(rw);
+      if (hw == 1) {  // only the centre taps see data; the others get exactly zero
+        const Matrix<double> u = random_matrix<double>(s.n * o, 1, 6);
+        const Matrix<double> dw = vjp(u, false);
+        for (Index k = 0; k < dw.cols(); ++k) {
+          if (k % 9 != 4) CHECK(dw.col(k).isZero(0));
+        }
       }
     }
-  }
 }
 
 TEST_CASE("nearest_resize and adaptive_avg_pool2d backward match finite differences",
@@ -169,7 +172,8 @@ TEST_CASE("nearest_resize and adaptive_avg_pool2d backward match finite differen
           mmkd::adaptive_avg_pool2d_backward<double>(map4(u, n, c, out, out),
                                                      out4(dx, n, c, in, in + 1));
         else
-          mmkd::nearest_resize_backward<double>(map4(u, n, c, out, out), out4(dx, n, c, in, in + 1));
+          mmkd::nearest_resize_backward<double>(map4(u, n, c, out, out),
+                                                out4(dx, n, c, in, in + 1));
         return Matrix<double>(dx.array() - 2.0);
       };
       INFO("pool " << pool);
@@ -181,7 +185,8 @@ TEST_CASE("nearest_resize and adaptive_avg_pool2d backward match finite differen
 TEST_CASE("attention_fuse matches its definition; backward matches finite differences",
           "[review][ops][attention]") {
   const Index n = 2, c = 3, h = 3, w = 2, hw = h * w;
-  const Matrix<double> x = random_matrix<double>(n * c, hw, 7), y = random_matrix<double>(n * c, hw, 8);
+  const Matrix<double> x = random_matrix<double>(n * c, hw, 7),
+                       y = random_matrix<double>(n * c, hw, 8);
   const Matrix<double> wt = random_matrix<double>(2, 2 * c, 9), b = random_matrix<double>(1, 2, 10);
   Matrix<double> z(n * 2, hw);
   auto fwd = [&](const Matrix<double>& xx, const Matrix<double>& yy, const Matrix<double>& ww,
@@ -200,7 +205,8 @@ TEST_CASE("attention_fuse matches its definition; backward matches finite differ
           a[j] += wt(j, k) * x(i * c + k, p) + wt(j, c + k) * y(i * c + k, p);
       const double z0 = 1 / (1 + std::exp(-a[0])), z1 = 1 / (1 + std::exp(-a[1]));
       for (Index k = 0; k < c; ++k)
-        CHECK(f(i * c + k, p) == Approx(x(i * c + k, p) * z0 + y(i * c + k, p) * z1).epsilon(1e-13));
+        CHECK(f(i * c + k, p) ==
+              Approx(x(i * c + k, p) * z0 + y(i * c + k, p) * z1).epsilon(1e-13));
     }
   auto vjp = [&](const Matrix<double>& u, int which) {
     fwd(x, y, wt, b);  // z for the unperturbed inputs
@@ -228,14 +234,12 @@ TEST_CASE("attention_fuse matches its definition; backward matches finite differ
 
 TEST_CASE("ops reject mismatched shapes with a message naming the argument", "[review][ops]") {
   Matrix<double> x = Matrix<double>::Zero(6, 4), y(6, 4), ws;
-  const Matrix<double> w = Matrix<double>::Zero(2, 3), w3 = Matrix<double>::Zero(2, 27),
-                       none(0, 0);
+  const Matrix<double> w = Matrix<double>::Zero(2, 3), w3 = Matrix<double>::Zero(2, 27), none(0, 0);
   CHECK_THROWS_WITH(mmkd::conv2d_1x1<double>(map4(x, 2, 3, 2, 2), Matrix<double>::Zero(2, 4), none,
                                              out4(y, 2, 2, 2, 2)),
                     Catch::Contains("conv2d_1x1: weight has shape 2x4, expected 2x3"));
-  CHECK_THROWS_WITH(
-      mmkd::conv2d_3x3<double>(map4(x, 2, 3, 2, 2), w3, out4(y, 2, 3, 2, 2), ws),
-      Catch::Contains("conv2d_3x3: y has shape 2x3x2x2, expected 2x2x2x2"));
+  CHECK_THROWS_WITH(mmkd::conv2d_3x3<double>(map4(x, 2, 3, 2, 2), w3, out4(y, 2, 3, 2, 2), ws),
+                    Catch::Contains("conv2d_3x3: y has shape 2x3x2x2, expected 2x2x2x2"));
   CHECK_THROWS_WITH(mmkd::conv2d_1x1<double>(map4(x, 2, 3, 2, 2), w, Matrix<double>::Zero(1, 3),
                                              out4(y, 2, 2, 2, 2)),
                     Catch::Contains("bias has shape 1x3, expected 1x2"));

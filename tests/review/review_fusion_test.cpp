@@ -35,7 +35,7 @@ double hcl_of(Review& review, const std::vector<mmkd::Tensor4<double>>& feats,
 }  // namespace
 
 TEST_CASE("ReviewFusion builds the reference's resnet56 -> resnet20 chain", "[review][fusion]") {
-  Review review({{16, 32, 64, 64}, {16, 32, 64, 64}, {32, 16, 8, 1}});
+  Review review({{16, 32, 64, 64}, {16, 32, 64, 64}, {32, 16, 8, 1}, {}, 0, 0});
   CHECK(review.options().mid_channels == 64);  // min(512, 64)
   REQUIRE(review.stages() == 4);
   for (Index k = 0; k < 4; ++k) CHECK(review.stage(k).options().fuse == (k < 3));
@@ -130,11 +130,13 @@ TEST_CASE("ReviewFusion: bad stage lists and features name the stage", "[review]
                     Catch::Contains("got 2 features, expected 3"));
   // (A TensorMap's operator= copies data, so each bad list is built afresh.)
   const auto wrong_c = random_map<double>(2, 5, 2, 2, 1);
-  CHECK_THROWS_WITH(review.forward(Views{v[0], wrong_c, v[2]}),
-                    Catch::Contains("ReviewFusion: stage 1 of 3: feature has shape 2x5x2x2, "
-                                    "expected 2x3x2x2 (batch of stage 0, in_channels[1], shapes[1])"));
+  CHECK_THROWS_WITH(
+      review.forward(Views{v[0], wrong_c, v[2]}),
+      Catch::Contains("ReviewFusion: stage 1 of 3: feature has shape 2x5x2x2, "
+                      "expected 2x3x2x2 (batch of stage 0, in_channels[1], shapes[1])"));
   const auto wrong_hw = random_map<double>(2, 3, 3, 3, 1);
-  CHECK_THROWS_WITH(review.forward(Views{v[0], wrong_hw, v[2]}), Catch::Contains("stage 1 of 3: feature has shape 2x3x3x3"));
+  CHECK_THROWS_WITH(review.forward(Views{v[0], wrong_hw, v[2]}),
+                    Catch::Contains("stage 1 of 3: feature has shape 2x3x3x3"));
   // Train-mode batch norm on the pooled 1x1 stage with one sample.
   Chain one = make_chain(review.options(), 1, 4);
   CHECK_THROWS_WITH(review.forward(Views(one.feats.begin(), one.feats.end())),
@@ -174,8 +176,9 @@ TEST_CASE("ReviewFusion: a failed forward or backward changes nothing", "[review
                     Catch::Contains("input[1,1,0,0] is NaN"));
   same();
   // The chain's caches were overwritten by the failed forward: backward is refused.
-  CHECK_THROWS_WITH(review.backward(Views(d_out.begin(), d_out.end()), {d_feat.begin(), d_feat.end()}),
-                    Catch::Contains("backward called before forward"));
+  CHECK_THROWS_WITH(
+      review.backward(Views(d_out.begin(), d_out.end()), {d_feat.begin(), d_feat.end()}),
+      Catch::Contains("backward called before forward"));
   same();
   // A NaN in a shallow feature: the deeper stages already ran, nothing is committed.
   c.feats[2].data()[5] = 0.5;
@@ -187,8 +190,9 @@ TEST_CASE("ReviewFusion: a failed forward or backward changes nothing", "[review
   const auto mid_before = review.buffers();
   d_out[1].data()[0] = std::numeric_limits<double>::quiet_NaN();
   const auto grads_before = snapshot();
-  CHECK_THROWS_WITH(review.backward(Views(d_out.begin(), d_out.end()), {d_feat.begin(), d_feat.end()}),
-                    Catch::Contains("d_outputs[1][0,0,0,0] is NaN"));
+  CHECK_THROWS_WITH(
+      review.backward(Views(d_out.begin(), d_out.end()), {d_feat.begin(), d_feat.end()}),
+      Catch::Contains("d_outputs[1][0,0,0,0] is NaN"));
   const auto now = snapshot();
   for (std::size_t k = 0; k < now.size(); ++k) CHECK(bit_identical(now[k], grads_before[k]));
 }

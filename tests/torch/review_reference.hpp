@@ -15,7 +15,8 @@
 namespace mmkd_torch {
 
 inline bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 /// A libtorch copy of an mmkd view: conv weights get PyTorch's (O, C, kh, kw) shape, vectors 1-D.
@@ -23,9 +24,8 @@ template <class S>
 torch::Tensor to_torch_param(const std::string& name, const Eigen::Map<mmkd::Matrix<S>>& m,
                              torch::Dtype dtype) {
   const auto src_type = std::is_same<S, double>::value ? torch::kFloat64 : torch::kFloat32;
-  auto t = torch::from_blob(const_cast<S*>(m.data()), {m.rows(), m.cols()}, src_type)
-               .to(dtype)
-               .clone();
+  auto t =
+      torch::from_blob(const_cast<S*>(m.data()), {m.rows(), m.cols()}, src_type).to(dtype).clone();
   if (ends_with(name, "conv2.0.weight")) return t.view({m.rows(), m.cols() / 9, 3, 3});
   if (ends_with(name, ".0.weight")) return t.view({m.rows(), m.cols(), 1, 1});
   return t.view({m.rows() * m.cols()});
@@ -63,9 +63,9 @@ struct TorchReview {
     const int64_t h = x.size(2), w = x.size(3);
     x = bn(p + "conv1.1", torch::conv2d(x, params[p + "conv1.0.weight"]));
     if (residual) {
-      auto y = F::interpolate(*residual, F::InterpolateFuncOptions()
-                                             .size(std::vector<int64_t>{h, w})
-                                             .mode(torch::kNearest));
+      auto y = F::interpolate(
+          *residual,
+          F::InterpolateFuncOptions().size(std::vector<int64_t>{h, w}).mode(torch::kNearest));
       auto z = torch::cat({x, y}, 1);
       z = torch::sigmoid(
           torch::conv2d(z, params[p + "att_conv.0.weight"], params[p + "att_conv.0.bias"]));

@@ -115,25 +115,24 @@ TEST_CASE("ReviewFusion + HCL equal libtorch: ImageNet-like 28/14/7/1 stages (ov
 
 TEST_CASE("ReviewFusion + HCL equal libtorch: ShuffleNet-like out_shapes (resize before conv2)",
           "[torch][review]") {
-  const Config cfg{"out_shapes", {12, 24, 48, 48}, {8, 16, 32, 32}, {16, 8, 4, 1},
-                   {32, 16, 8, 1}, 16, 2};
+  const Config cfg{
+      "out_shapes", {12, 24, 48, 48}, {8, 16, 32, 32}, {16, 8, 4, 1}, {32, 16, 8, 1}, 16, 2};
   check_against_torch(cfg, true);
   check_against_torch(cfg, false);
 }
 
 TEST_CASE("nearest resize and adaptive pooling index rules equal libtorch", "[torch][review]") {
   namespace F = torch::nn::functional;
-  const std::pair<Index, Index> sizes[] = {{1, 8}, {8, 16}, {4, 32}, {3, 7}, {5, 7}, {7, 4},
-                                           {14, 4}, {7, 2}, {5, 4}, {3, 2}, {16, 8}, {7, 5}};
+  const std::pair<Index, Index> sizes[] = {{1, 8},  {8, 16}, {4, 32}, {3, 7}, {5, 7},  {7, 4},
+                                           {14, 4}, {7, 2},  {5, 4},  {3, 2}, {16, 8}, {7, 5}};
   for (auto [in, out] : sizes) {
     INFO(in << " -> " << out);
     const Tensor4 x = random_map<double>(2, 3, in, in + 1, in * 31 + out);
     auto tx = to_torch4(x);
     Tensor4 y(2, 3, out, out);
     mmkd::nearest_resize<double>(x, y);
-    auto ty = F::interpolate(tx, F::InterpolateFuncOptions()
-                                     .size(std::vector<int64_t>{out, out})
-                                     .mode(torch::kNearest));
+    auto ty = F::interpolate(
+        tx, F::InterpolateFuncOptions().size(std::vector<int64_t>{out, out}).mode(torch::kNearest));
     CHECK(max_rel(y.data(), ty, y.size()) == 0);
     mmkd::adaptive_avg_pool2d<double>(x, y);
     auto tp = F::adaptive_avg_pool2d(tx, F::AdaptiveAvgPool2dFuncOptions({out, out}));

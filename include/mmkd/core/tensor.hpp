@@ -75,10 +75,10 @@ template <class X>
 void check_shape4(const char* cls, const std::string& name, const X& x, Index n, Index c, Index h,
                   Index w, const char* why) {
   if (x.dimension(0) != n || x.dimension(1) != c || x.dimension(2) != h || x.dimension(3) != w) {
-    throw_invalid(cls, name + " has shape " +
-                           shape_str4(x.dimension(0), x.dimension(1), x.dimension(2),
-                                      x.dimension(3)) +
-                           ", expected " + shape_str4(n, c, h, w) + " (" + why + ")");
+    throw_invalid(cls,
+                  name + " has shape " +
+                      shape_str4(x.dimension(0), x.dimension(1), x.dimension(2), x.dimension(3)) +
+                      ", expected " + shape_str4(n, c, h, w) + " (" + why + ")");
   }
 }
 

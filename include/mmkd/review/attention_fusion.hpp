@@ -36,7 +36,8 @@ void attention_forward(const S* x, const S* y, Index n, Index c, Index hw,
     zi.row(0).array() += bias[0];
     zi.row(1).array() += bias[1];
     zi = (S(1) / (S(1) + (-zi.array()).exp())).matrix();
-    fi.array() = xi.array().rowwise() * zi.row(0).array() + yi.array().rowwise() * zi.row(1).array();
+    fi.array() =
+        xi.array().rowwise() * zi.row(0).array() + yi.array().rowwise() * zi.row(1).array();
   }
 }
 
@@ -157,7 +158,8 @@ void attention_fuse_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
  * @code
  * mmkd::AttentionFusion<float> abf({16, 64, 16, true, 42});   // in, mid, out, fuse, seed
  * const auto& y = abf.forward(feature, deeper.residual());   // N x 16 x 32 x 32
- * abf.backward(dy, empty, d_feature, d_deeper_residual);     // adds; empty = no residual grad
+ * const mmkd::ConstTensor4Ref<float> none(nullptr, 0, 0, 0, 0);  // no gradient for residual()
+ * abf.backward(dy, none, d_feature, d_deeper_residual);      // adds
  * @endcode
  */
 template <class Scalar = float>
@@ -260,8 +262,7 @@ class AttentionFusion {
                  ", mid " + std::to_string(options_.mid_channels) + ", out " +
                  std::to_string(options_.out_channels));
     }
-    const Index in = options_.in_channels, mid = options_.mid_channels,
-                out = options_.out_channels;
+    const Index in = options_.in_channels, mid = options_.mid_channels, out = options_.out_channels;
     w1_.resize(mid, in);
     w2_.resize(out, 9 * mid);
     watt_.resize(options_.fuse ? 2 : 0, 2 * mid);
@@ -322,12 +323,11 @@ class AttentionFusion {
       const auto& r = *residual;
       if (r.dimension(0) != n || r.dimension(1) != options_.mid_channels || r.dimension(2) < 1 ||
           r.dimension(3) < 1) {
-        throw_here("residual has shape " +
-                   detail::shape_str4(r.dimension(0), r.dimension(1), r.dimension(2),
-                                      r.dimension(3)) +
-                   ", expected " + std::to_string(n) + "x" +
-                   std::to_string(options_.mid_channels) +
-                   "xHxW (the batch of the input, mid_channels)");
+        throw_here(
+            "residual has shape " +
+            detail::shape_str4(r.dimension(0), r.dimension(1), r.dimension(2), r.dimension(3)) +
+            ", expected " + std::to_string(n) + "x" + std::to_string(options_.mid_channels) +
+            "xHxW (the batch of the input, mid_channels)");
       }
     }
     if (is_training()) {
@@ -342,8 +342,8 @@ class AttentionFusion {
       detail::throw_numerical(label_.c_str(), detail::bad_element4("input", x));
     if (residual && !detail::all_finite4(*residual))
       detail::throw_numerical(label_.c_str(), detail::bad_element4("residual", *residual));
-    const Matrix<Scalar>* params[] = {&w1_, &w2_, &watt_, &batt_, &bn1_.weight_, &bn1_.bias_,
-                                      &bn2_.weight_, &bn2_.bias_};
+    const Matrix<Scalar>* params[] = {&w1_,          &w2_,        &watt_,        &batt_,
+                                      &bn1_.weight_, &bn1_.bias_, &bn2_.weight_, &bn2_.bias_};
     for (const auto* p : params) {
       if (!detail::all_finite(*p)) throw_here("a parameter holds a non-finite value");
     }
@@ -389,7 +389,8 @@ class AttentionFusion {
       detail::nearest_forward(fused->data(), n * mid, h, w, r_.data(), oh_, ow_);
     }
     c2_.resize(n, options_.out_channels, oh_, ow_);
-    detail::conv3x3_forward<Scalar>(this->residual().data(), n, mid, oh_, ow_, w2_, c2_.data(), col_);
+    detail::conv3x3_forward<Scalar>(this->residual().data(), n, mid, oh_, ow_, w2_, c2_.data(),
+                                    col_);
     bn2_.forward_pending(c2_.data(), n, oh_, ow_);
   }
 
@@ -440,8 +441,8 @@ class AttentionFusion {
     const Index mid = options_.mid_channels;
     bn2_.backward_pending(d_output.data());
     dr_.resize(n, mid, oh_, ow_);
-    detail::conv3x3_backward<Scalar>(residual().data(), n, mid, oh_, ow_, w2_,
-                                     bn2_.dx_.data(), pending_w2_.data(), dr_.data(), true, dcol_);
+    detail::conv3x3_backward<Scalar>(residual().data(), n, mid, oh_, ow_, w2_, bn2_.dx_.data(),
+                                     pending_w2_.data(), dr_.data(), true, dcol_);
     if (d_residual) {
       detail::planes(dr_) += Eigen::Map<const Matrix<Scalar>>(d_residual, n * mid, oh_ * ow_);
     }
@@ -461,8 +462,8 @@ class AttentionFusion {
                                          pending_watt_.data(), pending_batt_.data(), true, datt_);
       dres_in_.resize(res_dims_[0], res_dims_[1], res_dims_[2], res_dims_[3]);
       dres_in_.setZero();
-      detail::nearest_backward(dup_.data(), n * mid, res_dims_[2], res_dims_[3], dres_in_.data(),
-                               h, w);
+      detail::nearest_backward(dup_.data(), n * mid, res_dims_[2], res_dims_[3], dres_in_.data(), h,
+                               w);
       da1 = &da1_;
     }
     bn1_.backward_pending(da1->data());

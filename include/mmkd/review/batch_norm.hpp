@@ -128,8 +128,9 @@ class BatchNorm2d {
   void check_batch(const char* cls, const std::string& name, Index m) const {
     if (m == 0) detail::throw_invalid(cls, name + " is empty");
     if (training_ && m < 2) {
-      detail::throw_invalid(cls, name + " has one value per channel (N·H·W = 1); batch norm in "
-                                        "train mode needs at least 2");
+      detail::throw_invalid(cls, name +
+                                     " has one value per channel (N·H·W = 1); batch norm in "
+                                     "train mode needs at least 2");
     }
   }
   template <class D, class X>

@@ -214,7 +214,7 @@ void wino_filter_adjoint(const S* du, Index o, Index c_in, S* dweight) {
     for (Index c = 0; c < c_in; ++c) {
       for (Index k = 0; k < 16; ++k) r[k] = du[k * oc + q * c_in + c];
       for (Index i = 0; i < 4; ++i) wino_gt(r + 4 * i, 1, t + 3 * i, 1);  // rows: 4x3
-      for (Index j = 0; j < 3; ++j) wino_gt(t + j, 3, g + j, 3);         // columns: 3x3
+      for (Index j = 0; j < 3; ++j) wino_gt(t + j, 3, g + j, 3);          // columns: 3x3
       S* dw = dweight + q * 9 * c_in + c * 9;
       for (Index k = 0; k < 9; ++k) dw[k] += g[k];
     }
@@ -240,7 +240,8 @@ void wino_input(const S* x, const WinogradPlan& p, Index s0, Index ns, S* v) {
             for (Index i = 0; i < 4; ++i)
               for (Index j = 0; j < 4; ++j) {
                 const Index rr = r0 + i, cc = c0 + j;
-                d[4 * i + j] = (rr >= 0 && rr < p.h && cc >= 0 && cc < p.w) ? xp[rr * p.w + cc] : S(0);
+                d[4 * i + j] =
+                    (rr >= 0 && rr < p.h && cc >= 0 && cc < p.w) ? xp[rr * p.w + cc] : S(0);
               }
           }
           for (Index j = 0; j < 4; ++j) wino_bt(d + j, 4, t + j, 4);
@@ -300,7 +301,8 @@ void wino_output(const S* m, const WinogradPlan& p, Index s0, Index ns, S* y) {
           for (Index i = 0; i < 2; ++i) wino_at(t + 4 * i, 1, out + 2 * i, 1);
           const Index r0 = 2 * ty, c0 = 2 * tx;
           for (Index i = 0; i < 2 && r0 + i < p.h; ++i)
-            for (Index j = 0; j < 2 && c0 + j < p.w; ++j) yp[(r0 + i) * p.w + c0 + j] = out[2 * i + j];
+            for (Index j = 0; j < 2 && c0 + j < p.w; ++j)
+              yp[(r0 + i) * p.w + c0 + j] = out[2 * i + j];
         }
       }
     }
@@ -362,18 +364,24 @@ void conv1x1_backward(const S* x, Index n, Index c, Index hw, const ConstMatrixR
     const ConstSampleMap<S> g(dy, n, o), xx(x, n, c);
     if (dweight) {
       SampleMap<S> dw(dweight, o, c);
-      if (assign) dw.noalias() = g.transpose() * xx;
-      else dw.noalias() += g.transpose() * xx;
+      if (assign)
+        dw.noalias() = g.transpose() * xx;
+      else
+        dw.noalias() += g.transpose() * xx;
     }
     if (dbias) {
       Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> db(dbias, o);
-      if (assign) db = g.colwise().sum();
-      else db += g.colwise().sum();
+      if (assign)
+        db = g.colwise().sum();
+      else
+        db += g.colwise().sum();
     }
     if (dx) {
       SampleMap<S> d(dx, n, c);
-      if (assign) d.noalias() = g * weight;
-      else d.noalias() += g * weight;
+      if (assign)
+        d.noalias() = g * weight;
+      else
+        d.noalias() += g * weight;
     }
     return;
   }
@@ -384,13 +392,16 @@ void conv1x1_backward(const S* x, Index n, Index c, Index hw, const ConstMatrixR
   for (Index i = 0; i < n; ++i) {
     const ConstSampleMap<S> g(dy + i * o * hw, o, hw);
     if (dweight) {
-      SampleMap<S>(dweight, o, c).noalias() += g * ConstSampleMap<S>(x + i * c * hw, c, hw).transpose();
+      SampleMap<S>(dweight, o, c).noalias() +=
+          g * ConstSampleMap<S>(x + i * c * hw, c, hw).transpose();
     }
     if (dbias) SampleMap<S>(dbias, o, 1) += g.rowwise().sum();
     if (dx) {
       SampleMap<S> d(dx + i * c * hw, c, hw);
-      if (assign) d.noalias() = weight.transpose() * g;
-      else d.noalias() += weight.transpose() * g;
+      if (assign)
+        d.noalias() = weight.transpose() * g;
+      else
+        d.noalias() += weight.transpose() * g;
     }
   }
 }
@@ -400,9 +411,9 @@ template <class S, class W>
 auto centre_taps(W& weight, Index c) {
   using Mat = std::conditional_t<std::is_const_v<std::remove_pointer_t<decltype(weight.data())>>,
                                  const Matrix<S>, Matrix<S>>;
-  return Eigen::Map<Mat, 0, Eigen::Stride<Eigen::Dynamic, 9>>(weight.data() + 4, weight.rows(), c,
-                                                              Eigen::Stride<Eigen::Dynamic, 9>(
-                                                                  weight.outerStride(), 9));
+  return Eigen::Map<Mat, 0, Eigen::Stride<Eigen::Dynamic, 9>>(
+      weight.data() + 4, weight.rows(), c,
+      Eigen::Stride<Eigen::Dynamic, 9>(weight.outerStride(), 9));
 }
 
 /// Auto: Winograd pays off when the products dominate its transforms — their cost per tile
@@ -423,7 +434,8 @@ void conv3x3_forward(const S* x, Index n, Index c, Index h, Index w,
                      Conv3x3Algorithm algorithm = Conv3x3Algorithm::Auto) {
   const Index o = weight.rows(), hw = h * w;
   if (hw == 1) {  // only the centre tap meets data: Y (N x O) = X (N x C) W_cᵀ
-    SampleMap<S>(y, n, o).noalias() = ConstSampleMap<S>(x, n, c) * centre_taps<S>(weight, c).transpose();
+    SampleMap<S>(y, n, o).noalias() =
+        ConstSampleMap<S>(x, n, c) * centre_taps<S>(weight, c).transpose();
     return;
   }
   if (!use_winograd(algorithm, c, o, h, w)) {
@@ -453,9 +465,8 @@ void conv3x3_forward(const S* x, Index n, Index c, Index h, Index w,
 /// and dx. `ws` is a workspace reused across calls.
 template <class S>
 void conv3x3_backward(const S* x, Index n, Index c, Index h, Index w,
-                      const ConstMatrixRef<S>& weight, const S* dy, S* dweight, S* dx,
-                      bool assign, Matrix<S>& ws,
-                      Conv3x3Algorithm algorithm = Conv3x3Algorithm::Auto) {
+                      const ConstMatrixRef<S>& weight, const S* dy, S* dweight, S* dx, bool assign,
+                      Matrix<S>& ws, Conv3x3Algorithm algorithm = Conv3x3Algorithm::Auto) {
   const Index o = weight.rows(), hw = h * w;
   if (assign) {
     if (dweight) SampleMap<S>(dweight, o, 9 * c).setZero();
@@ -493,13 +504,15 @@ void conv3x3_backward(const S* x, Index n, Index c, Index h, Index w,
       wino_input(x, p, s0, ns, v);
       for (Index k = 0; k < 16; ++k) {
         SampleMap<S>(du + k * o * c, o, c).noalias() +=
-            ConstSampleMap<S>(m + k * o * t, o, t) * ConstSampleMap<S>(v + k * c * t, c, t).transpose();
+            ConstSampleMap<S>(m + k * o * t, o, t) *
+            ConstSampleMap<S>(v + k * c * t, c, t).transpose();
       }
     }
     if (dx) {
       for (Index k = 0; k < 16; ++k) {
         SampleMap<S>(dv + k * c * t, c, t).noalias() =
-            ConstSampleMap<S>(u + k * o * c, o, c).transpose() * ConstSampleMap<S>(m + k * o * t, o, t);
+            ConstSampleMap<S>(u + k * o * c, o, c).transpose() *
+            ConstSampleMap<S>(m + k * o * t, o, t);
       }
       wino_input_adjoint(dv, p, s0, ns, dx);
     }
@@ -526,7 +539,8 @@ void check_conv_args(const char* op, const ConstTensor4Ref<S>& x, const ConstMat
 template <class S>
 void conv2d_1x1(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
                 const ConstMatrixRef<detail::NonDeduced<S>>& weight,
-                const ConstMatrixRef<detail::NonDeduced<S>>& bias, Tensor4Ref<detail::NonDeduced<S>> y) {
+                const ConstMatrixRef<detail::NonDeduced<S>>& bias,
+                Tensor4Ref<detail::NonDeduced<S>> y) {
   static constexpr const char* op = "conv2d_1x1";
   detail::check_conv_args<S>(op, x, weight, 1);
   if (bias.size() != 0) detail::check_shape(op, "bias", bias, 1, weight.rows(), "1 x out_channels");
@@ -551,12 +565,13 @@ void conv2d_1x1_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
   const Index n = x.dimension(0), h = x.dimension(2), w = x.dimension(3);
   detail::check_shape4(op, "dy", dy, n, weight.rows(), h, w, "N x out_channels x H x W");
   if (dx.size()) detail::check_shape4(op, "dx", dx, n, x.dimension(1), h, w, "same as x");
-  if (dweight.size()) detail::check_shape(op, "dweight", dweight, weight.rows(), weight.cols(), "same as weight");
+  if (dweight.size())
+    detail::check_shape(op, "dweight", dweight, weight.rows(), weight.cols(), "same as weight");
   if (dbias.size()) detail::check_shape(op, "dbias", dbias, 1, weight.rows(), "1 x out_channels");
   detail::conv1x1_backward<S>(x.data(), n, x.dimension(1), h * w, weight, dy.data(),
                               dweight.size() ? dweight.data() : nullptr,
-                              dbias.size() ? dbias.data() : nullptr, dx.size() ? dx.data() : nullptr,
-                              false);
+                              dbias.size() ? dbias.data() : nullptr,
+                              dx.size() ? dx.data() : nullptr, false);
 }
 
 /// 3x3 convolution, stride 1, zero padding 1, no bias:
@@ -592,7 +607,8 @@ void conv2d_3x3_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
   const Index n = x.dimension(0), h = x.dimension(2), w = x.dimension(3);
   detail::check_shape4(op, "dy", dy, n, weight.rows(), h, w, "N x out_channels x H x W");
   if (dx.size()) detail::check_shape4(op, "dx", dx, n, x.dimension(1), h, w, "same as x");
-  if (dweight.size()) detail::check_shape(op, "dweight", dweight, weight.rows(), weight.cols(), "same as weight");
+  if (dweight.size())
+    detail::check_shape(op, "dweight", dweight, weight.rows(), weight.cols(), "same as weight");
   detail::conv3x3_backward<S>(x.data(), n, x.dimension(1), h, w, weight, dy.data(),
                               dweight.size() ? dweight.data() : nullptr,
                               dx.size() ? dx.data() : nullptr, false, workspace, algorithm);

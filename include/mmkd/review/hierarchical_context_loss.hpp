@@ -18,7 +18,7 @@ namespace mmkd {
  * to l x l (PyTorch's bins, overlapping when l ∤ H):
  *
  *     stage = (mse(d) + Σ_j w_j · mse(P_{l_j} d)) / (1 + Σ_j w_j),   w_j = 2^−j (j = 1, 2, ...)
- *     HCL   = Σ_stages stage                                  (a sum, not a mean, over stages)
+ *     HCL   = weight · Σ_stages stage                      (a sum, not a mean, over stages)
  *
  * where mse is the mean of squares and the levels l_j are `levels` (default 4, 2, 1) with
  * l < H — the reference tests the height only. Pooling is linear, so P(s) − P(t) = P(d). With the
@@ -41,12 +41,14 @@ class HierarchicalContextLoss {
  public:
   struct Options {
     std::vector<Index> levels = {4, 2, 1};  //!< pooled sizes, in weight order; each ≥ 1
+    Scalar weight = Scalar(1);              //!< ≥ 0, scales value and gradient (e.g. a warm-up)
   };
 
   HierarchicalContextLoss() : HierarchicalContextLoss(Options{}) {}
   explicit HierarchicalContextLoss(const Options& options) : options_(options) { check_options(); }
 
   const Options& options() const { return options_; }
+  Options& options() { return options_; }
 
   Scalar value(const std::vector<ConstTensor4Ref<Scalar>>& student,
                const std::vector<ConstTensor4Ref<Scalar>>& teacher) {
@@ -91,6 +93,7 @@ class HierarchicalContextLoss {
   using OutArr = Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
 
   void check_options() const {
+    detail::check_nonnegative(kName, "weight", options_.weight);
     for (Index l : options_.levels) {
       if (l < 1) detail::throw_invalid(kName, "option levels: each level must be >= 1");
     }
@@ -112,10 +115,9 @@ class HierarchicalContextLoss {
                                                             s.dimension(2), s.dimension(3)) +
                                          ")");
       }
-      detail::check_shape4(kName, "stage " + std::to_string(k) + ": teacher[" +
-                                      std::to_string(k) + "]",
-                           teacher[k], s.dimension(0), s.dimension(1), s.dimension(2),
-                           s.dimension(3), "same as student");
+      detail::check_shape4(
+          kName, "stage " + std::to_string(k) + ": teacher[" + std::to_string(k) + "]", teacher[k],
+          s.dimension(0), s.dimension(1), s.dimension(2), s.dimension(3), "same as student");
     }
   }
 
@@ -159,7 +161,7 @@ class HierarchicalContextLoss {
       }
       total += stage / double(total_weight(h));
     }
-    const Scalar loss = Scalar(total);
+    const Scalar loss = options_.weight * Scalar(total);
     if (!std::isfinite(loss)) diagnose(student, teacher);
     if (grad) add_gradient(student, teacher, *grad);
     return loss;
@@ -173,7 +175,7 @@ class HierarchicalContextLoss {
       const auto& s = student[k];
       const Index planes = s.dimension(0) * s.dimension(1), h = s.dimension(2), w = s.dimension(3);
       const Index hw = h * w;
-      const Scalar scale = Scalar(2) / total_weight(h);
+      const Scalar scale = Scalar(2) * options_.weight / total_weight(h);
       const Scalar c0 = scale / Scalar(planes * hw);
       Scalar wgt(1);
       for (std::size_t j = 0; j < nl; ++j) {

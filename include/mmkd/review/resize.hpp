@@ -27,8 +27,12 @@ inline Index nearest_source(Index o, Index in, Index out) {
 }
 
 /// Adaptive pooling bin [start, end) of output cell i (ATen `start_index` / `end_index`).
-inline Index pool_start(Index i, Index in, Index out) { return (i * in) / out; }
-inline Index pool_end(Index i, Index in, Index out) { return ((i + 1) * in + out - 1) / out; }
+inline Index pool_start(Index i, Index in, Index out) {
+  return (i * in) / out;
+}
+inline Index pool_end(Index i, Index in, Index out) {
+  return ((i + 1) * in + out - 1) / out;
+}
 
 /// y (P planes of oh x ow) = nearest resize of x (P planes of h x w).
 template <class S>
@@ -104,11 +108,11 @@ void pool_backward(const S* dy, Index planes, Index h, Index w, S* dx, Index oh,
 template <class X, class Y>
 void check_resample(const char* op, const char* xname, const X& x, const char* yname, const Y& y) {
   if (x.dimension(0) != y.dimension(0) || x.dimension(1) != y.dimension(1)) {
-    throw_invalid(op, std::string(yname) + " has shape " +
-                          shape_str4(y.dimension(0), y.dimension(1), y.dimension(2),
-                                     y.dimension(3)) +
-                          ", expected " + std::to_string(x.dimension(0)) + "x" +
-                          std::to_string(x.dimension(1)) + "xHxW (same N and C as " + xname + ")");
+    throw_invalid(op,
+                  std::string(yname) + " has shape " +
+                      shape_str4(y.dimension(0), y.dimension(1), y.dimension(2), y.dimension(3)) +
+                      ", expected " + std::to_string(x.dimension(0)) + "x" +
+                      std::to_string(x.dimension(1)) + "xHxW (same N and C as " + xname + ")");
   }
   if (x.dimension(2) < 1 || x.dimension(3) < 1 || y.dimension(2) < 1 || y.dimension(3) < 1) {
     throw_invalid(op, "spatial sizes must be >= 1, got " + std::string(xname) + " " +
@@ -144,8 +148,8 @@ template <class S>
 void adaptive_avg_pool2d(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
                          Tensor4Ref<detail::NonDeduced<S>> y) {
   detail::check_resample("adaptive_avg_pool2d", "x", x, "y", y);
-  detail::pool_forward<S>(x.data(), x.dimension(0) * x.dimension(1), x.dimension(2),
-                          x.dimension(3), y.data(), y.dimension(2), y.dimension(3));
+  detail::pool_forward<S>(x.data(), x.dimension(0) * x.dimension(1), x.dimension(2), x.dimension(3),
+                          y.data(), y.dimension(2), y.dimension(3));
 }
 
 /// Backward of `adaptive_avg_pool2d`: dx += dy[cell] / area(cell) over every cell holding it.

@@ -38,7 +38,10 @@ namespace mmkd {
  *
  * **Example**:
  * @code
- * mmkd::ReviewFusion<float> review({{16, 32, 64, 64}, {16, 32, 64, 64}, {32, 16, 8, 1}});
+ * mmkd::ReviewFusion<float>::Options o;
+ * o.in_channels = o.out_channels = {16, 32, 64, 64};
+ * o.shapes = {32, 16, 8, 1};
+ * mmkd::ReviewFusion<float> review(o);
  * const auto& outs = review.forward({f1, f2, f3, pooled});   // shallow → deep
  * float loss = hcl.value_and_grad(outs, teacher_features, d_outs);
  * review.backward(d_outs_views, d_features);                  // adds
@@ -91,9 +94,8 @@ class ReviewFusion {
       o.out_channels = options_.out_channels[std::size_t(k)];
       o.fuse = k < s - 1;
       o.seed = rng.next();
-      stages_.push_back(AttentionFusion<Scalar>(
-          o, std::string(kName) + " " + stage_str(k),
-          "abfs." + std::to_string(s - 1 - k) + "."));
+      stages_.push_back(AttentionFusion<Scalar>(o, std::string(kName) + " " + stage_str(k),
+                                                "abfs." + std::to_string(s - 1 - k) + "."));
     }
   }
 
@@ -151,7 +153,8 @@ class ReviewFusion {
       const std::string label = stage_str(k) + ": ";
       const auto& o = a.output().dimensions();
       detail::check_shape4(kName, label + "d_outputs[" + std::to_string(k) + "]",
-                           d_outputs[std::size_t(k)], o[0], o[1], o[2], o[3], "shape of its output");
+                           d_outputs[std::size_t(k)], o[0], o[1], o[2], o[3],
+                           "shape of its output");
       const auto& x = a.x_.dimensions();
       detail::check_shape4(kName, label + "d_features[" + std::to_string(k) + "]",
                            d_features[std::size_t(k)], x[0], x[1], x[2], x[3],
@@ -164,7 +167,8 @@ class ReviewFusion {
     // The residual of stage k feeds stage k − 1, so its gradient is that stage's dres_in_.
     for (Index k = 0; k < s; ++k) {
       stages_[std::size_t(k)].backward_pending(
-          d_outputs[std::size_t(k)], k == 0 ? nullptr : stages_[std::size_t(k - 1)].dres_in_.data());
+          d_outputs[std::size_t(k)],
+          k == 0 ? nullptr : stages_[std::size_t(k - 1)].dres_in_.data());
     }
     for (const auto& a : stages_) a.check_pending();
     for (Index k = 0; k < s; ++k)
@@ -216,12 +220,12 @@ class ReviewFusion {
       if (bad) {
         const std::string hw = has_shape ? std::to_string(sz) + "x" + std::to_string(sz) : "HxW";
         detail::throw_invalid(
-            kName, stage_str(k) + ": feature has shape " +
-                       detail::shape_str4(x.dimension(0), x.dimension(1), x.dimension(2),
-                                          x.dimension(3)) +
-                       ", expected " + std::to_string(n) + "x" + std::to_string(c) + "x" + hw +
-                       " (batch of stage 0, in_channels[" + std::to_string(k) + "]" +
-                       (has_shape ? ", shapes[" + std::to_string(k) + "]" : std::string()) + ")");
+            kName,
+            stage_str(k) + ": feature has shape " +
+                detail::shape_str4(x.dimension(0), x.dimension(1), x.dimension(2), x.dimension(3)) +
+                ", expected " + std::to_string(n) + "x" + std::to_string(c) + "x" + hw +
+                " (batch of stage 0, in_channels[" + std::to_string(k) + "]" +
+                (has_shape ? ", shapes[" + std::to_string(k) + "]" : std::string()) + ")");
       }
     }
   }
