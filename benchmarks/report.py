@@ -6,6 +6,7 @@ products handed to OpenBLAS), "torch", or "gemm"/"gemm-blas" (a plain GEMM). The
 repetitions is used when there are any.
 """
 import json
+import re
 import sys
 from collections import OrderedDict
 
@@ -19,6 +20,7 @@ def load(paths):
             if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median":
                 continue
             name = b.get("run_name", b["name"]).replace("/real_time", "")
+            name = re.sub(r"/min_time:[^/]*", "", name)
             impl, _, rest = name.partition("_")
             loss_what, _, args = rest.partition("/")
             scale = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}[b["time_unit"]]
@@ -54,6 +56,8 @@ def main():
     print(sep)
     for (loss_what, args), impls in rows.items():
         shape = " x ".join(args.split("/"))
+        if loss_what.startswith("ReviewKD"):
+            shape = f"N = {shape}"
         if loss_what == "GEMM":
             g, gb = impls.get("gemm"), impls.get("gemm-blas")
             line = f"| plain GEMM (m x n x k) | {shape} | {fmt_time(g['us']) if g else '—'} | — | — | {rate(g) if g else ''} |"

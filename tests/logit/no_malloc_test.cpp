@@ -116,3 +116,38 @@ TEMPLATE_TEST_CASE("structure and contrastive losses allocate nothing in steady 
     CHECK_NOTHROW(queue.push(z.topRows(3)));
   }
 }
+
+TEMPLATE_TEST_CASE("ReviewKD modules and HCL allocate nothing in steady state", "[review][alloc]",
+                   float, double) {
+  using T = TestType;
+  typename mmkd::ReviewFusion<T>::Options o;
+  o.in_channels = {3, 4, 4};
+  o.out_channels = {2, 3, 4};
+  o.shapes = {6, 3, 1};
+  o.out_shapes = {8, 3, 1};  // the resize path too
+  o.mid_channels = 4;
+  mmkd::ReviewFusion<T> review(o);
+  mmkd::HierarchicalContextLoss<T> hcl;
+  std::vector<mmkd::Tensor4<T>> f, t, d_out, d_f;
+  for (std::size_t k = 0; k < 3; ++k) {
+    const Index h = o.shapes[k], oh = o.out_shapes[k];
+    f.push_back(random_map<T>(2, o.in_channels[k], h, h, 1 + k));
+    t.push_back(random_map<T>(2, o.out_channels[k], oh, oh, 5 + k));
+    d_out.push_back(random_map<T>(2, o.out_channels[k], oh, oh, 9 + k));
+    d_f.push_back(random_map<T>(2, o.in_channels[k], h, h, 13 + k));
+  }
+  const std::vector<mmkd::ConstTensor4Ref<T>> fv(f.begin(), f.end()), tv(t.begin(), t.end()),
+      dov(d_out.begin(), d_out.end());
+  const std::vector<mmkd::Tensor4Ref<T>> gv(d_out.begin(), d_out.end()),
+      dfv(d_f.begin(), d_f.end());
+  for (bool train : {true, false}) {
+    review.train(train);
+    for (int warm = 0; warm < 2; ++warm) {
+      std::unique_ptr<NoMalloc> guard;
+      if (warm == 1) guard = std::make_unique<NoMalloc>();
+      CHECK_NOTHROW(hcl.value_and_grad(review.forward(fv), tv, gv));
+      CHECK_NOTHROW(review.backward(dov, dfv));
+      CHECK_NOTHROW(review.zero_grad());
+    }
+  }
+}

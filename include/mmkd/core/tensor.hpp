@@ -7,6 +7,7 @@
 #include <cmath>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include <unsupported/Eigen/CXX11/Tensor>
 
@@ -71,12 +72,25 @@ inline std::string shape_str4(Index n, Index c, Index h, Index w) {
          std::to_string(w);
 }
 
-template <class X>
-void check_shape4(const char* cls, const std::string& name, const X& x, Index n, Index c, Index h,
-                  Index w, const char* why) {
+/// An argument name for a message: a string, or a callable that builds one (only on failure,
+/// so a check on the success path allocates nothing).
+inline std::string name_str(const char* s) {
+  return s;
+}
+inline std::string name_str(const std::string& s) {
+  return s;
+}
+template <class F, class = decltype(std::declval<const F&>()())>
+std::string name_str(const F& f) {
+  return f();
+}
+
+template <class X, class Name>
+void check_shape4(const char* cls, const Name& name, const X& x, Index n, Index c, Index h, Index w,
+                  const char* why) {
   if (x.dimension(0) != n || x.dimension(1) != c || x.dimension(2) != h || x.dimension(3) != w) {
     throw_invalid(cls,
-                  name + " has shape " +
+                  name_str(name) + " has shape " +
                       shape_str4(x.dimension(0), x.dimension(1), x.dimension(2), x.dimension(3)) +
                       ", expected " + shape_str4(n, c, h, w) + " (" + why + ")");
   }

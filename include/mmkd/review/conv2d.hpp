@@ -221,117 +221,86 @@ void wino_filter_adjoint(const S* du, Index o, Index c_in, S* dweight) {
   }
 }
 
-/// V_ξ (16 x C x T) = Bᵀ d B for every 4x4 patch of samples [s0, s0 + ns).
+/// Calls f(plane, coeff, r0, c0) for every tile of samples [s0, s0 + ns) and every one of
+/// `channels` planes: `plane` is the map's (sample, channel) plane offset in elements, `coeff` the
+/// tile's entry of coefficient 0 in a 16 x channels x T array (coefficient k at + k·channels·T),
+/// (r0, c0) the tile's top-left output pixel.
+template <class F>
+void for_each_tile(const WinogradPlan& p, Index s0, Index ns, Index channels, F&& f) {
+  const Index t_all = p.tiles(ns);
+  for (Index s = 0; s < ns; ++s)
+    for (Index ch = 0; ch < channels; ++ch)
+      for (Index ty = 0; ty < p.th; ++ty)
+        for (Index tx = 0; tx < p.tw; ++tx)
+          f(((s0 + s) * channels + ch) * p.h * p.w,
+            ch * t_all + s * p.tiles_per_sample + ty * p.tw + tx, 2 * ty, 2 * tx);
+}
+
+/// V_ξ (16 x C x T) = Bᵀ d B for every 4x4 patch d (zero outside the map).
 template <class S>
 void wino_input(const S* x, const WinogradPlan& p, Index s0, Index ns, S* v) {
-  const Index t_all = p.tiles(ns), ct = p.c * t_all, hw = p.h * p.w;
-  S d[16], t[16], r[16];
-  for (Index s = 0; s < ns; ++s) {
-    for (Index c = 0; c < p.c; ++c) {
-      const S* xp = x + ((s0 + s) * p.c + c) * hw;
-      S* vc = v + c * t_all + s * p.tiles_per_sample;
-      for (Index ty = 0; ty < p.th; ++ty) {
-        for (Index tx = 0; tx < p.tw; ++tx) {
-          const Index r0 = 2 * ty - 1, c0 = 2 * tx - 1;
-          if (r0 >= 0 && c0 >= 0 && r0 + 4 <= p.h && c0 + 4 <= p.w) {
-            for (Index i = 0; i < 4; ++i)
-              for (Index j = 0; j < 4; ++j) d[4 * i + j] = xp[(r0 + i) * p.w + c0 + j];
-          } else {
-            for (Index i = 0; i < 4; ++i)
-              for (Index j = 0; j < 4; ++j) {
-                const Index rr = r0 + i, cc = c0 + j;
-                d[4 * i + j] =
-                    (rr >= 0 && rr < p.h && cc >= 0 && cc < p.w) ? xp[rr * p.w + cc] : S(0);
-              }
-          }
-          for (Index j = 0; j < 4; ++j) wino_bt(d + j, 4, t + j, 4);
-          for (Index i = 0; i < 4; ++i) wino_bt(t + 4 * i, 1, r + 4 * i, 1);
-          const Index tile = ty * p.tw + tx;
-          for (Index k = 0; k < 16; ++k) vc[k * ct + tile] = r[k];
-        }
+  const Index stride = p.c * p.tiles(ns);
+  for_each_tile(p, s0, ns, p.c, [&](Index plane, Index coeff, Index r0, Index c0) {
+    S d[16], t[16], r[16];
+    const S* xp = x + plane;
+    for (Index i = 0; i < 4; ++i)
+      for (Index j = 0; j < 4; ++j) {
+        const Index rr = r0 - 1 + i, cc = c0 - 1 + j;
+        d[4 * i + j] = (rr >= 0 && rr < p.h && cc >= 0 && cc < p.w) ? xp[rr * p.w + cc] : S(0);
       }
-    }
-  }
+    for (Index j = 0; j < 4; ++j) wino_bt(d + j, 4, t + j, 4);
+    for (Index i = 0; i < 4; ++i) wino_bt(t + 4 * i, 1, r + 4 * i, 1);
+    for (Index k = 0; k < 16; ++k) v[coeff + k * stride] = r[k];
+  });
 }
 
 /// dx += B dV Bᵀ scattered over the patches (the adjoint of wino_input).
 template <class S>
 void wino_input_adjoint(const S* dv, const WinogradPlan& p, Index s0, Index ns, S* dx) {
-  const Index t_all = p.tiles(ns), ct = p.c * t_all, hw = p.h * p.w;
-  S r[16], t[16], d[16];
-  for (Index s = 0; s < ns; ++s) {
-    for (Index c = 0; c < p.c; ++c) {
-      S* xp = dx + ((s0 + s) * p.c + c) * hw;
-      const S* vc = dv + c * t_all + s * p.tiles_per_sample;
-      for (Index ty = 0; ty < p.th; ++ty) {
-        for (Index tx = 0; tx < p.tw; ++tx) {
-          const Index tile = ty * p.tw + tx;
-          for (Index k = 0; k < 16; ++k) r[k] = vc[k * ct + tile];
-          for (Index i = 0; i < 4; ++i) wino_b(r + 4 * i, 1, t + 4 * i, 1);
-          for (Index j = 0; j < 4; ++j) wino_b(t + j, 4, d + j, 4);
-          const Index r0 = 2 * ty - 1, c0 = 2 * tx - 1;
-          for (Index i = 0; i < 4; ++i) {
-            const Index rr = r0 + i;
-            if (rr < 0 || rr >= p.h) continue;
-            for (Index j = 0; j < 4; ++j) {
-              const Index cc = c0 + j;
-              if (cc >= 0 && cc < p.w) xp[rr * p.w + cc] += d[4 * i + j];
-            }
-          }
-        }
+  const Index stride = p.c * p.tiles(ns);
+  for_each_tile(p, s0, ns, p.c, [&](Index plane, Index coeff, Index r0, Index c0) {
+    S r[16], t[16], d[16];
+    for (Index k = 0; k < 16; ++k) r[k] = dv[coeff + k * stride];
+    for (Index i = 0; i < 4; ++i) wino_b(r + 4 * i, 1, t + 4 * i, 1);
+    for (Index j = 0; j < 4; ++j) wino_b(t + j, 4, d + j, 4);
+    S* xp = dx + plane;
+    for (Index i = 0; i < 4; ++i)
+      for (Index j = 0; j < 4; ++j) {
+        const Index rr = r0 - 1 + i, cc = c0 - 1 + j;
+        if (rr >= 0 && rr < p.h && cc >= 0 && cc < p.w) xp[rr * p.w + cc] += d[4 * i + j];
       }
-    }
-  }
+  });
 }
 
 /// y = Aᵀ M A per tile (the output transform), clipped to H x W.
 template <class S>
 void wino_output(const S* m, const WinogradPlan& p, Index s0, Index ns, S* y) {
-  const Index t_all = p.tiles(ns), ot = p.o * t_all, hw = p.h * p.w;
-  S r[16], t[8], out[4];
-  for (Index s = 0; s < ns; ++s) {
-    for (Index q = 0; q < p.o; ++q) {
-      S* yp = y + ((s0 + s) * p.o + q) * hw;
-      const S* mq = m + q * t_all + s * p.tiles_per_sample;
-      for (Index ty = 0; ty < p.th; ++ty) {
-        for (Index tx = 0; tx < p.tw; ++tx) {
-          const Index tile = ty * p.tw + tx;
-          for (Index k = 0; k < 16; ++k) r[k] = mq[k * ot + tile];
-          for (Index j = 0; j < 4; ++j) wino_at(r + j, 4, t + j, 4);  // 2x4
-          for (Index i = 0; i < 2; ++i) wino_at(t + 4 * i, 1, out + 2 * i, 1);
-          const Index r0 = 2 * ty, c0 = 2 * tx;
-          for (Index i = 0; i < 2 && r0 + i < p.h; ++i)
-            for (Index j = 0; j < 2 && c0 + j < p.w; ++j)
-              yp[(r0 + i) * p.w + c0 + j] = out[2 * i + j];
-        }
-      }
-    }
-  }
+  const Index stride = p.o * p.tiles(ns);
+  for_each_tile(p, s0, ns, p.o, [&](Index plane, Index coeff, Index r0, Index c0) {
+    S r[16], t[8], out[4];
+    for (Index k = 0; k < 16; ++k) r[k] = m[coeff + k * stride];
+    for (Index j = 0; j < 4; ++j) wino_at(r + j, 4, t + j, 4);  // 2x4
+    for (Index i = 0; i < 2; ++i) wino_at(t + 4 * i, 1, out + 2 * i, 1);
+    S* yp = y + plane;
+    for (Index i = 0; i < 2 && r0 + i < p.h; ++i)
+      for (Index j = 0; j < 2 && c0 + j < p.w; ++j) yp[(r0 + i) * p.w + c0 + j] = out[2 * i + j];
+  });
 }
 
 /// M_ξ (16 x O x T) = A dY Aᵀ per tile (the adjoint of the output transform).
 template <class S>
 void wino_output_adjoint(const S* dy, const WinogradPlan& p, Index s0, Index ns, S* m) {
-  const Index t_all = p.tiles(ns), ot = p.o * t_all, hw = p.h * p.w;
-  S g[4], t[8], r[16];
-  for (Index s = 0; s < ns; ++s) {
-    for (Index q = 0; q < p.o; ++q) {
-      const S* gp = dy + ((s0 + s) * p.o + q) * hw;
-      S* mq = m + q * t_all + s * p.tiles_per_sample;
-      for (Index ty = 0; ty < p.th; ++ty) {
-        for (Index tx = 0; tx < p.tw; ++tx) {
-          const Index r0 = 2 * ty, c0 = 2 * tx;
-          for (Index i = 0; i < 2; ++i)
-            for (Index j = 0; j < 2; ++j)
-              g[2 * i + j] = (r0 + i < p.h && c0 + j < p.w) ? gp[(r0 + i) * p.w + c0 + j] : S(0);
-          for (Index i = 0; i < 2; ++i) wino_a(g + 2 * i, 1, t + 4 * i, 1);  // 2x4
-          for (Index j = 0; j < 4; ++j) wino_a(t + j, 4, r + j, 4);          // 4x4
-          const Index tile = ty * p.tw + tx;
-          for (Index k = 0; k < 16; ++k) mq[k * ot + tile] = r[k];
-        }
-      }
-    }
-  }
+  const Index stride = p.o * p.tiles(ns);
+  for_each_tile(p, s0, ns, p.o, [&](Index plane, Index coeff, Index r0, Index c0) {
+    S g[4], t[8], r[16];
+    const S* gp = dy + plane;
+    for (Index i = 0; i < 2; ++i)
+      for (Index j = 0; j < 2; ++j)
+        g[2 * i + j] = (r0 + i < p.h && c0 + j < p.w) ? gp[(r0 + i) * p.w + c0 + j] : S(0);
+    for (Index i = 0; i < 2; ++i) wino_a(g + 2 * i, 1, t + 4 * i, 1);  // 2x4
+    for (Index j = 0; j < 4; ++j) wino_a(t + j, 4, r + j, 4);          // 4x4
+    for (Index k = 0; k < 16; ++k) m[coeff + k * stride] = r[k];
+  });
 }
 
 // Unchecked kernels on raw NCHW buffers; the public ops and the modules check shapes first.

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -70,8 +71,9 @@ class HierarchicalContextLoss {
     }
     for (std::size_t k = 0; k < student.size(); ++k) {
       const auto& s = student[k];
-      detail::check_shape4(kName, "grad[" + std::to_string(k) + "]", grad[k], s.dimension(0),
-                           s.dimension(1), s.dimension(2), s.dimension(3), "same as student");
+      detail::check_shape4(
+          kName, [&] { return "grad[" + std::to_string(k) + "]"; }, grad[k], s.dimension(0),
+          s.dimension(1), s.dimension(2), s.dimension(3), "same as student");
     }
     return compute(student, teacher, &grad);
   }
@@ -128,12 +130,14 @@ class HierarchicalContextLoss {
                  const std::vector<Tensor4Ref<Scalar>>* grad) {
     const std::size_t ns = student.size(), nl = options_.levels.size();
     pooled_.resize(ns * nl);
+    Index max_hw = 0;  // one difference buffer for every stage: no reallocation between stages
+    for (const auto& s : student) max_hw = std::max(max_hw, s.dimension(2) * s.dimension(3));
+    if (diff_.size() < max_hw) diff_.resize(max_hw);
     double total = 0;
     for (std::size_t k = 0; k < ns; ++k) {
       const auto& s = student[k];
       const Index planes = s.dimension(0) * s.dimension(1), h = s.dimension(2), w = s.dimension(3);
       const Index hw = h * w;
-      diff_.resize(hw);
       const Scalar* sp = s.data();
       const Scalar* tp = teacher[k].data();
       double sq = 0;
@@ -184,7 +188,6 @@ class HierarchicalContextLoss {
         wgt /= Scalar(2);
         pooled_[k * nl + j] *= scale * wgt / Scalar(planes * l * l);
       }
-      diff_.resize(hw);
       const Scalar* sp = s.data();
       const Scalar* tp = teacher[k].data();
       Scalar* gp = grad[k].data();

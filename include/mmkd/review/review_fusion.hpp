@@ -150,18 +150,18 @@ class ReviewFusion {
     check_count("d_features", d_features.size());
     for (Index k = 0; k < s; ++k) {
       const auto& a = stages_[std::size_t(k)];
-      const std::string label = stage_str(k) + ": ";
       const auto& o = a.output().dimensions();
-      detail::check_shape4(kName, label + "d_outputs[" + std::to_string(k) + "]",
-                           d_outputs[std::size_t(k)], o[0], o[1], o[2], o[3],
-                           "shape of its output");
       const auto& x = a.x_.dimensions();
-      detail::check_shape4(kName, label + "d_features[" + std::to_string(k) + "]",
-                           d_features[std::size_t(k)], x[0], x[1], x[2], x[3],
-                           "shape of its feature");
+      const std::string ks = std::to_string(k);  // short: no allocation
+      detail::check_shape4(
+          kName, [&] { return stage_str(k) + ": d_outputs[" + ks + "]"; },
+          d_outputs[std::size_t(k)], o[0], o[1], o[2], o[3], "shape of its output");
+      detail::check_shape4(
+          kName, [&] { return stage_str(k) + ": d_features[" + ks + "]"; },
+          d_features[std::size_t(k)], x[0], x[1], x[2], x[3], "shape of its feature");
       if (!detail::all_finite4(d_outputs[std::size_t(k)])) {
-        detail::throw_numerical(kName, detail::bad_element4("d_outputs[" + std::to_string(k) + "]",
-                                                            d_outputs[std::size_t(k)]));
+        detail::throw_numerical(
+            kName, detail::bad_element4("d_outputs[" + ks + "]", d_outputs[std::size_t(k)]));
       }
     }
     // The residual of stage k feeds stage k − 1, so its gradient is that stage's dres_in_.
