@@ -211,10 +211,10 @@ TEST_CASE("attention_fuse matches its definition; backward matches finite differ
   auto vjp = [&](const Matrix<double>& u, int which) {
     fwd(x, y, wt, b);  // z for the unperturbed inputs
     Matrix<double> dx = Matrix<double>::Ones(n * c, hw), dy = Matrix<double>::Ones(n * c, hw),
-                   dw = Matrix<double>::Ones(2, 2 * c), db = Matrix<double>::Ones(1, 2);
+                   dw = Matrix<double>::Ones(2, 2 * c), db = Matrix<double>::Ones(1, 2), ws;
     mmkd::attention_fuse_backward<double>(map4(x, n, c, h, w), map4(y, n, c, h, w), wt,
                                           map4(z, n, 2, h, w), map4(u, n, c, h, w),
-                                          out4(dx, n, c, h, w), out4(dy, n, c, h, w), dw, db);
+                                          out4(dx, n, c, h, w), out4(dy, n, c, h, w), dw, db, ws);
     const Matrix<double>* out[] = {&dx, &dy, &dw, &db};
     return Matrix<double>(out[which]->array() - 1.0);
   };

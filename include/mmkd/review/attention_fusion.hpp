@@ -105,7 +105,7 @@ void attention_fuse(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
 }
 
 /// Backward of `attention_fuse` for the cotangent df, with z from the forward: adds to dx, dy
-/// (N x C x H x W), dweight (2 x 2C) and dbias (1 x 2).
+/// (N x C x H x W), dweight (2 x 2C) and dbias (1 x 2). `workspace` is reused across calls.
 template <class S>
 void attention_fuse_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
                              const ConstTensor4Ref<detail::NonDeduced<S>>& y,
@@ -115,7 +115,8 @@ void attention_fuse_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
                              Tensor4Ref<detail::NonDeduced<S>> dx,
                              Tensor4Ref<detail::NonDeduced<S>> dy,
                              MatrixRef<detail::NonDeduced<S>> dweight,
-                             MatrixRef<detail::NonDeduced<S>> dbias) {
+                             MatrixRef<detail::NonDeduced<S>> dbias,
+                             Matrix<detail::NonDeduced<S>>& workspace) {
   static constexpr const char* op = "attention_fuse_backward";
   detail::check_attention_args<S>(op, x, y, weight);
   const Index n = x.dimension(0), c = x.dimension(1), h = x.dimension(2), w = x.dimension(3);
@@ -125,9 +126,9 @@ void attention_fuse_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
   detail::check_shape4(op, "dy", dy, n, c, h, w, "same as x");
   detail::check_shape(op, "dweight", dweight, 2, 2 * c, "2 x 2C");
   detail::check_shape(op, "dbias", dbias, 1, 2, "1 x 2");
-  Matrix<S> da;
   detail::attention_backward<S>(x.data(), y.data(), n, c, h * w, weight, z.data(), df.data(),
-                                dx.data(), dy.data(), dweight.data(), dbias.data(), false, da);
+                                dx.data(), dy.data(), dweight.data(), dbias.data(), false,
+                                workspace);
 }
 
 /**
