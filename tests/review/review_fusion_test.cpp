@@ -196,3 +196,48 @@ TEST_CASE("ReviewFusion: a failed forward or backward changes nothing", "[review
   const auto now = snapshot();
   for (std::size_t k = 0; k < now.size(); ++k) CHECK(bit_identical(now[k], grads_before[k]));
 }
+
+#if MMKD_HAS_OPENMP
+// Eigen parallelises its own matrix products under OpenMP with a blocking that depends on the
+// thread count, so bit-identical results need Eigen's products on one thread; mmkd's own loops
+// may use any number.
+TEST_CASE(
+    "ReviewFusion + HCL give bit-identical results with 1 and 2 threads (Eigen's products "
+    "on one thread)",
+    "[review][fusion][parallel]") {
+  Eigen::setNbThreads(1);
+  mmkd::ReviewFusion<float>::Options o;
+  o.in_channels = {32, 64, 64};
+  o.out_channels = {32, 64, 64};
+  o.shapes = {16, 8, 1};
+  o.mid_channels = 96;  // wide enough for Winograd on the 16x16 stage
+  auto run = [&](int threads) {
+    omp_set_num_threads(threads);
+    mmkd::ReviewFusion<float> review(o);
+    mmkd::HierarchicalContextLoss<float> hcl;
+    std::vector<mmkd::Tensor4<float>> f, t, d_out, d_f;
+    for (std::size_t k = 0; k < 3; ++k) {
+      const Index h = o.shapes[k];
+      f.push_back(random_map<float>(4, o.in_channels[k], h, h, 1 + k));
+      t.push_back(random_map<float>(4, o.out_channels[k], h, h, 5 + k));
+      d_out.emplace_back(t.back().dimensions());
+      d_out.back().setZero();
+      d_f.emplace_back(f.back().dimensions());
+      d_f.back().setZero();
+    }
+    const float v = hcl.value_and_grad(review.forward({f.begin(), f.end()}), {t.begin(), t.end()},
+                                       {d_out.begin(), d_out.end()});
+    review.backward({d_out.begin(), d_out.end()}, {d_f.begin(), d_f.end()});
+    std::vector<Matrix<float>> out{Matrix<float>::Constant(1, 1, v)};
+    for (auto& x : d_f) out.push_back(flat(x));
+    for (auto& g : review.gradients()) out.emplace_back(g.value);
+    for (auto& b : review.buffers()) out.emplace_back(b.value);
+    return out;
+  };
+  const auto one = run(1), two = run(2);
+  omp_set_num_threads(2);
+  Eigen::setNbThreads(0);  // back to the default (OpenMP's)
+  REQUIRE(one.size() == two.size());
+  for (std::size_t k = 0; k < one.size(); ++k) CHECK(bit_identical(one[k], two[k]));
+}
+#endif
