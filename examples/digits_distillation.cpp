@@ -42,6 +42,8 @@
 
 #include <mmkd/mmkd.hpp>
 
+#include "digits_data.hpp"
+
 #include <unistd.h>
 
 #include <sys/stat.h>
@@ -56,10 +58,6 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
-
-#ifndef MMKD_DIGITS_CSV
-#define MMKD_DIGITS_CSV "digits.csv"
-#endif
 
 namespace {
 
@@ -88,41 +86,34 @@ Mat blank_half(const Mat& full, int keep) {  // keep 0: top half only, 1: bottom
   return out;
 }
 
-void load_digits(const std::string& path, Split& train, Split& test) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error("cannot open " + path + " (pass --data FILE.csv)");
-  std::vector<std::vector<float>> rows;
-  std::vector<int> labels;
-  for (std::string line; std::getline(in, line);) {
-    if (line.empty()) continue;
-    std::stringstream ss(line);
-    std::vector<float> v;
-    for (std::string cell; std::getline(ss, cell, ',');) v.push_back(std::stof(cell));
-    if (v.size() != 65) throw std::runtime_error(path + ": a row without 65 values");
-    labels.push_back(int(v.back()));
-    v.pop_back();
-    rows.push_back(std::move(v));
-  }
-  const Index n = Index(rows.size()), n_test = 500;
+// A seeded random permutation of 0..n-1 (Fisher-Yates).
+std::vector<Index> shuffled(Index n, mmkd::SplitMix64& rng) {
   std::vector<Index> order(n);
   for (Index i = 0; i < n; ++i) order[i] = i;
-  mmkd::SplitMix64 rng(2021);  // the fixed split
   for (Index i = n - 1; i > 0; --i) std::swap(order[i], order[rng.next() % (i + 1)]);
+  return order;
+}
+
+void load_digits(const std::string& path, Split& train, Split& test) {
+  const digits::Images all = digits::read_csv(path);
+  const Index n = all.pixels.rows(), n_test = 500;
+  mmkd::SplitMix64 rng(2021);  // the fixed split, then the fixed noise
+  const std::vector<Index> order = shuffled(n, rng);
   auto fill = [&](Split& s, Index begin, Index end) {
     s.full.resize(end - begin, 64);
     s.hard.resize(end - begin, 16);
     s.labels.clear();
     for (Index r = begin; r < end; ++r) {
-      const auto& px = rows[order[r]];
-      for (Index k = 0; k < 64; ++k) s.full(r - begin, k) = px[k] / 16.0f;
+      const auto px = all.pixels.row(order[r]);
+      s.full.row(r - begin) = px;
       for (Index a = 0; a < 4; ++a)
         for (Index b = 0; b < 4; ++b) {
           float sum = 0;
           for (Index da = 0; da < 2; ++da)
-            for (Index db = 0; db < 2; ++db) sum += px[(2 * a + da) * 8 + 2 * b + db] / 16.0f;
+            for (Index db = 0; db < 2; ++db) sum += px((2 * a + da) * 8 + 2 * b + db);
           s.hard(r - begin, 4 * a + b) = sum / 4 + 0.15f * float(rng.normal());
         }
-      s.labels.push_back(labels[order[r]]);
+      s.labels.push_back(all.labels[std::size_t(order[r])]);
     }
   };
   fill(train, 0, n - n_test);
@@ -446,14 +437,6 @@ std::vector<int> argmax_rows(const Mat& z) {
     out[std::size_t(i)] = int(k);
   }
   return out;
-}
-
-// Shuffled epoch order and the per-step index lists.
-std::vector<Index> shuffled(Index n, mmkd::SplitMix64& rng) {
-  std::vector<Index> order(n);
-  for (Index i = 0; i < n; ++i) order[i] = i;
-  for (Index i = n - 1; i > 0; --i) std::swap(order[i], order[rng.next() % (i + 1)]);
-  return order;
 }
 
 std::vector<Index> labelled_subset(const Split& train, std::uint64_t seed, bool all) {

@@ -1,9 +1,11 @@
 // Cross-checks of the logit losses against the same losses written with libtorch ops and
 // differentiated by libtorch's autograd, on random shapes.
 
+#include "torch/torch_losses.hpp"
 #include "torch/torch_support.hpp"
 
 using namespace mmkd_test;
+using namespace mmkd_torch;
 using mmkd::Reduction;
 namespace F = torch::nn::functional;
 
@@ -31,37 +33,6 @@ mmkd::RowMask random_mask(Index n, std::uint64_t seed) {
   for (Index i = 0; i < n; ++i) m(i) = std::uint8_t(rng.uniform() < 0.7);
   m(0) = 1;
   return m;
-}
-
-// mdistiller kd_loss, extended with a row mask: T² · Σ_i m_i Σ_k kl_div / Σ_i m_i (BatchMean).
-torch::Tensor torch_kd(const torch::Tensor& s, const torch::Tensor& t, double temp, Reduction red,
-                       const torch::Tensor& row_mask) {
-  const auto pointwise = F::kl_div(torch::log_softmax(s / temp, 1), torch::softmax(t / temp, 1),
-                                   F::KLDivFuncOptions().reduction(torch::kNone));
-  const auto per_row = pointwise.sum(1) * row_mask;
-  auto total = per_row.sum() * temp * temp;
-  if (red == Reduction::BatchMean) total = total / row_mask.sum();
-  if (red == Reduction::Mean) total = total / (row_mask.sum() * s.size(1));
-  return total;
-}
-
-// mdistiller dkd_loss, written out: binary target/other probabilities with plain logs, and the
-// −1000·mask trick for the non-target softmax.
-torch::Tensor torch_dkd(const torch::Tensor& s, const torch::Tensor& t, const torch::Tensor& y,
-                        double alpha, double beta, double temp) {
-  const auto n = double(s.size(0));
-  const auto gt = F::one_hot(y, s.size(1)).to(torch::kFloat64);
-  const auto other = 1 - gt;
-  const auto ps = torch::softmax(s / temp, 1), pt = torch::softmax(t / temp, 1);
-  const auto bs = torch::stack({(ps * gt).sum(1), (ps * other).sum(1)}, 1);
-  const auto bt = torch::stack({(pt * gt).sum(1), (pt * other).sum(1)}, 1);
-  const auto tckd =
-      F::kl_div(torch::log(bs), bt, F::KLDivFuncOptions().reduction(torch::kSum)) * temp * temp / n;
-  const auto qt2 = torch::softmax(t / temp - 1000.0 * gt, 1);
-  const auto ls2 = torch::log_softmax(s / temp - 1000.0 * gt, 1);
-  const auto nckd =
-      F::kl_div(ls2, qt2, F::KLDivFuncOptions().reduction(torch::kSum)) * temp * temp / n;
-  return alpha * tckd + beta * nckd;
 }
 
 }  // namespace

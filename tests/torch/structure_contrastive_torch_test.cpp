@@ -1,9 +1,11 @@
 // Cross-checks of the dimensional-structure and contrastive losses against the same losses
 // written with libtorch ops and differentiated by libtorch's autograd.
 
+#include "torch/torch_losses.hpp"
 #include "torch/torch_support.hpp"
 
 using namespace mmkd_test;
+using namespace mmkd_torch;
 namespace F = torch::nn::functional;
 
 TEST_CASE("ChannelDecorrelation equals libtorch", "[torch][structure][decor]") {
@@ -15,17 +17,8 @@ TEST_CASE("ChannelDecorrelation equals libtorch", "[torch][structure][decor]") {
     for (auto stat : {mmkd::ChannelStatistic::Correlation, mmkd::ChannelStatistic::Covariance}) {
       for (bool teacher : {false, true}) {
         INFO("N " << n << " C " << c << " stat " << int(stat) << " teacher " << teacher);
-        auto statistic = [&](const torch::Tensor& x) {
-          auto h = x - x.mean(0, true);
-          if (stat == mmkd::ChannelStatistic::Correlation)
-            h = h / (h.pow(2).mean(0, true) + 1e-5).sqrt();
-          return torch::mm(h.t(), h) / double(x.size(0));
-        };
         auto tz = to_torch(z, true);
-        auto diff = statistic(tz);
-        if (teacher) diff = diff - statistic(to_torch(zt));
-        const auto off = 1 - torch::eye(c, torch::kFloat64);
-        const auto loss = (diff * off).pow(2).sum() / double(std::max<Index>(c * (c - 1), 1));
+        const auto loss = torch_decorrelation(tz, stat, teacher ? to_torch(zt) : torch::Tensor());
         loss.backward();
         mmkd::ChannelDecorrelation<double>::Options o;
         o.statistic = stat;
@@ -45,8 +38,7 @@ TEST_CASE("Uniformity equals libtorch (Wang & Isola's lunif)", "[torch][structur
   for (int rep = 0; rep < 4; ++rep) {
     const Matrix<double> x = random_matrix<double>(3 + rep * 5, 2 + rep, rep, 2);
     auto tx = to_torch(x, true);
-    const auto u = F::normalize(tx, F::NormalizeFuncOptions().dim(1));
-    const auto loss = torch::pdist(u).pow(2).mul(-2.0).exp().mean().log();
+    const auto loss = torch_uniformity(tx);
     loss.backward();
     mmkd::Uniformity<double> unif;
     Matrix<double> g = Matrix<double>::Zero(x.rows(), x.cols());
@@ -66,15 +58,7 @@ TEST_CASE("InfoNCE equals open_clip's ClipLoss and one-directional cross-entropy
     for (bool symmetric : {false, true}) {
       INFO("N " << n << " K " << n + extra << " D " << d << " symmetric " << symmetric);
       auto tq = to_torch(q, true), tk = to_torch(k, true);
-      const auto u = F::normalize(tq, F::NormalizeFuncOptions().dim(1));
-      const auto v = F::normalize(tk, F::NormalizeFuncOptions().dim(1));
-      const auto logits = torch::mm(u, v.t()) / temp;
-      const auto labels = torch::arange(n, torch::kLong) + extra;
-      auto loss = F::cross_entropy(logits, labels);
-      if (symmetric) {
-        const auto cols = logits.narrow(1, extra, n).t();  // key → query for the positive keys
-        loss = 0.5 * (loss + F::cross_entropy(cols, torch::arange(n, torch::kLong)));
-      }
+      const auto loss = torch_clip(tq, tk, temp, symmetric, extra);
       loss.backward();
       mmkd::InfoNCE<double>::Options o;
       o.temperature = temp;
@@ -94,12 +78,7 @@ TEST_CASE("SimilarityDistillation equals SEED's soft cross-entropy in libtorch",
   const Matrix<double> s = random_matrix<double>(9, 12, 1), t = random_matrix<double>(9, 12, 2);
   const Matrix<double> queue = random_matrix<double>(7, 12, 3);
   auto ts = to_torch(s, true);
-  const auto dict =
-      F::normalize(torch::cat({to_torch(t), to_torch(queue)}), F::NormalizeFuncOptions().dim(1));
-  const auto u = F::normalize(ts, F::NormalizeFuncOptions().dim(1));
-  const auto vt = F::normalize(to_torch(t), F::NormalizeFuncOptions().dim(1));
-  const auto target = torch::softmax(torch::mm(vt, dict.t()) / 0.04, 1);
-  const auto loss = -(target * torch::log_softmax(torch::mm(u, dict.t()) / 0.2, 1)).sum() / 9.0;
+  const auto loss = torch_seed(ts, to_torch(t), to_torch(queue), 0.2, 0.04);
   loss.backward();
   mmkd::SimilarityDistillation<double> seed({0.2, 0.04});
   Matrix<double> g = Matrix<double>::Zero(9, 12);

@@ -1,0 +1,333 @@
+#pragma once
+
+// mmkd losses as libtorch autograd functions.
+//
+// Each wrapper views the tensors' memory in place (CPU, contiguous, float or double to match the
+// loss; nothing is copied except integer labels that are not int32), runs the loss's fused
+// `value_and_grad` in the forward pass, saves the gradients, and in the backward pass returns them
+// scaled by the incoming gradient: d(loss)/d(input) · grad_output. Gradients flow to the inputs
+// mmkd differentiates (the student's, always; the teacher's where the loss offers it and the
+// tensor requires grad); an input that requires grad but gets none from mmkd is an error rather
+// than a silent zero gradient.
+//
+//   mmkd::LogitKD<float> kd;
+//   torch::Tensor loss = mmkd_bridge::logit_kd(kd, student_logits, teacher_logits.detach());
+//   loss.backward();   // student_logits.grad() = dKD/dstudent, as autograd would give
+
+#include <torch/torch.h>
+#include <mmkd/mmkd.hpp>
+
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace mmkd_bridge {
+
+/// Whether the wrapper computes a gradient for an input.
+enum class Grad { Always, IfRequired, Never };
+
+/// One call of an mmkd loss: the inputs' names and gradient policy, and a function that runs
+/// `value_and_grad` with gradient buffers (undefined where no gradient is wanted).
+struct LossCall {
+  std::string loss;
+  std::vector<std::string> names;
+  std::vector<Grad> grads;
+  std::function<double(const std::vector<at::Tensor>& buffers)> run;
+};
+
+namespace detail {
+
+template <class S>
+c10::ScalarType dtype_of() {
+  static_assert(std::is_same<S, float>::value || std::is_same<S, double>::value,
+                "mmkd_bridge: float or double");
+  return std::is_same<S, float>::value ? at::kFloat : at::kDouble;
+}
+
+[[noreturn]] inline void fail(const std::string& loss, const std::string& msg) {
+  throw std::invalid_argument("mmkd_bridge: " + loss + ": " + msg);
+}
+
+template <class S>
+void check(const std::string& loss, const char* name, const at::Tensor& t, int64_t dim) {
+  if (!t.defined()) fail(loss, std::string(name) + " is undefined");
+  if (t.scalar_type() != dtype_of<S>())
+    fail(loss, std::string(name) + " has dtype " + std::string(c10::toString(t.scalar_type())) +
+                   ", expected " + c10::toString(dtype_of<S>()) + " (the loss's scalar type)");
+  if (!t.device().is_cpu()) fail(loss, std::string(name) + " is not on the CPU");
+  if (!t.is_contiguous())
+    fail(loss, std::string(name) + " is not contiguous (call .contiguous(): mmkd works in place)");
+  if (t.dim() != dim)
+    fail(loss, std::string(name) + " has " + std::to_string(t.dim()) + " dimensions, expected " +
+                   std::to_string(dim));
+}
+
+template <class S>
+Eigen::Map<const mmkd::Matrix<S>> cmat(const at::Tensor& t) {
+  return {t.data_ptr<S>(), t.size(0), t.size(1)};
+}
+template <class S>
+Eigen::Map<mmkd::Matrix<S>> mat(const at::Tensor& t) {
+  return {t.data_ptr<S>(), t.size(0), t.size(1)};
+}
+template <class S>
+mmkd::ConstTensor3Ref<S> ct3(const at::Tensor& t) {
+  return {t.data_ptr<S>(), t.size(0), t.size(1), t.size(2)};
+}
+template <class S>
+mmkd::Tensor3Ref<S> t3(const at::Tensor& t) {
+  return {t.data_ptr<S>(), t.size(0), t.size(1), t.size(2)};
+}
+template <class S>
+mmkd::ConstTensor4Ref<S> ct4(const at::Tensor& t) {
+  return {t.data_ptr<S>(), t.size(0), t.size(1), t.size(2), t.size(3)};
+}
+template <class S>
+mmkd::Tensor4Ref<S> t4(const at::Tensor& t) {
+  return {t.data_ptr<S>(), t.size(0), t.size(1), t.size(2), t.size(3)};
+}
+
+// Integer class labels as int32 (a view when they are int32 already).
+inline at::Tensor labels_int32(const std::string& loss, const at::Tensor& y) {
+  if (!y.defined() || y.dim() != 1 || !at::isIntegralType(y.scalar_type(), false))
+    fail(loss, "labels must be a 1-D integer tensor");
+  return y.to(at::kInt).contiguous();
+}
+inline Eigen::Map<const mmkd::Labels> labels_view(const at::Tensor& y32) {
+  return {y32.data_ptr<int>(), y32.size(0)};
+}
+
+}  // namespace detail
+
+/// The autograd node: forward runs the loss and saves its gradients; backward scales them.
+struct LossFunction : torch::autograd::Function<LossFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const LossCall* call,
+                            at::TensorList inputs) {
+    std::vector<at::Tensor> buffers(inputs.size());
+    for (std::size_t k = 0; k < inputs.size(); ++k) {
+      const bool wanted = inputs[k].requires_grad();
+      if (wanted && call->grads[k] == Grad::Never)
+        detail::fail(call->loss, call->names[k] +
+                                     " requires grad, but the loss gives no gradient for it "
+                                     "(pass it detached)");
+      if (call->grads[k] == Grad::Always || (wanted && call->grads[k] == Grad::IfRequired))
+        buffers[k] = at::zeros_like(inputs[k]);
+    }
+    const double value = call->run(buffers);
+    ctx->save_for_backward(buffers);
+    return at::scalar_tensor(value, inputs[0].options());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_output) {
+    torch::autograd::variable_list out{at::Tensor()};  // none for the LossCall pointer
+    for (const auto& g : ctx->get_saved_variables())
+      out.push_back(g.defined() ? g * grad_output[0] : at::Tensor());
+    return out;
+  }
+};
+
+inline at::Tensor run_loss(const LossCall& call, at::TensorList inputs) {
+  return LossFunction::apply(&call, inputs);
+}
+
+/// LogitKD on N x C logits; the teacher's gradient too when it requires grad.
+template <class S>
+at::Tensor logit_kd(mmkd::LogitKD<S>& loss, const at::Tensor& student, const at::Tensor& teacher) {
+  detail::check<S>("LogitKD", "student", student, 2);
+  detail::check<S>("LogitKD", "teacher", teacher, 2);
+  const LossCall call{"LogitKD",
+                      {"student", "teacher"},
+                      {Grad::Always, Grad::IfRequired},
+                      [&](const std::vector<at::Tensor>& g) -> double {
+                        const auto s = detail::cmat<S>(student), t = detail::cmat<S>(teacher);
+                        if (g[1].defined())
+                          return loss.value_and_grad(s, t, detail::mat<S>(g[0]),
+                                                     detail::mat<S>(g[1]));
+                        return loss.value_and_grad(s, t, detail::mat<S>(g[0]));
+                      }};
+  return run_loss(call, {student, teacher});
+}
+
+/// DecoupledKD on N x C logits with N integer labels.
+template <class S>
+at::Tensor decoupled_kd(mmkd::DecoupledKD<S>& loss, const at::Tensor& student,
+                        const at::Tensor& teacher, const at::Tensor& labels) {
+  detail::check<S>("DecoupledKD", "student", student, 2);
+  detail::check<S>("DecoupledKD", "teacher", teacher, 2);
+  const at::Tensor y = detail::labels_int32("DecoupledKD", labels);
+  const LossCall call{"DecoupledKD",
+                      {"student", "teacher"},
+                      {Grad::Always, Grad::Never},
+                      [&](const std::vector<at::Tensor>& g) -> double {
+                        return loss.value_and_grad(detail::cmat<S>(student),
+                                                   detail::cmat<S>(teacher), detail::labels_view(y),
+                                                   detail::mat<S>(g[0]));
+                      }};
+  return run_loss(call, {student, teacher});
+}
+
+/// CrossEntropy on N x C logits with N integer labels.
+template <class S>
+at::Tensor cross_entropy(mmkd::CrossEntropy<S>& loss, const at::Tensor& logits,
+                         const at::Tensor& labels) {
+  detail::check<S>("CrossEntropy", "logits", logits, 2);
+  const at::Tensor y = detail::labels_int32("CrossEntropy", labels);
+  const LossCall call{
+      "CrossEntropy", {"logits"}, {Grad::Always}, [&](const std::vector<at::Tensor>& g) -> double {
+        return loss.value_and_grad(detail::cmat<S>(logits), detail::labels_view(y),
+                                   detail::mat<S>(g[0]));
+      }};
+  return run_loss(call, {logits});
+}
+
+/// ModalitySpecificKD: student, teacher N x C; student_modal, teacher_modal M x N x C; weights
+/// N x M. Gradients to student and student_modal.
+template <class S>
+at::Tensor modality_specific_kd(mmkd::ModalitySpecificKD<S>& loss, const at::Tensor& student,
+                                const at::Tensor& teacher, const at::Tensor& student_modal,
+                                const at::Tensor& teacher_modal, const at::Tensor& weights) {
+  const std::string name = "ModalitySpecificKD";
+  detail::check<S>(name, "student", student, 2);
+  detail::check<S>(name, "teacher", teacher, 2);
+  detail::check<S>(name, "student_modal", student_modal, 3);
+  detail::check<S>(name, "teacher_modal", teacher_modal, 3);
+  detail::check<S>(name, "weights", weights, 2);
+  const LossCall call{name,
+                      {"student", "teacher", "student_modal", "teacher_modal", "weights"},
+                      {Grad::Always, Grad::Never, Grad::Always, Grad::Never, Grad::Never},
+                      [&](const std::vector<at::Tensor>& g) -> double {
+                        return loss.value_and_grad(
+                            detail::cmat<S>(student), detail::cmat<S>(teacher),
+                            detail::ct3<S>(student_modal), detail::ct3<S>(teacher_modal),
+                            detail::cmat<S>(weights), detail::mat<S>(g[0]), detail::t3<S>(g[2]));
+                      }};
+  return run_loss(call, {student, teacher, student_modal, teacher_modal, weights});
+}
+
+/// ModalityGramKD on M x N x Ds student and M x N x Dt teacher embeddings; the teacher's gradient
+/// too when it requires grad.
+template <class S>
+at::Tensor modality_gram_kd(mmkd::ModalityGramKD<S>& loss, const at::Tensor& student,
+                            const at::Tensor& teacher) {
+  detail::check<S>("ModalityGramKD", "student", student, 3);
+  detail::check<S>("ModalityGramKD", "teacher", teacher, 3);
+  const LossCall call{"ModalityGramKD",
+                      {"student", "teacher"},
+                      {Grad::Always, Grad::IfRequired},
+                      [&](const std::vector<at::Tensor>& g) -> double {
+                        const auto s = detail::ct3<S>(student), t = detail::ct3<S>(teacher);
+                        if (g[1].defined())
+                          return loss.value_and_grad(s, t, detail::t3<S>(g[0]),
+                                                     detail::t3<S>(g[1]));
+                        return loss.value_and_grad(s, t, detail::t3<S>(g[0]));
+                      }};
+  return run_loss(call, {student, teacher});
+}
+
+/// ChannelDecorrelation on N x C features (identity target).
+template <class S>
+at::Tensor channel_decorrelation(mmkd::ChannelDecorrelation<S>& loss, const at::Tensor& features) {
+  detail::check<S>("ChannelDecorrelation", "features", features, 2);
+  const LossCall call{"ChannelDecorrelation",
+                      {"features"},
+                      {Grad::Always},
+                      [&](const std::vector<at::Tensor>& g) -> double {
+                        return loss.value_and_grad(detail::cmat<S>(features), detail::mat<S>(g[0]));
+                      }};
+  return run_loss(call, {features});
+}
+
+/// Uniformity on N x D embeddings or N x C x H x W feature maps.
+template <class S>
+at::Tensor uniformity(mmkd::Uniformity<S>& loss, const at::Tensor& x) {
+  detail::check<S>("Uniformity", "x", x, x.dim() == 4 ? 4 : 2);
+  const LossCall call{
+      "Uniformity", {"x"}, {Grad::Always}, [&](const std::vector<at::Tensor>& g) -> double {
+        if (x.dim() == 4) return loss.value_and_grad(detail::ct4<S>(x), detail::t4<S>(g[0]));
+        return loss.value_and_grad(detail::cmat<S>(x), detail::mat<S>(g[0]));
+      }};
+  return run_loss(call, {x});
+}
+
+/// InfoNCE of N x D queries against K x D keys; the keys' gradient too when they require grad.
+/// A learned temperature is the loss's own parameter (`loss.parameters()` / `gradients()`).
+template <class S>
+at::Tensor info_nce(mmkd::InfoNCE<S>& loss, const at::Tensor& queries, const at::Tensor& keys) {
+  detail::check<S>("InfoNCE", "queries", queries, 2);
+  detail::check<S>("InfoNCE", "keys", keys, 2);
+  const LossCall call{"InfoNCE",
+                      {"queries", "keys"},
+                      {Grad::Always, Grad::IfRequired},
+                      [&](const std::vector<at::Tensor>& g) -> double {
+                        const auto q = detail::cmat<S>(queries), k = detail::cmat<S>(keys);
+                        if (g[1].defined())
+                          return loss.value_and_grad(q, k, detail::mat<S>(g[0]),
+                                                     detail::mat<S>(g[1]));
+                        return loss.value_and_grad(q, k, detail::mat<S>(g[0]));
+                      }};
+  return run_loss(call, {queries, keys});
+}
+
+/// SimilarityDistillation of N x D student against teacher embeddings, over [teacher; queue]
+/// (queue: K x D past teacher embeddings, or undefined for none).
+template <class S>
+at::Tensor similarity_distillation(mmkd::SimilarityDistillation<S>& loss, const at::Tensor& student,
+                                   const at::Tensor& teacher,
+                                   const at::Tensor& queue = at::Tensor()) {
+  const std::string name = "SimilarityDistillation";
+  detail::check<S>(name, "student", student, 2);
+  detail::check<S>(name, "teacher", teacher, 2);
+  if (queue.defined()) detail::check<S>(name, "queue", queue, 2);
+  const LossCall call{name,
+                      {"student", "teacher", "queue"},
+                      {Grad::Always, Grad::Never, Grad::Never},
+                      [&](const std::vector<at::Tensor>& g) -> double {
+                        const auto s = detail::cmat<S>(student), t = detail::cmat<S>(teacher);
+                        if (queue.defined())
+                          return loss.value_and_grad(s, t, detail::cmat<S>(queue),
+                                                     detail::mat<S>(g[0]));
+                        return loss.value_and_grad(s, t, detail::mat<S>(g[0]));
+                      }};
+  if (queue.defined()) return run_loss(call, {student, teacher, queue});
+  return run_loss(call, {student, teacher});
+}
+
+/// HierarchicalContextLoss over stages: student and teacher maps N x C x H x W, one per stage.
+template <class S>
+at::Tensor hierarchical_context_loss(mmkd::HierarchicalContextLoss<S>& loss,
+                                     const std::vector<at::Tensor>& student,
+                                     const std::vector<at::Tensor>& teacher) {
+  const std::string name = "HierarchicalContextLoss";
+  if (student.empty() || student.size() != teacher.size())
+    detail::fail(name, "student and teacher need the same number (≥ 1) of stages");
+  LossCall call{name, {}, {}, nullptr};
+  std::vector<at::Tensor> inputs;
+  for (std::size_t k = 0; k < student.size(); ++k) {
+    detail::check<S>(name, "student stage", student[k], 4);
+    inputs.push_back(student[k]);
+    call.names.push_back("student[" + std::to_string(k) + "]");
+    call.grads.push_back(Grad::Always);
+  }
+  for (std::size_t k = 0; k < teacher.size(); ++k) {
+    detail::check<S>(name, "teacher stage", teacher[k], 4);
+    inputs.push_back(teacher[k]);
+    call.names.push_back("teacher[" + std::to_string(k) + "]");
+    call.grads.push_back(Grad::Never);
+  }
+  const std::size_t stages = student.size();
+  call.run = [&](const std::vector<at::Tensor>& g) -> double {
+    std::vector<mmkd::ConstTensor4Ref<S>> s, t;
+    std::vector<mmkd::Tensor4Ref<S>> d;
+    for (std::size_t k = 0; k < stages; ++k) {
+      s.push_back(detail::ct4<S>(student[k]));
+      t.push_back(detail::ct4<S>(teacher[k]));
+      d.push_back(detail::t4<S>(g[k]));
+    }
+    return loss.value_and_grad(s, t, d);
+  };
+  return run_loss(call, inputs);
+}
+
+}  // namespace mmkd_bridge

@@ -1,0 +1,186 @@
+// The libtorch bridge (examples/torch_bridge.hpp): gradients through each wrapped mmkd loss equal
+// libtorch's autograd of the same loss written with libtorch ops, including a grad_output other
+// than 1 and a graph in front of the loss; bad tensors are refused.
+
+#include "torch_bridge.hpp"
+
+#include <catch2/catch.hpp>
+
+#include "review_reference.hpp"
+#include "torch/torch_losses.hpp"
+
+using namespace mmkd_torch;
+using Tensors = std::vector<torch::Tensor>;
+
+namespace {
+
+torch::Tensor randn(at::IntArrayRef shape, double scale = 1.0) {
+  return torch::randn(shape, torch::kFloat64) * scale;
+}
+
+// Runs `bridge` and `reference` on separate copies of `inputs` (those flagged in `grad` require
+// grad), back-propagates 2.5·loss through both and compares values and every gradient.
+template <class Bridge, class Reference>
+void compare(const Tensors& inputs, const std::vector<bool>& grad, Bridge&& bridge,
+             Reference&& reference) {
+  Tensors a, b;
+  for (std::size_t k = 0; k < inputs.size(); ++k) {
+    a.push_back(inputs[k].clone().set_requires_grad(grad[k]));
+    b.push_back(inputs[k].clone().set_requires_grad(grad[k]));
+  }
+  const torch::Tensor la = bridge(a), lb = reference(b);
+  (2.5 * la).backward();
+  (2.5 * lb).backward();
+  CHECK(la.item<double>() == Approx(lb.item<double>()).epsilon(1e-10));
+  for (std::size_t k = 0; k < inputs.size(); ++k) {
+    if (!grad[k]) continue;
+    INFO("input " << k);
+    REQUIRE(a[k].grad().defined());
+    CHECK(torch::allclose(a[k].grad(), b[k].grad(), 1e-9, 1e-12));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("bridge: logit losses equal libtorch autograd", "[torch][bridge]") {
+  torch::manual_seed(1);
+  const auto y = torch::randint(7, {6}, torch::kLong);
+  mmkd::LogitKD<double> kd;
+  compare(
+      {randn({6, 7}, 3), randn({6, 7}, 3)}, {true, true},
+      [&](const Tensors& x) { return mmkd_bridge::logit_kd(kd, x[0], x[1]); },
+      [&](const Tensors& x) {
+        return torch_kd(x[0], x[1], 4.0, mmkd::Reduction::BatchMean,
+                        torch::ones({6}, torch::kFloat64));
+      });
+  compare(
+      {randn({6, 7}, 3), randn({6, 7}, 3)}, {true, false},
+      [&](const Tensors& x) { return mmkd_bridge::logit_kd(kd, x[0], x[1]); },
+      [&](const Tensors& x) {
+        return torch_kd(x[0], x[1], 4.0, mmkd::Reduction::BatchMean,
+                        torch::ones({6}, torch::kFloat64));
+      });
+  mmkd::DecoupledKD<double> dkd;
+  compare(
+      {randn({6, 7}, 3), randn({6, 7}, 3)}, {true, false},
+      [&](const Tensors& x) { return mmkd_bridge::decoupled_kd(dkd, x[0], x[1], y); },
+      [&](const Tensors& x) { return torch_dkd(x[0], x[1], y, 1.0, 8.0, 4.0); });
+  mmkd::CrossEntropy<double> ce({0.1});
+  compare(
+      {randn({6, 7}, 3)}, {true},
+      [&](const Tensors& x) { return mmkd_bridge::cross_entropy(ce, x[0], y); },
+      [&](const Tensors& x) {
+        return torch::nn::functional::cross_entropy(
+            x[0], y, torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(0.1));
+      });
+}
+
+TEST_CASE("bridge: multimodal losses equal libtorch autograd", "[torch][bridge]") {
+  torch::manual_seed(2);
+  const int64_t m = 3, n = 5, c = 6;
+  const auto w = torch::rand({n, m}, torch::kFloat64);
+  mmkd::ModalitySpecificKD<double> msd({2.0, 0.5});
+  compare(
+      {randn({n, c}, 2), randn({n, c}, 2), randn({m, n, c}, 2), randn({m, n, c}, 2)},
+      {true, false, true, false},
+      [&](const Tensors& x) {
+        return mmkd_bridge::modality_specific_kd(msd, x[0], x[1], x[2], x[3], w);
+      },
+      [&](const Tensors& x) { return torch_msd(x[0], x[1], x[2], x[3], w, 2.0, 0.5); });
+  mmkd::ModalityGramKD<double> gram;
+  for (bool teacher_grad : {false, true}) {
+    compare(
+        {randn({m, n, 4}), randn({m, n, 9})}, {true, teacher_grad},
+        [&](const Tensors& x) { return mmkd_bridge::modality_gram_kd(gram, x[0], x[1]); },
+        [&](const Tensors& x) { return torch_gram(x[0], x[1]); });
+  }
+}
+
+TEST_CASE("bridge: structure and contrastive losses equal libtorch autograd", "[torch][bridge]") {
+  torch::manual_seed(3);
+  mmkd::ChannelDecorrelation<double> decor;
+  compare(
+      {randn({9, 5})}, {true},
+      [&](const Tensors& x) { return mmkd_bridge::channel_decorrelation(decor, x[0]); },
+      [&](const Tensors& x) {
+        return torch_decorrelation(x[0], mmkd::ChannelStatistic::Correlation);
+      });
+  mmkd::Uniformity<double> unif;
+  compare(
+      {randn({9, 5})}, {true},
+      [&](const Tensors& x) { return mmkd_bridge::uniformity(unif, x[0]); },
+      [&](const Tensors& x) { return torch_uniformity(x[0]); });
+  mmkd::InfoNCE<double> nce;
+  for (bool key_grad : {false, true}) {
+    compare(
+        {randn({7, 5}), randn({7, 5})}, {true, key_grad},
+        [&](const Tensors& x) { return mmkd_bridge::info_nce(nce, x[0], x[1]); },
+        [&](const Tensors& x) { return torch_clip(x[0], x[1], 0.07, true, 0); });
+  }
+  mmkd::SimilarityDistillation<double> seed;
+  const auto queue = randn({11, 5});
+  compare(
+      {randn({7, 5}), randn({7, 5})}, {true, false},
+      [&](const Tensors& x) {
+        return mmkd_bridge::similarity_distillation(seed, x[0], x[1], queue);
+      },
+      [&](const Tensors& x) { return torch_seed(x[0], x[1], queue, 0.07, 0.07); });
+  compare(
+      {randn({7, 5}), randn({7, 5})}, {true, false},
+      [&](const Tensors& x) { return mmkd_bridge::similarity_distillation(seed, x[0], x[1]); },
+      [&](const Tensors& x) {
+        return torch_seed(x[0], x[1], torch::zeros({0, 5}, torch::kFloat64), 0.07, 0.07);
+      });
+}
+
+TEST_CASE("bridge: HierarchicalContextLoss equals libtorch autograd", "[torch][bridge]") {
+  torch::manual_seed(4);
+  mmkd::HierarchicalContextLoss<double> hcl;
+  compare(
+      {randn({2, 3, 8, 8}), randn({2, 4, 2, 2}), randn({2, 3, 8, 8}), randn({2, 4, 2, 2})},
+      {true, true, false, false},
+      [&](const Tensors& x) {
+        return mmkd_bridge::hierarchical_context_loss(hcl, {x[0], x[1]}, {x[2], x[3]});
+      },
+      [&](const Tensors& x) {
+        return torch_hcl({x[0], x[1]}, {x[2], x[3]});
+      });
+}
+
+TEST_CASE("bridge: a graph in front of the loss gets libtorch's gradients", "[torch][bridge]") {
+  torch::manual_seed(5);
+  const auto input = randn({8, 4}), target = randn({8, 6}, 2);
+  mmkd::LogitKD<double> kd;
+  mmkd::InfoNCE<double> nce;
+  // logits = tanh(x W): the bridge's gradient flows on into W through libtorch's autograd.
+  compare(
+      {randn({4, 6})}, {true},
+      [&](const Tensors& w) {
+        const auto z = torch::tanh(input.mm(w[0])) * 3;
+        return mmkd_bridge::logit_kd(kd, z, target) + 0.5 * mmkd_bridge::info_nce(nce, z, target);
+      },
+      [&](const Tensors& w) {
+        const auto z = torch::tanh(input.mm(w[0])) * 3;
+        return torch_kd(z, target, 4.0, mmkd::Reduction::BatchMean,
+                        torch::ones({8}, torch::kFloat64)) +
+               0.5 * torch_clip(z, target, 0.07, true, 0);
+      });
+}
+
+TEST_CASE("bridge: refuses tensors it cannot view or differentiate", "[torch][bridge]") {
+  mmkd::LogitKD<double> kd;
+  mmkd::DecoupledKD<double> dkd;
+  const auto s = randn({4, 5}), t = randn({4, 5});
+  const auto y = torch::zeros({4}, torch::kLong);
+  CHECK_THROWS_WITH(mmkd_bridge::logit_kd(kd, s.to(torch::kFloat32), t),
+                    Catch::Contains("student has dtype Float, expected Double"));
+  CHECK_THROWS_WITH(mmkd_bridge::logit_kd(kd, randn({5, 4}).t(), t),
+                    Catch::Contains("student is not contiguous"));
+  CHECK_THROWS_WITH(mmkd_bridge::logit_kd(kd, randn({4, 5, 1}), t),
+                    Catch::Contains("student has 3 dimensions, expected 2"));
+  CHECK_THROWS_WITH(
+      mmkd_bridge::decoupled_kd(dkd, s.clone().requires_grad_(), t.clone().requires_grad_(), y),
+      Catch::Contains("teacher requires grad, but the loss gives no gradient for it"));
+  // mmkd's own errors pass through unchanged.
+  CHECK_THROWS_AS(mmkd_bridge::logit_kd(kd, s, randn({4, 6})), mmkd::InvalidArgument);
+}

@@ -1,0 +1,120 @@
+#pragma once
+
+// Every mmkd loss written independently with libtorch ops (differentiated by libtorch's
+// autograd): the references of the cross-checks and of the bridge test.
+
+#include <torch/torch.h>
+
+#include <mmkd/core/reduction.hpp>
+#include <mmkd/structure/channel_decorrelation.hpp>
+
+namespace mmkd_torch {
+
+namespace F = torch::nn::functional;
+
+/// mdistiller kd_loss with a row mask: T² · Σ_i m_i Σ_k kl_div, divided per the reduction.
+inline torch::Tensor torch_kd(const torch::Tensor& s, const torch::Tensor& t, double temp,
+                              mmkd::Reduction red, const torch::Tensor& row_mask) {
+  const auto pointwise = F::kl_div(torch::log_softmax(s / temp, 1), torch::softmax(t / temp, 1),
+                                   F::KLDivFuncOptions().reduction(torch::kNone));
+  const auto per_row = pointwise.sum(1) * row_mask;
+  auto total = per_row.sum() * temp * temp;
+  if (red == mmkd::Reduction::BatchMean) total = total / row_mask.sum();
+  if (red == mmkd::Reduction::Mean) total = total / (row_mask.sum() * s.size(1));
+  return total;
+}
+
+/// mdistiller dkd_loss, written out: binary target/other probabilities with plain logs, and the
+/// −1000·mask trick for the non-target softmax.
+inline torch::Tensor torch_dkd(const torch::Tensor& s, const torch::Tensor& t,
+                               const torch::Tensor& y, double alpha, double beta, double temp) {
+  const auto n = double(s.size(0));
+  const auto gt = F::one_hot(y, s.size(1)).to(s.scalar_type());
+  const auto other = 1 - gt;
+  const auto ps = torch::softmax(s / temp, 1), pt = torch::softmax(t / temp, 1);
+  const auto bs = torch::stack({(ps * gt).sum(1), (ps * other).sum(1)}, 1);
+  const auto bt = torch::stack({(pt * gt).sum(1), (pt * other).sum(1)}, 1);
+  const auto tckd =
+      F::kl_div(torch::log(bs), bt, F::KLDivFuncOptions().reduction(torch::kSum)) * temp * temp / n;
+  const auto qt2 = torch::softmax(t / temp - 1000.0 * gt, 1);
+  const auto ls2 = torch::log_softmax(s / temp - 1000.0 * gt, 1);
+  const auto nckd =
+      F::kl_div(ls2, qt2, F::KLDivFuncOptions().reduction(torch::kSum)) * temp * temp / n;
+  return alpha * tckd + beta * nckd;
+}
+
+/// Per-row T²·KL(softmax(t/T) ‖ softmax(s/T)) along the last dimension.
+inline torch::Tensor kd_rows(const torch::Tensor& s, const torch::Tensor& t, double temp) {
+  return F::kl_div(torch::log_softmax(s / temp, -1), torch::softmax(t / temp, -1),
+                   F::KLDivFuncOptions().reduction(torch::kNone))
+             .sum(-1) *
+         (temp * temp);
+}
+
+/// MSD: (β Σ_i KD_i(s, t) + Σ_{i,m} w_im KD_i(s^m, t^m)) / N; stacks M x N x C, weights N x M.
+inline torch::Tensor torch_msd(const torch::Tensor& s, const torch::Tensor& t,
+                               const torch::Tensor& sm, const torch::Tensor& tm,
+                               const torch::Tensor& w, double temp, double beta) {
+  const auto aux = kd_rows(sm, tm, temp).transpose(0, 1);  // N x M
+  return (beta * kd_rows(s, t, temp).sum() + (w * aux).sum()) / double(s.size(0));
+}
+
+/// Modality Gram KD, cosine rows, per sample, every modality present: stacks M x N x D.
+inline torch::Tensor torch_gram(const torch::Tensor& s, const torch::Tensor& t) {
+  auto gram = [](const torch::Tensor& f) {
+    const auto x = F::normalize(f.permute({1, 0, 2}), F::NormalizeFuncOptions().dim(2).eps(1e-12));
+    return torch::bmm(x, x.transpose(1, 2));  // N x M x M
+  };
+  return (gram(s) - gram(t)).pow(2).mean();
+}
+
+/// Channel decorrelation: mean squared off-diagonal of the batch statistic (minus the teacher's
+/// when given).
+inline torch::Tensor torch_decorrelation(const torch::Tensor& z, mmkd::ChannelStatistic stat,
+                                         const torch::Tensor& teacher = torch::Tensor()) {
+  auto statistic = [&](const torch::Tensor& x) {
+    auto h = x - x.mean(0, true);
+    if (stat == mmkd::ChannelStatistic::Correlation) h = h / (h.pow(2).mean(0, true) + 1e-5).sqrt();
+    return torch::mm(h.t(), h) / double(x.size(0));
+  };
+  auto diff = statistic(z);
+  if (teacher.defined()) diff = diff - statistic(teacher);
+  const int64_t c = z.size(1);
+  const auto off = 1 - torch::eye(c, z.options().requires_grad(false));
+  return (diff * off).pow(2).sum() / double(std::max<int64_t>(c * (c - 1), 1));
+}
+
+/// Wang & Isola's uniformity: log mean exp(−2‖u_i − u_j‖²) over pairs of normalised rows.
+inline torch::Tensor torch_uniformity(const torch::Tensor& x) {
+  const auto u = F::normalize(x, F::NormalizeFuncOptions().dim(1));
+  return torch::pdist(u).pow(2).mul(-2.0).exp().mean().log();
+}
+
+/// open_clip's ClipLoss (symmetric) or one-directional InfoNCE; the positive of query i is key
+/// i + offset.
+inline torch::Tensor torch_clip(const torch::Tensor& q, const torch::Tensor& k, double temp,
+                                bool symmetric, int64_t offset) {
+  const int64_t n = q.size(0);
+  const auto u = F::normalize(q, F::NormalizeFuncOptions().dim(1));
+  const auto v = F::normalize(k, F::NormalizeFuncOptions().dim(1));
+  const auto logits = torch::mm(u, v.t()) / temp;
+  auto loss = F::cross_entropy(logits, torch::arange(n, torch::kLong) + offset);
+  if (symmetric) {
+    const auto cols = logits.narrow(1, offset, n).t();  // key → query for the positive keys
+    loss = 0.5 * (loss + F::cross_entropy(cols, torch::arange(n, torch::kLong)));
+  }
+  return loss;
+}
+
+/// SEED's soft cross-entropy over the dictionary [teacher; queue].
+inline torch::Tensor torch_seed(const torch::Tensor& s, const torch::Tensor& t,
+                                const torch::Tensor& queue, double tau_s, double tau_t) {
+  const auto dict = F::normalize(torch::cat({t, queue}), F::NormalizeFuncOptions().dim(1));
+  const auto u = F::normalize(s, F::NormalizeFuncOptions().dim(1));
+  const auto vt = F::normalize(t, F::NormalizeFuncOptions().dim(1));
+  const auto target = torch::softmax(torch::mm(vt, dict.t()) / tau_t, 1);
+  return -(target * torch::log_softmax(torch::mm(u, dict.t()) / tau_s, 1)).sum() /
+         double(s.size(0));
+}
+
+}  // namespace mmkd_torch
