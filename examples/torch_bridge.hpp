@@ -132,22 +132,32 @@ inline at::Tensor run_loss(const LossCall& call, at::TensorList inputs) {
   return LossFunction::apply(&call, inputs);
 }
 
+namespace detail {
+
+// A loss of two N x D matrices whose first gradient is always computed and second on request.
+template <class S, class Loss>
+at::Tensor matrix_pair(Loss& loss, const std::string& name, const char* first, const char* second,
+                       const at::Tensor& a, const at::Tensor& b) {
+  check<S>(name, first, a, 2);
+  check<S>(name, second, b, 2);
+  const LossCall call{name,
+                      {first, second},
+                      {Grad::Always, Grad::IfRequired},
+                      [&](const std::vector<at::Tensor>& g) -> double {
+                        if (g[1].defined())
+                          return loss.value_and_grad(cmat<S>(a), cmat<S>(b), mat<S>(g[0]),
+                                                     mat<S>(g[1]));
+                        return loss.value_and_grad(cmat<S>(a), cmat<S>(b), mat<S>(g[0]));
+                      }};
+  return run_loss(call, {a, b});
+}
+
+}  // namespace detail
+
 /// LogitKD on N x C logits; the teacher's gradient too when it requires grad.
 template <class S>
 at::Tensor logit_kd(mmkd::LogitKD<S>& loss, const at::Tensor& student, const at::Tensor& teacher) {
-  detail::check<S>("LogitKD", "student", student, 2);
-  detail::check<S>("LogitKD", "teacher", teacher, 2);
-  const LossCall call{"LogitKD",
-                      {"student", "teacher"},
-                      {Grad::Always, Grad::IfRequired},
-                      [&](const std::vector<at::Tensor>& g) -> double {
-                        const auto s = detail::cmat<S>(student), t = detail::cmat<S>(teacher);
-                        if (g[1].defined())
-                          return loss.value_and_grad(s, t, detail::mat<S>(g[0]),
-                                                     detail::mat<S>(g[1]));
-                        return loss.value_and_grad(s, t, detail::mat<S>(g[0]));
-                      }};
-  return run_loss(call, {student, teacher});
+  return detail::matrix_pair<S>(loss, "LogitKD", "student", "teacher", student, teacher);
 }
 
 /// DecoupledKD on N x C logits with N integer labels.
@@ -255,19 +265,7 @@ at::Tensor uniformity(mmkd::Uniformity<S>& loss, const at::Tensor& x) {
 /// A learned temperature is the loss's own parameter (`loss.parameters()` / `gradients()`).
 template <class S>
 at::Tensor info_nce(mmkd::InfoNCE<S>& loss, const at::Tensor& queries, const at::Tensor& keys) {
-  detail::check<S>("InfoNCE", "queries", queries, 2);
-  detail::check<S>("InfoNCE", "keys", keys, 2);
-  const LossCall call{"InfoNCE",
-                      {"queries", "keys"},
-                      {Grad::Always, Grad::IfRequired},
-                      [&](const std::vector<at::Tensor>& g) -> double {
-                        const auto q = detail::cmat<S>(queries), k = detail::cmat<S>(keys);
-                        if (g[1].defined())
-                          return loss.value_and_grad(q, k, detail::mat<S>(g[0]),
-                                                     detail::mat<S>(g[1]));
-                        return loss.value_and_grad(q, k, detail::mat<S>(g[0]));
-                      }};
-  return run_loss(call, {queries, keys});
+  return detail::matrix_pair<S>(loss, "InfoNCE", "queries", "keys", queries, keys);
 }
 
 /// SimilarityDistillation of N x D student against teacher embeddings, over [teacher; queue]
