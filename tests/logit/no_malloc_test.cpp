@@ -151,3 +151,84 @@ TEMPLATE_TEST_CASE("ReviewKD modules and HCL allocate nothing in steady state", 
     }
   }
 }
+
+TEMPLATE_TEST_CASE("weight learner, saliency variants and running mean allocate nothing",
+                   "[multimodal][alloc]", float, double) {
+  using T = TestType;
+  const Index n = 16, c = 10, m = 2;
+  const Matrix<T> t = random_matrix<T>(n, c, 1);
+  const mmkd::Tensor3<T> tm = random_stack<T>(m, n, c, 2);
+  const mmkd::Labels y = random_labels(n, c, 3);
+  const mmkd::PresenceMask mask = mmkd::PresenceMask::Ones(n, m);
+  mmkd::ModalitySaliency<T> sufficiency({mmkd::SaliencyKind::Sufficiency, T(2)});
+  mmkd::ModalitySaliency<T> label_prob({mmkd::SaliencyKind::LabelProbability, T(1)});
+  mmkd::SaliencyRunningMean<T> running;
+  typename mmkd::ModalityWeightLearner<T>::Options lo;
+  lo.onehot_modalities = m;
+  mmkd::ModalityWeightLearner<T> learner(lo);
+  const Matrix<T> aux = random_matrix<T>(n, m, 4).cwiseAbs();
+  const Matrix<T> g = random_matrix<T>(n * m, c, 5), h = random_matrix<T>(n * m, 8, 6);
+  const Matrix<T> gm = random_matrix<T>(6, c, 7), hm = random_matrix<T>(6, 8, 8);
+  const Matrix<T> dots = random_matrix<T>(n * m, 1, 9);
+  Matrix<T> features, dw = Matrix<T>::Zero(n * m, 1);
+  for (int warm = 0; warm < 2; ++warm) {
+    std::unique_ptr<NoMalloc> guard;
+    if (warm == 1) guard = std::make_unique<NoMalloc>();
+    CHECK_NOTHROW(sufficiency.compute(t, tm, mask));
+    CHECK_NOTHROW(label_prob.compute(t, tm, y));
+    CHECK_NOTHROW(running.update(sufficiency.scores(), mask));
+    CHECK_NOTHROW(learner.make_features(aux, features));
+    CHECK_NOTHROW(learner.forward(features));
+    CHECK_NOTHROW(learner.backward(dw));
+    CHECK_NOTHROW(
+        mmkd::ModalityWeightLearner<T>::hypergradient_linear(g, h, gm, hm, T(0.1), n, dw));
+    CHECK_NOTHROW(mmkd::ModalityWeightLearner<T>::hypergradient(dots, T(0.1), n, dw));
+  }
+}
+
+TEMPLATE_TEST_CASE("ReviewKD ops, BatchNorm2d and AttentionFusion allocate nothing",
+                   "[review][alloc]", float, double) {
+  using T = TestType;
+  const mmkd::Tensor4<T> x = random_map<T>(2, 8, 6, 6, 1), dy8 = random_map<T>(2, 8, 6, 6, 2);
+  const mmkd::Tensor4<T> dy4 = random_map<T>(2, 4, 6, 6, 3), small = random_map<T>(2, 8, 3, 3, 4);
+  const Matrix<T> w3 = random_matrix<T>(4, 72, 5), w1 = random_matrix<T>(4, 8, 6),
+                  b1 = random_matrix<T>(1, 4, 7);
+  mmkd::Tensor4<T> y(2, 4, 6, 6), dx(2, 8, 6, 6), up(2, 8, 6, 6), pooled(2, 8, 3, 3),
+      d_small(2, 8, 3, 3);
+  dx.setZero();
+  d_small.setZero();
+  Matrix<T> ws[2], dw3 = Matrix<T>::Zero(4, 72), dw1 = Matrix<T>::Zero(4, 8),
+                   db1 = Matrix<T>::Zero(1, 4);
+  mmkd::BatchNorm2d<T> bn({8});
+  typename mmkd::AttentionFusion<T>::Options ao;
+  ao.in_channels = 8;
+  ao.mid_channels = 4;
+  ao.out_channels = 6;
+  ao.fuse = true;
+  mmkd::AttentionFusion<T> abf(ao);
+  const mmkd::Tensor4<T> residual = random_map<T>(2, 4, 3, 3, 8),
+                         d_out = random_map<T>(2, 6, 6, 6, 9),
+                         d_res = random_map<T>(2, 4, 6, 6, 10);
+  mmkd::Tensor4<T> d_res_in(2, 4, 3, 3);
+  d_res_in.setZero();
+  for (int warm = 0; warm < 2; ++warm) {
+    std::unique_ptr<NoMalloc> guard;
+    if (warm == 1) guard = std::make_unique<NoMalloc>();
+    // One workspace per algorithm: their sizes differ.
+    for (int a = 0; a < 2; ++a) {
+      const auto algo = a ? mmkd::Conv3x3Algorithm::Winograd : mmkd::Conv3x3Algorithm::Im2col;
+      CHECK_NOTHROW(mmkd::conv2d_3x3<T>(x, w3, y, ws[a], algo));
+      CHECK_NOTHROW(mmkd::conv2d_3x3_backward<T>(x, w3, dy4, dx, dw3, ws[a], algo));
+    }
+    CHECK_NOTHROW(mmkd::conv2d_1x1<T>(x, w1, b1, y));
+    CHECK_NOTHROW(mmkd::conv2d_1x1_backward<T>(x, w1, dy4, dx, dw1, db1));
+    CHECK_NOTHROW(mmkd::nearest_resize<T>(small, up));
+    CHECK_NOTHROW(mmkd::nearest_resize_backward<T>(dy8, d_small));
+    CHECK_NOTHROW(mmkd::adaptive_avg_pool2d<T>(x, pooled));
+    CHECK_NOTHROW(mmkd::adaptive_avg_pool2d_backward<T>(small, dx));
+    CHECK_NOTHROW(bn.forward(x));
+    CHECK_NOTHROW(bn.backward(dy8, dx));
+    CHECK_NOTHROW(abf.forward(x, residual));
+    CHECK_NOTHROW(abf.backward(d_out, d_res, dx, d_res_in));
+  }
+}

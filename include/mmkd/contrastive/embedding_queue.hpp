@@ -20,7 +20,7 @@ namespace mmkd {
  * @endcode
  */
 template <class Scalar = float>
-class EmbeddingQueue {
+class EmbeddingQueue : detail::FloatingScalar<Scalar> {
  public:
   EmbeddingQueue(Index capacity, Index dim) {
     if (capacity < 1 || dim < 1) {

@@ -60,7 +60,7 @@ namespace mmkd {
  * @endcode
  */
 template <class Scalar = float>
-class InfoNCE {
+class InfoNCE : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     Scalar temperature = Scalar(0.07);  //!< τ > 0, or the initial τ when learned

@@ -38,7 +38,7 @@ namespace mmkd {
  * @endcode
  */
 template <class Scalar = float>
-class SimilarityDistillation {
+class SimilarityDistillation : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     Scalar tau_s = Scalar(0.07);  //!< student temperature > 0

@@ -37,7 +37,7 @@ namespace mmkd {
  * @endcode
  */
 template <class Scalar = float>
-class CrossEntropy {
+class CrossEntropy : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     Scalar label_smoothing = Scalar(0);     //!< ε in [0, 1]

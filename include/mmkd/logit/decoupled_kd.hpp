@@ -55,7 +55,7 @@ namespace mmkd {
  * @endcode
  */
 template <class Scalar = float>
-class DecoupledKD {
+class DecoupledKD : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     Scalar alpha = Scalar(1);                    //!< weight of TCKD, ≥ 0

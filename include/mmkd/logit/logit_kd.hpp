@@ -58,7 +58,7 @@ namespace mmkd {
  * @endcode
  */
 template <class Scalar = float>
-class LogitKD {
+class LogitKD : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     Scalar temperature = Scalar(4);  //!< T > 0

@@ -60,7 +60,7 @@ enum class GramScope { PerSample, Batch };
  * @endcode
  */
 template <class Scalar = float>
-class ModalityGramKD {
+class ModalityGramKD : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     GramNormalization normalization = GramNormalization::Cosine;

@@ -41,7 +41,7 @@ enum class SaliencyKind {
  * @endcode
  */
 template <class Scalar = float>
-class ModalitySaliency {
+class ModalitySaliency : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     SaliencyKind kind = SaliencyKind::RemovalKL;

@@ -58,7 +58,7 @@ namespace mmkd {
  * @endcode
  */
 template <class Scalar = float>
-class ModalitySpecificKD {
+class ModalitySpecificKD : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     Scalar temperature = Scalar(1);  //!< T > 0

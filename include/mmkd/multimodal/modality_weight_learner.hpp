@@ -47,7 +47,7 @@ namespace mmkd {
  * @endcode
  */
 template <class Scalar = float>
-class ModalityWeightLearner {
+class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     Index hidden = 100;           //!< hidden units, ≥ 1
@@ -128,7 +128,8 @@ class ModalityWeightLearner {
       detail::throw_invalid(kName, "d_weights hold a non-finite value");
     // dw/da = w (1 − w) through the sigmoid; then the two linear layers and the relu.
     da_ = (d_weights.array() * out_.array() * (Scalar(1) - out_.array())).matrix();
-    dpre_ = ((da_ * w2_).array() * (pre_.array() > Scalar(0)).template cast<Scalar>()).matrix();
+    dpre_.noalias() = da_ * w2_;  // a product into its own buffer: no temporary
+    dpre_.array() *= (pre_.array() > Scalar(0)).template cast<Scalar>();
     gw2_.noalias() += da_.transpose() * h_;
     gb2_(0, 0) += da_.sum();
     gw1_.noalias() += dpre_.transpose() * x_;
@@ -168,10 +169,14 @@ class ModalityWeightLearner {
                         "rows of g_meta, width of h");
     detail::check_shape(kName, "out", out, g.rows(), 1, "one per row of g");
     if (g_meta.rows() == 0) detail::throw_invalid(kName, "g_meta is empty (no meta samples)");
-    const Matrix<Scalar> gg = g * g_meta.transpose();  // K x B_v
-    const Matrix<Scalar> hh = h * h_meta.transpose();
-    out.col(0) -= (lr / (Scalar(batch) * Scalar(g_meta.rows()))) *
-                  (gg.array() * hh.array()).rowwise().sum().matrix();
+    // Σ_j (g_k·g'_j)(h_k·h'_j) row by row: no K x B_v temporaries, so no allocation.
+    const Scalar scale = lr / (Scalar(batch) * Scalar(g_meta.rows()));
+    for (Index k = 0; k < g.rows(); ++k) {
+      Scalar sum = 0;
+      for (Index j = 0; j < g_meta.rows(); ++j)
+        sum += g.row(k).dot(g_meta.row(j)) * h.row(k).dot(h_meta.row(j));
+      out(k, 0) -= scale * sum;
+    }
   }
 
  private:

@@ -47,7 +47,7 @@ enum class WeightNormalization {
  * @endcode
  */
 template <class Scalar = float>
-class ModalityWeighting {
+class ModalityWeighting : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     WeightScheme scheme = WeightScheme::Instance;
@@ -175,7 +175,7 @@ class ModalityWeighting {
 /// for `WeightScheme::Population`: call `update` on each batch, then copy `mean()` into
 /// `ModalityWeighting::Options::population`. Explicit state; `reset()` starts over.
 template <class Scalar = float>
-class SaliencyRunningMean {
+class SaliencyRunningMean : detail::FloatingScalar<Scalar> {
  public:
   void update(const ConstMatrixRef<Scalar>& scores) { run(scores, nullptr); }
   void update(const ConstMatrixRef<Scalar>& scores, const ConstPresenceMaskRef& mask) {

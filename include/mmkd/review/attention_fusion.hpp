@@ -164,7 +164,7 @@ void attention_fuse_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
  * @endcode
  */
 template <class Scalar = float>
-class AttentionFusion {
+class AttentionFusion : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     Index in_channels = 0;   //!< channels of the student feature, ≥ 1

@@ -40,7 +40,7 @@ class AttentionFusion;
  * @endcode
  */
 template <class Scalar = float>
-class BatchNorm2d {
+class BatchNorm2d : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     Index channels = 0;     //!< C, ≥ 1

@@ -395,6 +395,13 @@ inline bool use_winograd(Conv3x3Algorithm algorithm, Index c, Index o, Index h, 
   return double(c) * double(o) >= 48.0 * double(c + o) && padded <= 1.15 * double(h * w);
 }
 
+/// Makes `ws` hold at least n scalars; it only grows, so one workspace serves the forward and the
+/// backward pass of any shape without reallocating once it has reached the largest.
+template <class S>
+void grow(Matrix<S>& ws, Index n) {
+  if (ws.size() < n) ws.resize(1, n);
+}
+
 /// y = conv3x3(x; W) for N x C x H x W input and O x 9C weight. `ws` is a workspace reused
 /// across calls.
 template <class S>
@@ -408,13 +415,13 @@ void conv3x3_forward(const S* x, Index n, Index c, Index h, Index w,
     return;
   }
   if (!use_winograd(algorithm, c, o, h, w)) {
-    ws.resize(9 * c, hw);
+    grow(ws, 9 * c * hw);
     conv3x3_forward_im2col(x, n, c, h, w, weight, y, ws.data());
     return;
   }
   const WinogradPlan p(c, o, h, w, n);
   const Index tc = p.tiles(p.chunk);
-  ws.resize(1, 16 * (o * c + c * tc + o * tc));
+  grow(ws, 16 * (o * c + c * tc + o * tc));
   S* u = ws.data();
   S* v = u + 16 * o * c;
   S* m = v + 16 * c * tc;
@@ -451,14 +458,14 @@ void conv3x3_backward(const S* x, Index n, Index c, Index h, Index w,
     return;
   }
   if (!use_winograd(algorithm, c, o, h, w)) {
-    ws.resize(18 * c, hw);
+    grow(ws, 18 * c * hw);
     conv3x3_backward_im2col(x, n, c, h, w, weight, dy, dweight, dx, ws.data(),
                             ws.data() + 9 * c * hw);
     return;
   }
   const WinogradPlan p(c, o, h, w, n);
   const Index tc = p.tiles(p.chunk);
-  ws.resize(1, 16 * (2 * o * c + 2 * c * tc + o * tc));
+  grow(ws, 16 * (2 * o * c + 2 * c * tc + o * tc));
   S* u = ws.data();
   S* du = u + 16 * o * c;
   S* v = du + 16 * o * c;
@@ -546,8 +553,9 @@ void conv2d_1x1_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
 /// 3x3 convolution, stride 1, zero padding 1, no bias:
 /// y[n,o,h,w] = Σ_{i,a,b} W[o, 9i + 3a + b] x[n, i, h + a − 1, w + b − 1].
 /// x: N x C x H x W; weight: O x 9C; y: N x O x H x W, overwritten. `workspace` is reused
-/// across calls. A 1x1 input is valid: only the centre taps meet data. `algorithm` picks im2col
-/// + GEMM or Winograd's F(2x2, 3x3) (see the note above); Auto chooses per shape.
+/// across calls (it only grows: one workspace can serve the forward and backward passes). A 1x1
+/// input is valid: only the centre taps meet data. `algorithm` picks im2col + GEMM or Winograd's
+/// F(2x2, 3x3) (see the note above); Auto chooses per shape.
 template <class S>
 void conv2d_3x3(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
                 const ConstMatrixRef<detail::NonDeduced<S>>& weight,

@@ -38,7 +38,7 @@ namespace mmkd {
  * @endcode
  */
 template <class Scalar = float>
-class HierarchicalContextLoss {
+class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     std::vector<Index> levels = {4, 2, 1};  //!< pooled sizes, in weight order; each ≥ 1

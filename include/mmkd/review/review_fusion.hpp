@@ -48,7 +48,7 @@ namespace mmkd {
  * @endcode
  */
 template <class Scalar = float>
-class ReviewFusion {
+class ReviewFusion : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     std::vector<Index> in_channels;   //!< per stage, shallow → deep

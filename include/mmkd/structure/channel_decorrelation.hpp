@@ -47,7 +47,7 @@ enum class DecorrelationTarget {
  * @endcode
  */
 template <class Scalar = float>
-class ChannelDecorrelation {
+class ChannelDecorrelation : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     ChannelStatistic statistic = ChannelStatistic::Correlation;

@@ -51,7 +51,7 @@ enum class UniformityMode {
  * @endcode
  */
 template <class Scalar = float>
-class Uniformity {
+class Uniformity : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
     UniformityMode mode = UniformityMode::Samples;

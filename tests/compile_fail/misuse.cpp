@@ -1,0 +1,39 @@
+// Misuse the types must reject at compile time. Built once as is (it must compile: the control),
+// and once per MMKD_MISUSE case, whose build must fail with the error named in CMakeLists.txt.
+
+#include <mmkd/mmkd.hpp>
+
+int main() {
+  const mmkd::Matrix<float> s = mmkd::Matrix<float>::Zero(4, 3), t = s;
+  mmkd::Matrix<float> grad = mmkd::Matrix<float>::Zero(4, 3);
+  mmkd::LogitKD<float> kd;
+  float v = kd.value_and_grad(s, t, grad);  // the correct call
+#if MMKD_MISUSE == 1
+  // An integer scalar type for a loss.
+  mmkd::LogitKD<int> integer_loss;
+#elif MMKD_MISUSE == 2
+  // Integer logits into a float loss (would need an implicit numeric conversion).
+  const Eigen::Matrix<int, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> logits(4, 3);
+  v += kd.value(logits, t);
+#elif MMKD_MISUSE == 3
+  // A column-major gradient buffer (would be written through a temporary copy).
+  Eigen::MatrixXf col_major = Eigen::MatrixXf::Zero(4, 3);
+  v += kd.value_and_grad(s, t, col_major);
+#elif MMKD_MISUSE == 4
+  // A read-only gradient buffer.
+  const mmkd::Matrix<float> frozen = grad;
+  v += kd.value_and_grad(s, t, frozen);
+#elif MMKD_MISUSE == 5
+  // A double gradient buffer for a float loss.
+  mmkd::Matrix<double> wide = mmkd::Matrix<double>::Zero(4, 3);
+  v += kd.value_and_grad(s, t, wide);
+#elif MMKD_MISUSE == 6
+  // A read-only stack as the gradient of the per-modality logits.
+  mmkd::Tensor3<float> stack(2, 4, 3);
+  const mmkd::Tensor3<float>& frozen_stack = stack;
+  const mmkd::Matrix<float> w = mmkd::Matrix<float>::Ones(4, 2);
+  mmkd::ModalitySpecificKD<float> msd;
+  v += msd.value_and_grad(s, t, stack, stack, w, grad, frozen_stack);
+#endif
+  return v > 0 ? 0 : 1;
+}

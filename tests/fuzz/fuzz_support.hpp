@@ -1,0 +1,194 @@
+#pragma once
+
+// Shared pieces of the libFuzzer targets: a reader that decodes shapes, options and values from
+// the fuzzer's bytes, and the checks every call must pass.
+//
+// The contract checked for each call of a loss or module:
+//   - it returns normally with a finite value and finite gradients, or
+//   - it throws mmkd::InvalidArgument or mmkd::NumericalError and every buffer the caller handed
+//     in (gradients, module parameters, gradients and running statistics) is bit-for-bit as before.
+// Anything else (another exception, a crash, a sanitizer report) aborts the run.
+
+#include <mmkd/mmkd.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace mmkd_fuzz {
+
+using mmkd::Index;
+
+[[noreturn]] inline void die(const std::string& what) {
+  std::fprintf(stderr, "mmkd fuzz: %s\n", what.c_str());
+  std::abort();
+}
+
+/// Decodes the fuzzer's bytes; past the end every read gives 0.
+class Reader {
+ public:
+  Reader(const std::uint8_t* data, std::size_t size) : data_(data), size_(size) {}
+  std::uint8_t byte() { return pos_ < size_ ? data_[pos_++] : 0; }
+  bool flag() { return byte() & 1; }
+  /// 0..count-1.
+  Index pick(Index count) { return Index(byte()) % count; }
+  /// A dimension 0..max, mostly ≥ 1.
+  Index dim(Index max) {
+    const std::uint8_t b = byte();
+    return b < 16 ? 0 : 1 + Index(b) % max;
+  }
+  /// An option value: ordinary, tiny, huge, zero, negative or non-finite.
+  double option(double usual) {
+    static const double table[] = {0.0,  -1.0, 1e-3, 0.05, 0.5, 1.0, 2.0, 4.0, 100.0, 1e6,
+                                   1e-30, std::numeric_limits<double>::quiet_NaN(),
+                                   std::numeric_limits<double>::infinity()};
+    const std::uint8_t b = byte();
+    return b < 128 ? usual : table[b % (sizeof(table) / sizeof(table[0]))];
+  }
+  /// Fills n values: a magnitude for the whole buffer, then one byte per value, with NaN, ±Inf,
+  /// ±0 and extremes mixed in.
+  template <class S>
+  void fill(S* out, Index n) {
+    static const double scales[] = {1.0, 1e-3, 10.0, 1e3, 1e4, 1e6, 1e30};
+    const double scale = scales[byte() % 7];
+    for (Index k = 0; k < n; ++k) {
+      const std::uint8_t b = byte();
+      double v;
+      switch (b) {
+        case 0: v = std::numeric_limits<double>::quiet_NaN(); break;
+        case 1: v = std::numeric_limits<double>::infinity(); break;
+        case 2: v = -std::numeric_limits<double>::infinity(); break;
+        case 3: v = -0.0; break;
+        case 4: v = std::numeric_limits<double>::max(); break;
+        case 5: v = std::numeric_limits<double>::denorm_min(); break;
+        default: v = (double(b) - 128.0) / 32.0 * scale;
+      }
+      out[k] = S(v);
+    }
+  }
+  template <class S>
+  mmkd::Matrix<S> matrix(Index rows, Index cols) {
+    mmkd::Matrix<S> m(rows, cols);
+    fill(m.data(), m.size());
+    return m;
+  }
+  template <class S>
+  mmkd::Tensor3<S> tensor3(Index a, Index b, Index c) {
+    mmkd::Tensor3<S> t(a, b, c);
+    fill(t.data(), t.size());
+    return t;
+  }
+  template <class S>
+  mmkd::Tensor4<S> tensor4(Index a, Index b, Index c, Index d) {
+    mmkd::Tensor4<S> t(a, b, c, d);
+    fill(t.data(), t.size());
+    return t;
+  }
+  mmkd::Labels labels(Index n, Index classes) {
+    mmkd::Labels y(n);
+    for (Index i = 0; i < n; ++i) {
+      const std::uint8_t b = byte();
+      y(i) = b < 240 ? int(b % std::max<Index>(classes, 1)) : int(b) - 250;  // some out of range
+    }
+    return y;
+  }
+  /// 0/1 bytes per entry, occasionally another value.
+  template <class M>
+  M mask(Index rows, Index cols) {
+    M m(rows, cols);
+    for (Index k = 0; k < m.size(); ++k) {
+      const std::uint8_t b = byte();
+      m.data()[k] = std::uint8_t(b < 250 ? (b & 1) : b);
+    }
+    return m;
+  }
+
+ private:
+  const std::uint8_t* data_;
+  std::size_t size_, pos_ = 0;
+};
+
+/// The buffers a call may write: their contents are compared when it throws, and scanned for
+/// non-finite values when it returns.
+class Buffers {
+ public:
+  template <class S>
+  void add(S* data, Index n) {
+    entries_.push_back({data, std::size_t(n) * sizeof(S), sizeof(S)});
+  }
+  template <class S>
+  void add(mmkd::Matrix<S>& m) {
+    add(m.data(), m.size());
+  }
+  template <class T>
+  void add_tensor(T& t) {
+    add(t.data(), t.size());
+  }
+  template <class S>
+  void add_views(const std::vector<mmkd::ParameterView<S>>& views) {
+    for (const auto& v : views) add(v.value.data(), v.value.size());
+  }
+
+  /// Runs `call` (returning a value, or void) under the contract above.
+  template <class F>
+  void check(const char* what, F&& call) {
+    std::vector<std::vector<unsigned char>> saved;
+    for (const auto& e : entries_) {
+      const auto* p = static_cast<const unsigned char*>(e.data);
+      saved.emplace_back(p, p + e.bytes);
+    }
+    try {
+      const double value = run(call);
+      if (!std::isfinite(value)) die(std::string(what) + ": returned a non-finite value");
+      for (const auto& e : entries_)
+        if (!finite(e)) die(std::string(what) + ": wrote a non-finite gradient or output");
+    } catch (const mmkd::InvalidArgument&) {
+      unchanged(what, saved);
+    } catch (const mmkd::NumericalError&) {
+      unchanged(what, saved);
+    }
+  }
+
+ private:
+  struct Entry {
+    void* data;
+    std::size_t bytes, scalar;
+  };
+
+  template <class F>
+  static double run(F& call) {
+    if constexpr (std::is_void<decltype(call())>::value) {
+      call();
+      return 0.0;
+    } else {
+      return double(call());
+    }
+  }
+  static bool finite(const Entry& e) {
+    const std::size_t n = e.bytes / e.scalar;
+    if (e.scalar == sizeof(float)) {
+      const float* p = static_cast<const float*>(e.data);
+      for (std::size_t k = 0; k < n; ++k)
+        if (!std::isfinite(p[k])) return false;
+    } else {
+      const double* p = static_cast<const double*>(e.data);
+      for (std::size_t k = 0; k < n; ++k)
+        if (!std::isfinite(p[k])) return false;
+    }
+    return true;
+  }
+  void unchanged(const char* what, const std::vector<std::vector<unsigned char>>& saved) const {
+    for (std::size_t k = 0; k < entries_.size(); ++k)
+      if (std::memcmp(entries_[k].data, saved[k].data(), saved[k].size()) != 0)
+        die(std::string(what) + ": threw but changed a caller's buffer");
+  }
+
+  std::vector<Entry> entries_;
+};
+
+}  // namespace mmkd_fuzz
