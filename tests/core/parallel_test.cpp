@@ -36,3 +36,80 @@ TEST_CASE("LogitKD gives bit-identical results with 1 and 2 threads", "[core][pa
   CHECK(bit_identical(g1, g2));
 }
 #endif
+
+#if MMKD_HAS_OPENMP
+namespace {
+
+// Runs f (which returns the loss and fills its gradient buffers) with 1 and then 2 OpenMP
+// threads, Eigen's own products kept on one thread (see the README), and requires bit-identical
+// values and gradients.
+template <class F>
+void same_with_1_and_2_threads(F&& f) {
+  Eigen::setNbThreads(1);
+  std::vector<Matrix<double>> g1, g2;
+  omp_set_num_threads(1);
+  const double v1 = f(g1);
+  omp_set_num_threads(2);
+  const double v2 = f(g2);
+  Eigen::setNbThreads(0);
+  CHECK(v1 == v2);
+  REQUIRE(g1.size() == g2.size());
+  for (std::size_t k = 0; k < g1.size(); ++k) CHECK(bit_identical(g1[k], g2[k]));
+}
+
+}  // namespace
+
+TEST_CASE("every loss gives bit-identical results with 1 and 2 threads", "[core][parallel]") {
+  // Sizes large enough for mmkd's loops to run in parallel (rows x work >= 2^15).
+  const Index n = 512, c = 96, m = 3, d = 64;
+  const Matrix<double> s = random_matrix<double>(n, c, 1, 3), t = random_matrix<double>(n, c, 2, 3);
+  const mmkd::Labels y = random_labels(n, c, 3);
+  const mmkd::Tensor3<double> zs = random_stack<double>(m, n, c, 4, 2),
+                              zt = random_stack<double>(m, n, c, 5, 2);
+  const mmkd::Tensor3<double> es = random_stack<double>(m, n, d, 6),
+                              et = random_stack<double>(m, n, d + 5, 7);
+  const Matrix<double> e = random_matrix<double>(n, d, 8), k = random_matrix<double>(n, d, 9);
+  auto flat3 = [](const mmkd::Tensor3<double>& x) {
+    return Matrix<double>(Eigen::Map<const Matrix<double>>(
+        x.data(), x.dimension(0) * x.dimension(1), x.dimension(2)));
+  };
+  SECTION("logit losses") {
+    same_with_1_and_2_threads([&](std::vector<Matrix<double>>& g) {
+      g.assign(3, Matrix<double>::Zero(n, c));
+      mmkd::LogitKD<double> kd;
+      mmkd::DecoupledKD<double> dkd;
+      mmkd::CrossEntropy<double> ce({0.1});
+      return kd.value_and_grad(s, t, g[0], g[1]) + dkd.value_and_grad(s, t, y, g[2]) +
+             ce.value_and_grad(s, y, g[2]);
+    });
+  }
+  SECTION("multimodal losses, saliency and weighting") {
+    same_with_1_and_2_threads([&](std::vector<Matrix<double>>& g) {
+      mmkd::ModalitySaliency<double> saliency;
+      mmkd::ModalityWeighting<double> weighting;
+      const Matrix<double> w = weighting.compute(saliency.compute_removal(t, zt));
+      mmkd::ModalitySpecificKD<double> msd;
+      mmkd::ModalityGramKD<double> gram;
+      Matrix<double> ds = Matrix<double>::Zero(n, c);
+      mmkd::Tensor3<double> dzs(m, n, c), des(m, n, d);
+      dzs.setZero();
+      des.setZero();
+      const double v =
+          msd.value_and_grad(s, t, zs, zt, w, ds, dzs) + gram.value_and_grad(es, et, des);
+      g = {w, ds, flat3(dzs), flat3(des)};
+      return v;
+    });
+  }
+  SECTION("structure and contrastive losses") {
+    same_with_1_and_2_threads([&](std::vector<Matrix<double>>& g) {
+      g.assign(2, Matrix<double>::Zero(n, d));
+      mmkd::ChannelDecorrelation<double> decor;
+      mmkd::Uniformity<double> unif;
+      mmkd::InfoNCE<double> nce;
+      mmkd::SimilarityDistillation<double> seed;
+      return decor.value_and_grad(e, g[0]) + unif.value_and_grad(e, g[0]) +
+             nce.value_and_grad(e, k, g[0], g[1]) + seed.value_and_grad(e, k, g[1]);
+    });
+  }
+}
+#endif

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace mmkd_fuzz {
@@ -44,8 +45,18 @@ class Reader {
   }
   /// An option value: ordinary, tiny, huge, zero, negative or non-finite.
   double option(double usual) {
-    static const double table[] = {0.0,  -1.0, 1e-3, 0.05, 0.5, 1.0, 2.0, 4.0, 100.0, 1e6,
-                                   1e-30, std::numeric_limits<double>::quiet_NaN(),
+    static const double table[] = {0.0,
+                                   -1.0,
+                                   1e-3,
+                                   0.05,
+                                   0.5,
+                                   1.0,
+                                   2.0,
+                                   4.0,
+                                   100.0,
+                                   1e6,
+                                   1e-30,
+                                   std::numeric_limits<double>::quiet_NaN(),
                                    std::numeric_limits<double>::infinity()};
     const std::uint8_t b = byte();
     return b < 128 ? usual : table[b % (sizeof(table) / sizeof(table[0]))];
@@ -60,13 +71,26 @@ class Reader {
       const std::uint8_t b = byte();
       double v;
       switch (b) {
-        case 0: v = std::numeric_limits<double>::quiet_NaN(); break;
-        case 1: v = std::numeric_limits<double>::infinity(); break;
-        case 2: v = -std::numeric_limits<double>::infinity(); break;
-        case 3: v = -0.0; break;
-        case 4: v = std::numeric_limits<double>::max(); break;
-        case 5: v = std::numeric_limits<double>::denorm_min(); break;
-        default: v = (double(b) - 128.0) / 32.0 * scale;
+        case 0:
+          v = std::numeric_limits<double>::quiet_NaN();
+          break;
+        case 1:
+          v = std::numeric_limits<double>::infinity();
+          break;
+        case 2:
+          v = -std::numeric_limits<double>::infinity();
+          break;
+        case 3:
+          v = -0.0;
+          break;
+        case 4:
+          v = std::numeric_limits<double>::max();
+          break;
+        case 5:
+          v = std::numeric_limits<double>::denorm_min();
+          break;
+        default:
+          v = (double(b) - 128.0) / 32.0 * scale;
       }
       out[k] = S(v);
     }
@@ -113,13 +137,24 @@ class Reader {
   std::size_t size_, pos_ = 0;
 };
 
+/// A module output's stand-in for a loss value: 0 when every value is finite, NaN otherwise (a
+/// sum could overflow on its own).
+template <class T>
+double sum_of(const T& t) {
+  for (Index k = 0; k < t.size(); ++k)
+    if (!std::isfinite(t.data()[k])) return std::numeric_limits<double>::quiet_NaN();
+  return 0.0;
+}
+
 /// The buffers a call may write: their contents are compared when it throws, and scanned for
 /// non-finite values when it returns.
 class Buffers {
  public:
   template <class S>
   void add(S* data, Index n) {
-    entries_.push_back({data, std::size_t(n) * sizeof(S), sizeof(S)});
+    // Read-only views of writable memory reach here through const ParameterViews.
+    using Plain = typename std::remove_const<S>::type;
+    entries_.push_back({const_cast<Plain*>(data), std::size_t(n) * sizeof(S), sizeof(S)});
   }
   template <class S>
   void add(mmkd::Matrix<S>& m) {
@@ -134,9 +169,12 @@ class Buffers {
     for (const auto& v : views) add(v.value.data(), v.value.size());
   }
 
-  /// Runs `call` (returning a value, or void) under the contract above.
+  /// Runs `call` (returning a value, or void) under the contract above. The raw ops (convolution,
+  /// resampling) compute like any BLAS routine, so overflow in their outputs is not an error:
+  /// `require_finite = false` checks only the exception contract for them.
+  /// Returns whether the call succeeded.
   template <class F>
-  void check(const char* what, F&& call) {
+  bool check(const char* what, F&& call, bool require_finite = true) {
     std::vector<std::vector<unsigned char>> saved;
     for (const auto& e : entries_) {
       const auto* p = static_cast<const unsigned char*>(e.data);
@@ -144,14 +182,17 @@ class Buffers {
     }
     try {
       const double value = run(call);
+      if (!require_finite) return true;
       if (!std::isfinite(value)) die(std::string(what) + ": returned a non-finite value");
       for (const auto& e : entries_)
         if (!finite(e)) die(std::string(what) + ": wrote a non-finite gradient or output");
+      return true;
     } catch (const mmkd::InvalidArgument&) {
       unchanged(what, saved);
     } catch (const mmkd::NumericalError&) {
       unchanged(what, saved);
     }
+    return false;
   }
 
  private:
@@ -184,7 +225,7 @@ class Buffers {
   }
   void unchanged(const char* what, const std::vector<std::vector<unsigned char>>& saved) const {
     for (std::size_t k = 0; k < entries_.size(); ++k)
-      if (std::memcmp(entries_[k].data, saved[k].data(), saved[k].size()) != 0)
+      if (!saved[k].empty() && std::memcmp(entries_[k].data, saved[k].data(), saved[k].size()) != 0)
         die(std::string(what) + ": threw but changed a caller's buffer");
   }
 
@@ -192,3 +233,14 @@ class Buffers {
 };
 
 }  // namespace mmkd_fuzz
+
+/// The libFuzzer entry point: the first byte picks float or double for `run<S>(Reader&)`.
+#define MMKD_FUZZ_ENTRY(run)                                                          \
+  extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) { \
+    mmkd_fuzz::Reader r(data, size);                                                  \
+    if (r.flag())                                                                     \
+      run<float>(r);                                                                  \
+    else                                                                              \
+      run<double>(r);                                                                 \
+    return 0;                                                                         \
+  }

@@ -150,6 +150,7 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
     const Scalar entropy = entropy_.sum();
     const Scalar raw = ws_.row_value.sum() + entropy;
     if (!std::isfinite(raw)) diagnose(s, t);
+    const Scalar value = detail::scaled_value(kName, c, raw, Scalar(0));
     if (ds) {
       // dL/dU = (1/tau_s) dL/dB · Dict; the kernel left dL/dB in the scratch gradient rows.
       du_.noalias() = (Scalar(1) / options_.tau_s) * (ws_.grad_matrix(0) * dict_);
@@ -162,7 +163,7 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
       if (!detail::all_finite(dx_)) detail::throw_numerical(kName, "the gradient overflows");
       *ds += dx_;
     }
-    return c * raw;
+    return value;
   }
 
   [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& s,

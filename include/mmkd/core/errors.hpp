@@ -61,6 +61,15 @@ inline void check_nonempty(const char* cls, const char* name, Index rows, Index 
   }
 }
 
+/// An enum option must hold one of its named values (a cast from an integer may not).
+template <class E>
+void check_enum(const char* cls, const char* option, E v, int count) {
+  const int k = static_cast<int>(v);
+  if (k < 0 || k >= count)
+    throw_invalid(
+        cls, std::string("option ") + option + " holds no valid value (" + std::to_string(k) + ")");
+}
+
 template <class T>
 void check_positive(const char* cls, const char* option, T v) {
   if (!(v > T(0)) || !std::isfinite(v)) {

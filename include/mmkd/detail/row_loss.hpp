@@ -167,5 +167,19 @@ Index first_nonfinite_row(const Vector<T>& row_value, Rows&& rows) {
   return -1;
 }
 
+/// factor · raw for a finite raw loss, or NumericalError when the options' scale (weight,
+/// temperature², reduction) takes the value, or a gradient element of size up to `grad_bound`
+/// (already scaled), beyond the scalar type's range. O(1).
+template <class T>
+T scaled_value(const char* cls, T factor, T raw, T grad_bound) {
+  const T value = factor * raw;
+  if (!std::isfinite(value) || !std::isfinite(grad_bound)) {
+    throw_numerical(cls,
+                    "the loss overflows: the weight and temperature scale it beyond the range of "
+                    "the scalar type");
+  }
+  return value;
+}
+
 }  // namespace detail
 }  // namespace mmkd

@@ -75,6 +75,7 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
   static constexpr const char* kName = "CrossEntropy";
 
   void validate() const {
+    detail::check_enum(kName, "reduction", options_.reduction, 3);
     const Scalar eps = options_.label_smoothing;
     if (!(eps >= 0 && eps <= 1)) {
       detail::throw_invalid(kName,
@@ -121,8 +122,9 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
 
     const Scalar raw = ws_.row_value.sum();
     if (!std::isfinite(raw)) diagnose(z, labels, rows);
+    const Scalar value = detail::scaled_value(kName, factor, raw, dz ? 2 * factor : Scalar(0));
     if (dz) ws_.commit(0, *dz, rows);
-    return factor * raw;
+    return value;
   }
 
   [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& z, const ConstLabelsRef& labels,

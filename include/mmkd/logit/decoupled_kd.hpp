@@ -98,6 +98,7 @@ class DecoupledKD : detail::FloatingScalar<Scalar> {
   static constexpr const char* kName = "DecoupledKD";
 
   void validate() const {
+    detail::check_enum(kName, "reduction", options_.reduction, 3);
     detail::check_positive(kName, "temperature", options_.temperature);
     detail::check_nonnegative(kName, "alpha", options_.alpha);
     detail::check_nonnegative(kName, "beta", options_.beta);
@@ -150,9 +151,10 @@ class DecoupledKD : detail::FloatingScalar<Scalar> {
       const Scalar log_pg = a_g - lse_s, log_po = lse_so - lse_s;
       const Scalar log_qg = b_g - lse_t, log_qo = lse_to - lse_t;
       const Scalar qg = std::exp(log_qg), qo = std::exp(log_qo);
-      const Scalar tckd = (qg > 0 ? qg * (log_qg - log_pg) : Scalar(0)) +
-                          (qo > 0 ? qo * (log_qo - log_po) : Scalar(0));
-      const bool teacher_has_non_target = r.t.sum > Scalar(0);
+      // Written so that a NaN anywhere in the row reaches the value (NaN > 0 is false).
+      const Scalar tckd = (!(qg <= 0) ? qg * (log_qg - log_pg) : Scalar(0)) +
+                          (!(qo <= 0) ? qo * (log_qo - log_po) : Scalar(0));
+      const bool teacher_has_non_target = !(r.t.sum <= Scalar(0));
       const Scalar nckd = teacher_has_non_target ? r.value : Scalar(0);
       ws_.row_value(i) = alpha * tckd + beta * nckd;
       if (ds) {
@@ -168,8 +170,10 @@ class DecoupledKD : detail::FloatingScalar<Scalar> {
 
     const Scalar raw = ws_.row_value.sum();
     if (!std::isfinite(raw)) diagnose(s, t, labels, rows);
+    const Scalar value =
+        detail::scaled_value(kName, factor, raw, ds ? 2 * g_scale * (alpha + beta) : Scalar(0));
     if (ds) ws_.commit(0, *ds, rows);
-    return factor * raw;
+    return value;
   }
 
   [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,

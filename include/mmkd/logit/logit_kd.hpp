@@ -111,6 +111,7 @@ class LogitKD : detail::FloatingScalar<Scalar> {
   static constexpr const char* kName = "LogitKD";
 
   void validate() const {
+    detail::check_enum(kName, "reduction", options_.reduction, 3);
     detail::check_positive(kName, "temperature", options_.temperature);
     detail::check_nonnegative(kName, "weight", options_.weight);
   }
@@ -138,9 +139,18 @@ class LogitKD : detail::FloatingScalar<Scalar> {
 
     const Scalar raw = ws_.row_value.sum();
     if (!std::isfinite(raw)) diagnose(s, t, rows);
+    // Gradient elements are g_scale · (difference of two probabilities, or T·KL terms).
+    const Scalar value = detail::scaled_value(kName, factor, raw, ds ? 2 * g_scale : Scalar(0));
+    // The teacher's gradient carries log-ratios / T, with no O(1) bound: scan it (opt-in output).
+    for (Index i = 0; dt && i < n; ++i) {
+      if (rows(i) && !ws_.grad_row(gt, i).allFinite())
+        detail::throw_numerical(kName, "the teacher's gradient overflows in row " +
+                                           std::to_string(i) +
+                                           " (temperature too small for the scalar type)");
+    }
     if (ds) ws_.commit(gs, *ds, rows);
     if (dt) ws_.commit(gt, *dt, rows);
-    return factor * raw;
+    return value;
   }
 
   [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,

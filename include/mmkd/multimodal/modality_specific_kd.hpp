@@ -209,13 +209,20 @@ class ModalitySpecificKD : detail::FloatingScalar<Scalar> {
     if (!std::isfinite(full_raw)) diagnose_full(s, t);
     if (!detail::all_finite(modal_.row_value) || !std::isfinite(modal_raw))
       diagnose_modal(zs, zt, n, modal_rows);
+    // Gradient elements are at most 2 · base / T times β or the largest weight used.
+    Scalar w_max = options_.beta;
+    for (Index k = 0; k < m * n; ++k) {
+      if (modal_rows(k)) w_max = std::max(w_max, (*w)(k % n, k / n));
+    }
+    const Scalar value = detail::scaled_value(kName, base, options_.beta * full_raw + modal_raw,
+                                              (ds || dzs) ? 2 * base * inv_t * w_max : Scalar(0));
     store_aux(n, m);
     if (ds) full_.commit(0, *ds, all_rows);
     if (dzs) {
       auto dst = detail::as_matrix(*dzs);
       modal_.commit(0, dst, modal_rows);
     }
-    return base * (options_.beta * full_raw + modal_raw);
+    return value;
   }
 
   void store_aux(Index n, Index m) {

@@ -117,6 +117,10 @@ class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
     out_.resize(k, 1);
     out_.col(0).noalias() = h_ * w2_.row(0).transpose();
     out_.array() = Scalar(1) / (Scalar(1) + (-(out_.array() + b2_(0, 0))).exp());
+    if (!out_.allFinite()) {
+      out_.resize(0, 1);  // refuse a backward through this failed forward
+      detail::throw_numerical(kName, "the features overflow the hidden layer");
+    }
     return out_;
   }
 
@@ -126,14 +130,23 @@ class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
                         "one per row of the last forward");
     if (!detail::all_finite(d_weights))
       detail::throw_invalid(kName, "d_weights hold a non-finite value");
+    if (out_.rows() == 0) return;  // no samples: nothing to add
     // dw/da = w (1 − w) through the sigmoid; then the two linear layers and the relu.
     da_ = (d_weights.array() * out_.array() * (Scalar(1) - out_.array())).matrix();
     dpre_.noalias() = da_ * w2_;  // a product into its own buffer: no temporary
     dpre_.array() *= (pre_.array() > Scalar(0)).template cast<Scalar>();
-    gw2_.noalias() += da_.transpose() * h_;
-    gb2_(0, 0) += da_.sum();
-    gw1_.noalias() += dpre_.transpose() * x_;
-    gb1_ += dpre_.colwise().sum();
+    // Into scratch first: the gradients change only if every sum stays finite.
+    pgw2_.noalias() = da_.transpose() * h_;
+    pgw1_.noalias() = dpre_.transpose() * x_;
+    pgb1_ = dpre_.colwise().sum();
+    const Scalar pgb2 = da_.sum();
+    if (!(gw2_ + pgw2_).allFinite() || !(gw1_ + pgw1_).allFinite() || !(gb1_ + pgb1_).allFinite() ||
+        !std::isfinite(gb2_(0, 0) + pgb2))
+      detail::throw_numerical(kName, "the parameter gradients overflow");
+    gw2_ += pgw2_;
+    gw1_ += pgw1_;
+    gb1_ += pgb1_;
+    gb2_(0, 0) += pgb2;
   }
 
   void zero_grad() {
@@ -152,6 +165,8 @@ class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
                             MatrixRef<Scalar> out) {
     check_lr_batch(lr, batch);
     detail::check_shape(kName, "out", out, dots.rows(), dots.cols(), "same as dots");
+    if (!(out - (lr / Scalar(batch)) * dots).allFinite())
+      detail::throw_numerical(kName, "the hypergradient is not finite (dots or out)");
     out -= (lr / Scalar(batch)) * dots;
   }
 
@@ -171,12 +186,19 @@ class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
     if (g_meta.rows() == 0) detail::throw_invalid(kName, "g_meta is empty (no meta samples)");
     // Σ_j (g_k·g'_j)(h_k·h'_j) row by row: no K x B_v temporaries, so no allocation.
     const Scalar scale = lr / (Scalar(batch) * Scalar(g_meta.rows()));
-    for (Index k = 0; k < g.rows(); ++k) {
+    auto term = [&](Index k) {
       Scalar sum = 0;
       for (Index j = 0; j < g_meta.rows(); ++j)
         sum += g.row(k).dot(g_meta.row(j)) * h.row(k).dot(h_meta.row(j));
-      out(k, 0) -= scale * sum;
+      return scale * sum;
+    };
+    // Two passes (the second recomputes): `out` changes only if every entry stays finite.
+    for (Index k = 0; k < g.rows(); ++k) {
+      if (!std::isfinite(out(k, 0) - term(k)))
+        detail::throw_numerical(kName, "the hypergradient of row " + std::to_string(k) +
+                                           " is not finite (inputs non-finite or too large)");
     }
+    for (Index k = 0; k < g.rows(); ++k) out(k, 0) -= term(k);
   }
 
  private:
@@ -219,6 +241,7 @@ class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
   Matrix<Scalar> gw1_, gb1_, gw2_, gb2_;  // their gradients
   Matrix<Scalar> x_, pre_, h_, out_;      // forward cache
   Matrix<Scalar> da_, dpre_;              // backward scratch
+  Matrix<Scalar> pgw1_, pgb1_, pgw2_;     // pending gradient increments
 };
 
 }  // namespace mmkd

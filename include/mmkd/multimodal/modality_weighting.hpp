@@ -164,6 +164,9 @@ class ModalityWeighting : detail::FloatingScalar<Scalar> {
         }
       }
     }
+    if (!w_.allFinite())
+      detail::throw_numerical(kName,
+                              "the weights overflow (scores, lambda or temperature out of range)");
     return w_;
   }
 

@@ -76,6 +76,12 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
     check_input(kName, "x", x);
     if (!detail::all_finite4(x)) detail::throw_numerical(kName, detail::bad_element4("x", x));
     forward_pending(x.data(), x.dimension(0), x.dimension(2), x.dimension(3));
+    if (!detail::all_finite4(output_) || !pending_finite()) {
+      has_forward_ = false;  // refuse a backward through this failed forward
+      detail::throw_numerical(kName,
+                              "the output or the running statistics overflow (values too large "
+                              "or eps too small for the scalar type)");
+    }
     commit_forward();
     return output_;
   }
@@ -85,6 +91,11 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
     check_backward(kName, dy, dx);
     if (!detail::all_finite4(dy)) detail::throw_numerical(kName, detail::bad_element4("dy", dy));
     backward_pending(dy.data());
+    if (!detail::all_finite4(dx_) || !(grad_weight_ + pending_weight_).allFinite() ||
+        !(grad_bias_ + pending_bias_).allFinite())
+      detail::throw_numerical(kName,
+                              "a gradient overflows (the cotangents are finite; check "
+                              "their scale and eps)");
     detail::planes(dx) += detail::planes(dx_);
     commit_backward();
   }
@@ -177,6 +188,19 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
     batch_m_ = m;
     forward_training_ = training_;
     has_forward_ = true;
+  }
+
+  // Whether the running statistics commit_forward would write are finite in the scalar type.
+  bool pending_finite() const {
+    if (!forward_training_) return true;
+    const double mom = options_.momentum, m = double(batch_m_);
+    for (Index k = 0; k < options_.channels; ++k) {
+      const Scalar mean = Scalar((1 - mom) * double(running_mean_(0, k)) + mom * mean_(k));
+      const Scalar var =
+          Scalar((1 - mom) * double(running_var_(0, k)) + mom * var_(k) * m / (m - 1));
+      if (!std::isfinite(mean) || !std::isfinite(var)) return false;
+    }
+    return true;
   }
 
   // The running-statistics update of the last train-mode forward_pending.

@@ -309,6 +309,7 @@ void wino_output_adjoint(const S* dy, const WinogradPlan& p, Index s0, Index ns,
 template <class S>
 void conv1x1_forward(const S* x, Index n, Index c, Index hw, const ConstMatrixRef<S>& weight,
                      const S* bias, S* y) {
+  if (n == 0 || hw == 0) return;  // an empty output
   const Index o = weight.rows();
   if (hw == 1) {  // one GEMM over the batch: Y (N x O) = X (N x C) Wᵀ
     SampleMap<S> yy(y, n, o);
@@ -329,6 +330,11 @@ template <class S>
 void conv1x1_backward(const S* x, Index n, Index c, Index hw, const ConstMatrixRef<S>& weight,
                       const S* dy, S* dweight, S* dbias, S* dx, bool assign) {
   const Index o = weight.rows();
+  if (n == 0 || hw == 0) {  // empty sums
+    if (assign && dweight) std::fill(dweight, dweight + o * c, S(0));
+    if (assign && dbias) std::fill(dbias, dbias + o, S(0));
+    return;
+  }
   if (hw == 1) {
     const ConstSampleMap<S> g(dy, n, o), xx(x, n, c);
     if (dweight) {
@@ -381,7 +387,7 @@ auto centre_taps(W& weight, Index c) {
   using Mat = std::conditional_t<std::is_const_v<std::remove_pointer_t<decltype(weight.data())>>,
                                  const Matrix<S>, Matrix<S>>;
   return Eigen::Map<Mat, 0, Eigen::Stride<Eigen::Dynamic, 9>>(
-      weight.data() + 4, weight.rows(), c,
+      weight.size() ? weight.data() + 4 : weight.data(), weight.rows(), c,
       Eigen::Stride<Eigen::Dynamic, 9>(weight.outerStride(), 9));
 }
 
@@ -409,7 +415,8 @@ void conv3x3_forward(const S* x, Index n, Index c, Index h, Index w,
                      const ConstMatrixRef<S>& weight, S* y, Matrix<S>& ws,
                      Conv3x3Algorithm algorithm = Conv3x3Algorithm::Auto) {
   const Index o = weight.rows(), hw = h * w;
-  if (hw == 1) {  // only the centre tap meets data: Y (N x O) = X (N x C) W_cᵀ
+  if (n == 0 || hw == 0) return;  // an empty output
+  if (hw == 1) {                  // only the centre tap meets data: Y (N x O) = X (N x C) W_cᵀ
     SampleMap<S>(y, n, o).noalias() =
         ConstSampleMap<S>(x, n, c) * centre_taps<S>(weight, c).transpose();
     return;
@@ -448,6 +455,7 @@ void conv3x3_backward(const S* x, Index n, Index c, Index h, Index w,
     if (dweight) SampleMap<S>(dweight, o, 9 * c).setZero();
     if (dx) std::fill(dx, dx + n * c * hw, S(0));
   }
+  if (n == 0 || hw == 0) return;  // nothing to add
   if (hw == 1) {
     const ConstSampleMap<S> g(dy, n, o);
     if (dweight) {

@@ -141,8 +141,9 @@ class Uniformity : detail::FloatingScalar<Scalar> {
     if (dx) detail::check_shape(kName, "dx", *dx, x.rows(), x.cols(), "same as x");
     const Scalar v = points(x, dx != nullptr, options_.weight);
     check(v, x);
+    const Scalar value = detail::scaled_value(kName, options_.weight, v, Scalar(0));
     if (dx) *dx += dx_;
-    return options_.weight * v;
+    return value;
   }
 
   Scalar run_maps(const ConstTensor4Ref<Scalar>& f, Tensor4Ref<Scalar>* df) {
@@ -164,8 +165,9 @@ class Uniformity : detail::FloatingScalar<Scalar> {
         const Eigen::Map<const Matrix<Scalar>> flat(f.data(), n, c * hw);
         value = points(flat, df != nullptr, w);
         check(value, flat);
+        const Scalar scaled = detail::scaled_value(kName, w, value, Scalar(0));
         if (df) Eigen::Map<Matrix<Scalar>>(df->data(), n, c * hw) += dx_;
-        return w * value;
+        return scaled;
       }
       case UniformityMode::SpatialTokens: {
         if (hw < 2)
@@ -173,13 +175,18 @@ class Uniformity : detail::FloatingScalar<Scalar> {
         if (df) grad_.resize(n * c, hw);
         for (Index i = 0; i < n; ++i) {
           x_ = rows.middleRows(i * c, c).transpose();  // the H·W points of sample i, C each
-          value += points(x_, df != nullptr, w / Scalar(n));
-          if (df) grad_.middleRows(i * c, c) = dx_.transpose();
+          const Scalar v = points(x_, df != nullptr, w / Scalar(n));
+          value += v;
+          // A non-finite term leaves dx_ unset; check() below then throws.
+          if (df && std::isfinite(v)) grad_.middleRows(i * c, c) = dx_.transpose();
         }
         value /= Scalar(n);
         check(value, rows);
+        if (df && !detail::all_finite(grad_))
+          detail::throw_numerical(kName, "the gradient overflows");
+        const Scalar scaled = detail::scaled_value(kName, w, value, Scalar(0));
         if (df) Eigen::Map<Matrix<Scalar>>(df->data(), n * c, hw) += grad_;
-        return w * value;
+        return scaled;
       }
       case UniformityMode::SpatialEntropy: {
         // KL(softmax(F/T) ‖ uniform) per row: the shared KL rows kernel against zero logits.
@@ -194,12 +201,15 @@ class Uniformity : detail::FloatingScalar<Scalar> {
             [g](Index) { return g; });
         value = ws_.row_value.sum() / (Scalar(n) * Scalar(c));
         check(value, rows);
+        if (df && !detail::all_finite(ws_.grad_matrix(0)))
+          detail::throw_numerical(kName, "the gradient overflows");
+        const Scalar scaled = detail::scaled_value(kName, w, value, Scalar(0));
         if (df) {
           Eigen::Map<Matrix<Scalar>> out(df->data(), n * c, hw);
           MatrixRef<Scalar> ref(out);
           ws_.commit(0, ref, [](Index) { return true; });
         }
-        return w * value;
+        return scaled;
       }
     }
     return value;

@@ -1,0 +1,101 @@
+// libFuzzer target: ChannelDecorrelation, Uniformity (samples, spatial tokens, spatial entropy),
+// InfoNCE (incl. learned temperature, sharding options, streaming) and SimilarityDistillation with
+// an EmbeddingQueue (see fuzz_support.hpp for the contract checked).
+
+#include "fuzz_support.hpp"
+
+using namespace mmkd_fuzz;
+
+namespace {
+
+template <class S>
+void run(Reader& r) {
+  const Index n = r.dim(7), d = r.dim(6);
+  const bool same = r.byte() < 220;
+  const Index nt = r.dim(7), dt = same ? d : r.dim(6);
+  const mmkd::Matrix<S> x = r.matrix<S>(n, d), t = r.matrix<S>(nt, dt);
+  mmkd::Matrix<S> dx = mmkd::Matrix<S>::Zero(n, d), ddt = mmkd::Matrix<S>::Zero(nt, dt);
+  Buffers b;
+  b.add(dx);
+  switch (r.pick(4)) {
+    case 0: {
+      typename mmkd::ChannelDecorrelation<S>::Options o;
+      o.statistic = mmkd::ChannelStatistic(r.pick(3));
+      o.target = mmkd::DecorrelationTarget(r.pick(3));
+      o.mean_off_diagonal = r.flag();
+      o.eps = S(r.option(1e-5));
+      o.weight = S(r.option(1));
+      const bool with_teacher = r.flag();
+      b.check("ChannelDecorrelation", [&] {
+        mmkd::ChannelDecorrelation<S> decor(o);
+        return with_teacher ? decor.value_and_grad(x, t, dx) : decor.value_and_grad(x, dx);
+      });
+      break;
+    }
+    case 1: {
+      typename mmkd::Uniformity<S>::Options o;
+      o.mode = mmkd::UniformityMode(r.pick(4));
+      o.t = S(r.option(2));
+      o.spatial_temperature = S(r.option(1));
+      o.eps = S(r.option(1e-12));
+      o.weight = S(r.option(1));
+      const Index c = r.dim(3), h = r.dim(4), w = r.dim(4);
+      const mmkd::Tensor4<S> maps = r.tensor4<S>(n, c, h, w);
+      mmkd::Tensor4<S> dmaps(n, c, h, w);
+      dmaps.setZero();
+      b.add_tensor(dmaps);
+      const bool on_maps = r.flag();
+      b.check("Uniformity", [&] {
+        mmkd::Uniformity<S> unif(o);
+        return on_maps ? unif.value_and_grad(maps, dmaps) : unif.value_and_grad(x, dx);
+      });
+      break;
+    }
+    case 2: {
+      typename mmkd::InfoNCE<S>::Options o;
+      o.temperature = S(r.option(0.07));
+      o.learn_temperature = r.flag();
+      o.normalize = r.byte() < 200;
+      o.symmetric = r.flag();
+      o.offset = Index(r.byte() % 8) - 1;
+      o.global_batch = Index(r.byte() % 10) - 1;
+      o.stream = r.flag();
+      o.block_rows = Index(r.byte() % 5) - 1;
+      o.eps = S(r.option(1e-12));
+      o.weight = S(r.option(1));
+      const bool key_grad = r.flag();
+      b.add(ddt);
+      b.check("InfoNCE", [&] {
+        mmkd::InfoNCE<S> nce(o);
+        const S v = key_grad ? nce.value_and_grad(x, t, dx, ddt) : nce.value_and_grad(x, t, dx);
+        for (const auto& p : nce.gradients())
+          if (!p.value.allFinite()) die("InfoNCE: non-finite temperature gradient");
+        return v;
+      });
+      break;
+    }
+    default: {
+      typename mmkd::SimilarityDistillation<S>::Options o;
+      o.tau_s = S(r.option(0.07));
+      o.tau_t = S(r.option(0.07));
+      o.normalize = r.byte() < 200;
+      o.eps = S(r.option(1e-12));
+      o.weight = S(r.option(1));
+      const Index capacity = r.dim(6);
+      const mmkd::Matrix<S> past = r.matrix<S>(r.dim(6), dt);
+      const int variant = int(r.pick(3));
+      b.check("SimilarityDistillation + EmbeddingQueue", [&] {
+        mmkd::SimilarityDistillation<S> seed(o);
+        mmkd::EmbeddingQueue<S> queue(capacity, dt);
+        queue.push(past);
+        if (variant == 0) return seed.value_and_grad(x, t, queue, dx);
+        if (variant == 1) return seed.value_and_grad(x, t, past, dx);
+        return seed.value_and_grad(x, t, dx);
+      });
+    }
+  }
+}
+
+}  // namespace
+
+MMKD_FUZZ_ENTRY(run)

@@ -1,0 +1,68 @@
+// libFuzzer target: LogitKD, DecoupledKD and CrossEntropy with shapes, options, labels, masks and
+// values decoded from the input (see fuzz_support.hpp for the contract checked).
+
+#include "fuzz_support.hpp"
+
+using namespace mmkd_fuzz;
+
+namespace {
+
+template <class S>
+void run(Reader& r) {
+  const Index n = r.dim(6), c = r.dim(6);
+  const bool same = r.byte() < 200;
+  const Index nt = same ? n : r.dim(6), ct = same ? c : r.dim(6);
+  const mmkd::Matrix<S> s = r.matrix<S>(n, c), t = r.matrix<S>(nt, ct);
+  const mmkd::Labels y = r.labels(r.byte() < 240 ? n : r.dim(6), c);
+  const mmkd::RowMask mask = r.mask<mmkd::RowMask>(r.byte() < 240 ? n : r.dim(6), 1);
+  const bool masked = r.flag();
+  const auto reduction = mmkd::Reduction(r.pick(4));  // 3 is not a valid reduction
+  mmkd::Matrix<S> ds = mmkd::Matrix<S>::Zero(n, c), dt = mmkd::Matrix<S>::Zero(nt, ct);
+  Buffers b;
+  b.add(ds);
+  b.add(dt);
+  switch (r.pick(3)) {
+    case 0: {
+      typename mmkd::LogitKD<S>::Options o;
+      o.temperature = S(r.option(4));
+      o.scale_by_t2 = r.flag();
+      o.reduction = reduction;
+      o.weight = S(r.option(1));
+      const bool teacher_grad = r.flag();
+      b.check("LogitKD", [&] {
+        mmkd::LogitKD<S> kd(o);
+        if (teacher_grad)
+          return masked ? kd.value_and_grad(s, t, mask, ds, dt) : kd.value_and_grad(s, t, ds, dt);
+        return masked ? kd.value_and_grad(s, t, mask, ds) : kd.value_and_grad(s, t, ds);
+      });
+      break;
+    }
+    case 1: {
+      typename mmkd::DecoupledKD<S>::Options o;
+      o.alpha = S(r.option(1));
+      o.beta = S(r.option(8));
+      o.temperature = S(r.option(4));
+      o.reduction = reduction;
+      o.weight = S(r.option(1));
+      b.check("DecoupledKD", [&] {
+        mmkd::DecoupledKD<S> dkd(o);
+        return masked ? dkd.value_and_grad(s, t, y, mask, ds) : dkd.value_and_grad(s, t, y, ds);
+      });
+      break;
+    }
+    default: {
+      typename mmkd::CrossEntropy<S>::Options o;
+      o.label_smoothing = S(r.option(0.1));
+      o.reduction = reduction;
+      o.weight = S(r.option(1));
+      b.check("CrossEntropy", [&] {
+        mmkd::CrossEntropy<S> ce(o);
+        return masked ? ce.value_and_grad(s, y, mask, ds) : ce.value_and_grad(s, y, ds);
+      });
+    }
+  }
+}
+
+}  // namespace
+
+MMKD_FUZZ_ENTRY(run)
