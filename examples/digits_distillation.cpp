@@ -140,13 +140,20 @@ Eigen::Map<Eigen::ArrayXf> flat(T4& t) {
   return {t.data(), t.size()};
 }
 
-double accuracy(const Mat& logits, const std::vector<int>& labels) {
-  Index hits = 0;
-  for (Index i = 0; i < logits.rows(); ++i) {
+std::vector<int> argmax_rows(const Mat& z) {
+  std::vector<int> out(std::size_t(z.rows()));
+  for (Index i = 0; i < z.rows(); ++i) {
     Index k;
-    logits.row(i).maxCoeff(&k);
-    hits += (k == labels[i]);
+    z.row(i).maxCoeff(&k);
+    out[std::size_t(i)] = int(k);
   }
+  return out;
+}
+
+double accuracy(const Mat& logits, const std::vector<int>& labels) {
+  const std::vector<int> predicted = argmax_rows(logits);
+  Index hits = 0;
+  for (std::size_t i = 0; i < predicted.size(); ++i) hits += (predicted[i] == labels[i]);
   return 100.0 * double(hits) / double(logits.rows());
 }
 
@@ -419,25 +426,14 @@ struct TeacherTargets {
   Mat mm_logits, mm_top, mm_bottom;  // multimodal teacher: full, top-only, bottom-only logits
   Mat mm_h_top, mm_h_bottom;         // its hidden features of the one-half inputs
   Mat x_logits, x_hidden;            // cross-modal MLP teacher on the clean image
-  Mat cnn_logits;                    // CNN teacher
   std::vector<T4> cnn_features;      // its stage features
-  std::vector<int> mm_pred, x_pred;  // the teachers' predicted classes
+  std::vector<int> mm_pred;          // the multimodal teacher's predicted classes
 };
 
 struct Data {
   Split train, test;
   Mat train_top, train_bottom;
 };
-
-std::vector<int> argmax_rows(const Mat& z) {
-  std::vector<int> out(std::size_t(z.rows()));
-  for (Index i = 0; i < z.rows(); ++i) {
-    Index k;
-    z.row(i).maxCoeff(&k);
-    out[std::size_t(i)] = int(k);
-  }
-  return out;
-}
 
 std::vector<Index> labelled_subset(const Split& train, std::uint64_t seed, bool all) {
   mmkd::SplitMix64 rng(1000 + seed);
@@ -536,7 +532,6 @@ TeacherTargets train_teachers(const Data& d, int epochs) {
       [&](const Mat& dz) { xm.backward(xb, dz, Mat()); });
   t.x_logits = xm.forward(train.full);
   t.x_hidden = xm.h;
-  t.x_pred = argmax_rows(t.x_logits);
   std::printf("  %-34s test %5.1f%%\n", "clean-image MLP 64-128-10",
               accuracy(xm.forward(d.test.full), d.test.labels));
 
@@ -554,7 +549,7 @@ TeacherTargets train_teachers(const Data& d, int epochs) {
       [&](const Mat& dz) { cnn.backward(dz, {}); });
   cnn.train(false);
   xt = as_maps(train.full, 1, 8, 8);
-  t.cnn_logits = cnn.forward(xt);
+  cnn.forward(xt);  // caches the stage features
   for (const auto& f : cnn.features()) t.cnn_features.push_back(f);
   T4 xtest = as_maps(d.test.full, 1, 8, 8);
   std::printf("  %-34s test %5.1f%%\n", "clean-image CNN (16, 32 channels)",
