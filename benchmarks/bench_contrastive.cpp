@@ -1,10 +1,8 @@
 // Dimensional-structure and contrastive losses: mmkd against the same loss in libtorch (forward +
-// autograd backward), single threaded, in one binary, plus a plain GEMM of the dominant size on
-// mmkd's backend (Eigen, or the BLAS given to Eigen with EIGEN_USE_BLAS). Each mmkd benchmark
-// reports FLOPS: the floating-point operations of its matrix products per second, to compare
-// with the plain GEMM's rate in the same run.
-
-#include <chrono>
+// autograd backward), on the same thread count, in one binary, plus a plain GEMM of the dominant
+// size on mmkd's backend (Eigen, or the BLAS given to Eigen with EIGEN_USE_BLAS). Each mmkd
+// benchmark reports FLOPS, the floating-point operations of its matrix products per second, and
+// GEMM_share, that rate over the plain GEMM's in the same run.
 
 #include "bench_common.hpp"
 
@@ -20,43 +18,10 @@ using namespace bench;
 #define GEMM_IMPL "gemm"
 #endif
 
-using Clock = std::chrono::steady_clock;
-
-void set_flops(benchmark::State& st, double flops) {
-  st.counters["FLOPS"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
-}
-
-// FLOP rate of a plain C = A Bᵀ (m x k times k x n) on this binary's backend, measured now.
-double gemm_rate(Index m, Index n, Index k) {
-  const Mat a = random_matrix(m, k, 11), b = random_matrix(n, k, 12);
-  Mat c(m, n);
-  c.noalias() = a * b.transpose();
-  int reps = 0;
-  const auto t0 = Clock::now();
-  double elapsed = 0;
-  while (elapsed < 0.3 || reps < 3) {
-    c.noalias() = a * b.transpose();
-    benchmark::DoNotOptimize(c.data());
-    ++reps;
-    elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
-  }
-  return 2.0 * double(m) * double(n) * double(k) * reps / elapsed;
-}
-
-// Runs the timed loop of an mmkd benchmark and reports FLOPS and GEMM_share: its FLOP rate over
-// that of a plain GEMM of its dominant product (m, n, k), measured in the same run.
+// Times `call` and reports its FLOP rate against a plain GEMM of its dominant product (m, n, k).
 template <class F>
 void run_gemm_bound(benchmark::State& st, double flops, Index m, Index n, Index k, F&& call) {
-  call();  // sizes the workspace
-  const auto t0 = Clock::now();
-  for (auto _ : st) {
-    call();
-    benchmark::ClobberMemory();
-  }
-  const double per_call =
-      std::chrono::duration<double>(Clock::now() - t0).count() / double(st.iterations());
-  set_flops(st, flops);
-  st.counters["GEMM_share"] = (flops / per_call) / gemm_rate(m, n, k);
+  report_gemm_bound(st, timed_loop(st, call), flops, m, n, k);
 }
 
 // C = A Bᵀ with A m x k and B n x k (the similarity / Gram shape).
@@ -113,7 +78,7 @@ void mmkd_SimilarityDistillation_value_and_grad(benchmark::State& st) {
 namespace F = torch::nn::functional;
 
 void torch_InfoNCE_value_and_grad(benchmark::State& st) {
-  torch::set_num_threads(1);
+  torch_threads();
   const Index n = st.range(0), d = st.range(1);
   auto q = to_tensor(random_matrix(n, d, 1)).set_requires_grad(true);
   const auto k = to_tensor(random_matrix(n, d, 2));
@@ -126,11 +91,10 @@ void torch_InfoNCE_value_and_grad(benchmark::State& st) {
     loss.backward();
     benchmark::DoNotOptimize(loss.item<float>());
   }
-  set_flops(st, 4.0 * double(n) * double(n) * double(d));
 }
 
 void torch_ChannelDecorrelation_value_and_grad(benchmark::State& st) {
-  torch::set_num_threads(1);
+  torch_threads();
   const Index n = st.range(0), c = st.range(1);
   auto z = to_tensor(random_matrix(n, c, 1)).set_requires_grad(true);
   const auto off = 1 - torch::eye(c);
@@ -142,11 +106,10 @@ void torch_ChannelDecorrelation_value_and_grad(benchmark::State& st) {
     loss.backward();
     benchmark::DoNotOptimize(loss.item<float>());
   }
-  set_flops(st, 3.0 * double(n) * double(c) * double(c));
 }
 
 void torch_Uniformity_value_and_grad(benchmark::State& st) {
-  torch::set_num_threads(1);
+  torch_threads();
   const Index n = st.range(0), d = st.range(1);
   auto x = to_tensor(random_matrix(n, d, 1)).set_requires_grad(true);
   const auto upper = torch::ones({n, n}, torch::kBool).triu(1);
@@ -158,11 +121,10 @@ void torch_Uniformity_value_and_grad(benchmark::State& st) {
     loss.backward();
     benchmark::DoNotOptimize(loss.item<float>());
   }
-  set_flops(st, 3.0 * double(n) * double(n) * double(d));
 }
 
 void torch_SimilarityDistillation_value_and_grad(benchmark::State& st) {
-  torch::set_num_threads(1);
+  torch_threads();
   const Index n = st.range(0), k = st.range(1), d = st.range(2);
   auto s = to_tensor(random_matrix(n, d, 1)).set_requires_grad(true);
   const auto t = F::normalize(to_tensor(random_matrix(n, d, 2)), F::NormalizeFuncOptions().dim(1));
@@ -176,7 +138,6 @@ void torch_SimilarityDistillation_value_and_grad(benchmark::State& st) {
     loss.backward();
     benchmark::DoNotOptimize(loss.item<float>());
   }
-  set_flops(st, 6.0 * double(n) * double(n + k) * double(d));
 }
 #endif
 

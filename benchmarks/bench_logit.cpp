@@ -1,7 +1,9 @@
-// Logit losses: mmkd against the same loss in libtorch (forward + autograd backward), both single
-// threaded, in one binary. Names: <impl>_<loss>_<value|value_and_grad>/N/C. bytes_per_second
-// counts the matrices each call must touch: value reads student and teacher; value_and_grad also
-// reads and writes the gradient.
+// Logit losses: mmkd against the same loss in libtorch (forward + autograd backward), on the same
+// thread count, in one binary. Names: <impl>_<loss>_<value|value_and_grad>/N/C. Each mmkd
+// benchmark reports bytes_per_second for the matrices a call must touch (value reads student and
+// teacher; value_and_grad also reads and writes the gradient), BW_share against a plain pass over
+// the same bytes, and exp_share: the time of the row softmaxes' exponentials alone (2 per element
+// for the KD losses, 1 for cross-entropy) over the call's time.
 
 #include "bench_common.hpp"
 
@@ -13,16 +15,19 @@ Mat random_logits(Index n, Index c, std::uint64_t seed) {
   return random_matrix(n, c, seed);
 }
 
-void set_bytes(benchmark::State& st, int matrices) {
-  bench::set_bytes(st, double(matrices) * double(st.range(0) * st.range(1)));
+// Reports the memory and exp counters of a call on N x C logits.
+void report(benchmark::State& st, double per_call, int reads, int updates, double exps_per_elem) {
+  const Index n = st.range(0), c = st.range(1);
+  report_memory_bound(st, per_call, {double(n * c), reads, 0, updates});
+  report_exp_bound(st, per_call, n, c, exps_per_elem * double(c));
 }
 
 void mmkd_LogitKD_value(benchmark::State& st) {
   const Mat s = random_logits(st.range(0), st.range(1), 1),
             t = random_logits(st.range(0), st.range(1), 2);
   mmkd::LogitKD<float> kd;
-  for (auto _ : st) benchmark::DoNotOptimize(kd.value(s, t));
-  set_bytes(st, 2);
+  const double t_call = timed_loop(st, [&] { benchmark::DoNotOptimize(kd.value(s, t)); });
+  report(st, t_call, 2, 0, 2);
 }
 
 void mmkd_LogitKD_value_and_grad(benchmark::State& st) {
@@ -30,12 +35,9 @@ void mmkd_LogitKD_value_and_grad(benchmark::State& st) {
             t = random_logits(st.range(0), st.range(1), 2);
   Mat g = Mat::Zero(st.range(0), st.range(1));
   mmkd::LogitKD<float> kd;
-  kd.value_and_grad(s, t, g);  // sizes the workspace
-  for (auto _ : st) {
-    benchmark::DoNotOptimize(kd.value_and_grad(s, t, g));
-    benchmark::ClobberMemory();
-  }
-  set_bytes(st, 4);
+  const double t_call =
+      timed_loop(st, [&] { benchmark::DoNotOptimize(kd.value_and_grad(s, t, g)); });
+  report(st, t_call, 2, 1, 2);
 }
 
 void mmkd_DecoupledKD_value_and_grad(benchmark::State& st) {
@@ -44,12 +46,9 @@ void mmkd_DecoupledKD_value_and_grad(benchmark::State& st) {
   const mmkd::Labels y = random_labels(st.range(0), st.range(1));
   Mat g = Mat::Zero(st.range(0), st.range(1));
   mmkd::DecoupledKD<float> dkd;
-  dkd.value_and_grad(s, t, y, g);
-  for (auto _ : st) {
-    benchmark::DoNotOptimize(dkd.value_and_grad(s, t, y, g));
-    benchmark::ClobberMemory();
-  }
-  set_bytes(st, 4);
+  const double t_call =
+      timed_loop(st, [&] { benchmark::DoNotOptimize(dkd.value_and_grad(s, t, y, g)); });
+  report(st, t_call, 2, 1, 2);
 }
 
 void mmkd_CrossEntropy_value_and_grad(benchmark::State& st) {
@@ -57,12 +56,9 @@ void mmkd_CrossEntropy_value_and_grad(benchmark::State& st) {
   const mmkd::Labels y = random_labels(st.range(0), st.range(1));
   Mat g = Mat::Zero(st.range(0), st.range(1));
   mmkd::CrossEntropy<float> ce;
-  ce.value_and_grad(z, y, g);
-  for (auto _ : st) {
-    benchmark::DoNotOptimize(ce.value_and_grad(z, y, g));
-    benchmark::ClobberMemory();
-  }
-  set_bytes(st, 3);
+  const double t_call =
+      timed_loop(st, [&] { benchmark::DoNotOptimize(ce.value_and_grad(z, y, g)); });
+  report(st, t_call, 1, 1, 1);
 }
 
 #ifdef MMKD_BENCH_TORCH
@@ -75,16 +71,15 @@ torch::Tensor torch_kd(const torch::Tensor& s, const torch::Tensor& t, double te
 }
 
 void torch_LogitKD_value(benchmark::State& st) {
-  torch::set_num_threads(1);
+  torch_threads();
   const auto s = to_tensor(random_logits(st.range(0), st.range(1), 1));
   const auto t = to_tensor(random_logits(st.range(0), st.range(1), 2));
   torch::NoGradGuard no_grad;
   for (auto _ : st) benchmark::DoNotOptimize(torch_kd(s, t, 4.0).item<float>());
-  set_bytes(st, 2);
 }
 
 void torch_LogitKD_value_and_grad(benchmark::State& st) {
-  torch::set_num_threads(1);
+  torch_threads();
   auto s = to_tensor(random_logits(st.range(0), st.range(1), 1)).set_requires_grad(true);
   const auto t = to_tensor(random_logits(st.range(0), st.range(1), 2));
   for (auto _ : st) {
@@ -92,16 +87,14 @@ void torch_LogitKD_value_and_grad(benchmark::State& st) {
     loss.backward();  // accumulates into s.grad, as mmkd adds into its buffer
     benchmark::DoNotOptimize(loss.item<float>());
   }
-  set_bytes(st, 4);
 }
 
 void torch_DecoupledKD_value_and_grad(benchmark::State& st) {
-  torch::set_num_threads(1);
+  torch_threads();
   auto s = to_tensor(random_logits(st.range(0), st.range(1), 1)).set_requires_grad(true);
   const auto t = to_tensor(random_logits(st.range(0), st.range(1), 2));
   const mmkd::Labels yl = random_labels(st.range(0), st.range(1));
-  const auto y =
-      torch::from_blob(const_cast<int*>(yl.data()), {yl.size()}, torch::kInt32).to(torch::kLong);
+  const auto y = to_labels(yl);
   const double temp = 4, n = double(st.range(0));
   const auto gt = F::one_hot(y, st.range(1)).to(torch::kFloat32);
   const auto other = 1 - gt;
@@ -117,21 +110,18 @@ void torch_DecoupledKD_value_and_grad(benchmark::State& st) {
     loss.backward();
     benchmark::DoNotOptimize(loss.item<float>());
   }
-  set_bytes(st, 4);
 }
 
 void torch_CrossEntropy_value_and_grad(benchmark::State& st) {
-  torch::set_num_threads(1);
+  torch_threads();
   auto z = to_tensor(random_logits(st.range(0), st.range(1), 1)).set_requires_grad(true);
   const mmkd::Labels yl = random_labels(st.range(0), st.range(1));
-  const auto y =
-      torch::from_blob(const_cast<int*>(yl.data()), {yl.size()}, torch::kInt32).to(torch::kLong);
+  const auto y = to_labels(yl);
   for (auto _ : st) {
     auto loss = F::cross_entropy(z, y);
     loss.backward();
     benchmark::DoNotOptimize(loss.item<float>());
   }
-  set_bytes(st, 3);
 }
 #endif
 

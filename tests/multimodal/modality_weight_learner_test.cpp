@@ -30,25 +30,32 @@ TEST_CASE("ModalityWeightLearner: seeded init, shapes, parameter gradients",
   CHECK_THROWS_WITH(net.forward(Matrix<double>::Ones(10, 3)),
                     "ModalityWeightLearner: features has 3 columns, expected 4 (feature_dim())");
 
-  // L = Σ_k c_k w_k: check every parameter's gradient against finite differences.
-  const Matrix<double> coef = random_matrix<double>(10, 1, 9);
-  for (std::size_t p = 0; p < 4; ++p) {
-    auto loss = [&](const Matrix<double>& x) {
-      auto view = net.parameters()[p].value;
-      const Matrix<double> saved = view;
-      view = x;
-      const double v = (net.forward(feats).array() * coef.array()).sum();
-      view = saved;
-      return v;
-    };
-    net.zero_grad();
-    net.forward(feats);
-    net.backward(coef);
-    const Matrix<double> x0 = net.parameters()[p].value;
-    const Matrix<double> analytic = net.gradients()[p].value;
-    const auto r = mmkd::check_gradient(loss, x0, analytic, tight());
-    INFO(net.parameters()[p].name << ": " << r.message());
-    CHECK(r.passed);
+  // L = Σ_k c_k w_k: check every parameter's gradient against finite differences, on these 10
+  // rows and on 600 (the backward pass sums rows in chunks of 256).
+  const Matrix<double> aux_big = random_matrix<double>(300, 2, 5).cwiseAbs(),
+                       sal_big = random_matrix<double>(300, 2, 6).cwiseAbs();
+  Matrix<double> feats_big;
+  net.make_features(aux_big, sal_big, feats_big);
+  for (const Matrix<double>* f : {&feats_big, &feats}) {
+    const Matrix<double> coef = random_matrix<double>(f->rows(), 1, 9);
+    for (std::size_t p = 0; p < 4; ++p) {
+      auto loss = [&](const Matrix<double>& x) {
+        auto view = net.parameters()[p].value;
+        const Matrix<double> saved = view;
+        view = x;
+        const double v = (net.forward(*f).array() * coef.array()).sum();
+        view = saved;
+        return v;
+      };
+      net.zero_grad();
+      net.forward(*f);
+      net.backward(coef);
+      const Matrix<double> x0 = net.parameters()[p].value;
+      const Matrix<double> analytic = net.gradients()[p].value;
+      const auto r = mmkd::check_gradient(loss, x0, analytic, tight());
+      INFO(f->rows() << " rows, " << net.parameters()[p].name << ": " << r.message());
+      CHECK(r.passed);
+    }
   }
   const Matrix<double> before = net.gradients()[0].value;
   CHECK_THROWS_AS(net.backward(Matrix<double>::Ones(3, 1)), mmkd::InvalidArgument);

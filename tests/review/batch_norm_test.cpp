@@ -93,3 +93,38 @@ TEST_CASE("BatchNorm2d errors leave the module unchanged", "[review][batchnorm]"
   CHECK_THROWS_WITH(bn.forward(map4(x2, 3, 4, 1, 1)),
                     Catch::Contains("x has 4 channels, expected 2"));
 }
+
+TEST_CASE("BatchNorm2d near the float range: the exact checks behind the O(C) bounds",
+          "[review][batchnorm]") {
+  // Forward: with γ = 3.4e38 the bound |γ|·max|x̂| + |β| exceeds FLT_MAX by less than the
+  // rounding margin allows, so the output is scanned; x = {0, 2} gives x̂ = ±1/√(1 + ε) and a
+  // finite y = ±γ/√(1 + ε).
+  mmkd::BatchNorm2d<float> bn({1});
+  bn.parameters()[0].value(0, 0) = 3.4e38f;
+  const Matrix<float> x = (Matrix<float>(1, 2) << 0.0f, 2.0f).finished();
+  const auto& y = bn.forward(map4(x, 1, 1, 1, 2));
+  const double expected = 3.4e38 / std::sqrt(1.0 + 1e-5);
+  CHECK(double(y(0, 0, 0, 0)) == Approx(-expected).epsilon(1e-6));
+  CHECK(double(y(0, 0, 0, 1)) == Approx(expected).epsilon(1e-6));
+
+  // Backward: γ = 3e29 and dy = 1e9 + 1e7·r put the bound on |dx| near 6e38, past FLT_MAX,
+  // while dx itself stays near 3e36: the fallback computes dx aside and checks it. Expected, in
+  // double: dx = γ/σ · (dy − mean dy − x̂ · mean(dy x̂)).
+  mmkd::BatchNorm2d<float> bn2({1});
+  bn2.parameters()[0].value(0, 0) = 3e29f;
+  const Matrix<float> x2 = random_matrix<float>(1, 8, 3);
+  const Matrix<float> dy = (1e9f + 1e7f * random_matrix<float>(1, 8, 4).array()).matrix();
+  bn2.forward(map4(x2, 2, 1, 2, 2));
+  Matrix<float> dx = Matrix<float>::Zero(1, 8);
+  REQUIRE_NOTHROW(bn2.backward(map4(dy, 2, 1, 2, 2), out4(dx, 2, 1, 2, 2)));
+  const Eigen::ArrayXd xd = x2.row(0).cast<double>().transpose(),
+                       gd = dy.row(0).cast<double>().transpose();
+  const double mu = xd.mean(), var = (xd - mu).square().mean(), inv = 1 / std::sqrt(var + 1e-5);
+  const Eigen::ArrayXd xhat = (xd - mu) * inv;
+  const Eigen::ArrayXd want = 3e29 * inv * (gd - gd.mean() - xhat * (gd * xhat).mean());
+  for (Index k = 0; k < 8; ++k) {
+    INFO("dx[" << k << "]");
+    CHECK(std::isfinite(dx(0, k)));
+    CHECK(double(dx(0, k)) == Approx(want(k)).epsilon(1e-3).margin(1e-4 * want.abs().maxCoeff()));
+  }
+}

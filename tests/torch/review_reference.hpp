@@ -38,16 +38,25 @@ struct TorchReview {
   int64_t stages = 0;
   bool training = true;
 
+  TorchReview() = default;
+
   template <class S>
   TorchReview(mmkd::ReviewFusion<S>& review, torch::Dtype dtype) {
-    for (auto& p : review.parameters())
-      params[p.name] = to_torch_param<S>(p.name, p.value, dtype).set_requires_grad(true);
-    for (auto& b : review.buffers()) buffers[b.name] = to_torch_param<S>(b.name, b.value, dtype);
+    load(review, dtype);
     stages = review.stages();
     const auto& o = review.options();
     for (int64_t k = 0; k < stages; ++k)
       out_shapes.push_back(o.out_shapes.empty() ? 0 : o.out_shapes[std::size_t(k)]);
-    training = review.is_training();
+  }
+
+  /// Copies the parameters and buffers of an mmkd module (ReviewFusion, or one AttentionFusion
+  /// for `abf` with prefix "") by name, and its train/eval mode.
+  template <class S, template <class> class Module>
+  void load(Module<S>& module, torch::Dtype dtype) {
+    for (auto& p : module.parameters())
+      params[p.name] = to_torch_param<S>(p.name, p.value, dtype).set_requires_grad(true);
+    for (auto& b : module.buffers()) buffers[b.name] = to_torch_param<S>(b.name, b.value, dtype);
+    training = module.is_training();
   }
 
   torch::Tensor bn(const std::string& prefix, const torch::Tensor& x) {

@@ -10,6 +10,7 @@
 #include "mmkd/core/module.hpp"
 #include "mmkd/core/normalize.hpp"
 #include "mmkd/core/types.hpp"
+#include "mmkd/detail/products.hpp"
 #include "mmkd/detail/row_loss.hpp"
 #include "mmkd/detail/softmax_kernels.hpp"
 
@@ -135,8 +136,7 @@ class InfoNCE : detail::FloatingScalar<Scalar> {
   // S for query rows [r0, r0 + b) into the top b rows of s_ (sized for a full block).
   auto similarities(Index r0, Index b, Scalar scale) {
     auto s = s_.topRows(b);
-    s.noalias() = u_.middleRows(r0, b) * v_.transpose();
-    s *= scale;
+    detail::tiled_product(s, u_.middleRows(r0, b), v_.transpose(), scale, false);
     return s;
   }
 
@@ -256,8 +256,8 @@ class InfoNCE : detail::FloatingScalar<Scalar> {
       }
       // ds now holds dL/dS for the block.
       if (options_.learn_temperature) d_log_scale += (ds.array() * raw.array()).sum();
-      if (dq) du_.middleRows(r0, b).noalias() += scale * (ds * v_);
-      if (dk) dv_.noalias() += scale * (ds.transpose() * u_.middleRows(r0, b));
+      if (dq) detail::tiled_product(du_.middleRows(r0, b), ds, v_, scale, true);
+      if (dk) detail::tiled_product(dv_, ds.transpose(), u_.middleRows(r0, b), scale, true);
     }
     if (dq && options_.normalize) {
       dq_.setZero(n, d);

@@ -8,6 +8,7 @@
 #include "mmkd/core/normalize.hpp"
 #include "mmkd/core/types.hpp"
 #include "mmkd/detail/kl.hpp"
+#include "mmkd/detail/products.hpp"
 
 namespace mmkd {
 
@@ -131,10 +132,11 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
       if (kq > 0) dict_.bottomRows(kq) = *queue;
     }
     // Logits already divided by their temperatures: the KL kernel then runs at T = 1.
-    a_.noalias() = dict_.topRows(n) * dict_.transpose();
-    a_ /= options_.tau_t;
-    b_.noalias() = u_ * dict_.transpose();
-    b_ /= options_.tau_s;
+    a_.resize(n, m);
+    b_.resize(n, m);
+    detail::tiled_product(a_, dict_.topRows(n), dict_.transpose(), Scalar(1) / options_.tau_t,
+                          false);
+    detail::tiled_product(b_, u_, dict_.transpose(), Scalar(1) / options_.tau_s, false);
 
     const Scalar c = options_.weight / Scalar(n);
     ws_.prepare(n, m, ds ? 1 : 0, 2);
@@ -153,7 +155,8 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
     const Scalar value = detail::scaled_value(kName, c, raw, Scalar(0));
     if (ds) {
       // dL/dU = (1/tau_s) dL/dB · Dict; the kernel left dL/dB in the scratch gradient rows.
-      du_.noalias() = (Scalar(1) / options_.tau_s) * (ws_.grad_matrix(0) * dict_);
+      du_.resize(n, d);
+      detail::tiled_product(du_, ws_.grad_matrix(0), dict_, Scalar(1) / options_.tau_s, false);
       if (options_.normalize) {
         dx_.setZero(n, d);
         l2_normalize_rows_backward(u_, norms_, du_, dx_, options_.eps);

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -7,10 +8,25 @@
 
 #include "mmkd/core/errors.hpp"
 #include "mmkd/core/module.hpp"
+#include "mmkd/core/parallel.hpp"
 #include "mmkd/core/random.hpp"
 #include "mmkd/core/types.hpp"
 
 namespace mmkd {
+namespace detail {
+
+/// g where h > 0, else 0 (the relu's backward given its output h), vectorised as a mask.
+template <class T>
+struct ReluBackward {
+  T operator()(T h, T g) const { return h > T(0) ? g : T(0); }
+  template <class Packet>
+  Packet packetOp(const Packet& h, const Packet& g) const {
+    using namespace Eigen::internal;
+    return pand(pcmp_lt(pzero(h), h), g);
+  }
+};
+
+}  // namespace detail
 
 /**
  * Meta-learned auxiliary-loss weights for MSD: a small MLP g_φ that maps the features of each
@@ -75,8 +91,12 @@ class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
     fill(b1_, f);
     fill(w2_, h);
     fill(b2_, h);
+    pgw1_.resize(h, f);
     zero_grad();
   }
+
+  //! Read-only: the options fix the parameters' shapes.
+  const Options& options() const { return options_; }
 
   //! Number of input features: 1 (aux loss) + use_saliency + onehot_modalities.
   Index feature_dim() const {
@@ -109,14 +129,19 @@ class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
     }
     if (!detail::all_finite(features))
       detail::throw_invalid(kName, "features hold a non-finite value");
-    const Index k = features.rows();
+    const Index k = features.rows(), hid = options_.hidden;
     x_ = features;
-    pre_.noalias() = x_ * w1_.transpose();
-    pre_.rowwise() += b1_.row(0);
-    h_ = pre_.cwiseMax(Scalar(0));
+    w1t_ = w1_.transpose();  // F x H: each feature's weights contiguous
+    h_.resize(k, hid);
     out_.resize(k, 1);
-    out_.col(0).noalias() = h_ * w2_.row(0).transpose();
-    out_.array() = Scalar(1) / (Scalar(1) + (-(out_.array() + b2_(0, 0))).exp());
+    // Row by row, in cache: h = relu(b1 + Σ_f x_f W1[:, f]), w = sigmoid(h · w2 + b2).
+    detail::parallel_for(k, 2 * hid * (f + 1), [&](Index i, int) {
+      auto hi = h_.row(i);
+      hi = b1_.row(0);
+      for (Index q = 0; q < f; ++q) hi += x_(i, q) * w1t_.row(q);
+      hi = hi.cwiseMax(Scalar(0));
+      out_(i, 0) = Scalar(1) / (Scalar(1) + std::exp(-(hi.dot(w2_.row(0)) + b2_(0, 0))));
+    });
     if (!out_.allFinite()) {
       out_.resize(0, 1);  // refuse a backward through this failed forward
       detail::throw_numerical(kName, "the features overflow the hidden layer");
@@ -130,16 +155,36 @@ class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
                         "one per row of the last forward");
     if (!detail::all_finite(d_weights))
       detail::throw_invalid(kName, "d_weights hold a non-finite value");
-    if (out_.rows() == 0) return;  // no samples: nothing to add
-    // dw/da = w (1 − w) through the sigmoid; then the two linear layers and the relu.
-    da_ = (d_weights.array() * out_.array() * (Scalar(1) - out_.array())).matrix();
-    dpre_.noalias() = da_ * w2_;  // a product into its own buffer: no temporary
-    dpre_.array() *= (pre_.array() > Scalar(0)).template cast<Scalar>();
+    const Index k = out_.rows(), f = feature_dim(), hid = options_.hidden;
+    if (k == 0) return;  // no samples: nothing to add
+    // Per row: da = dw · w(1 − w) through the sigmoid, dpre = da · w2 ⊙ [h > 0] through the relu;
+    // then dW2 += da h, db1 += dpre, dW1 += dpre ⊗ x, db2 += da. Rows are summed in fixed chunks
+    // of kChunk (any number of threads gives the same sums), the chunks in order. Row c of
+    // partial_ is [dW2 | db1 | dW1ᵀ (F·H) | db2] of chunk c.
+    const Index chunks = (k + kChunk - 1) / kChunk, width = (2 + f) * hid + 1;
+    partial_.resize(chunks, width);
+    if (dpre_.rows() < max_threads() || dpre_.cols() != hid) dpre_.resize(max_threads(), hid);
+    detail::parallel_for(chunks, kChunk * hid * (f + 2), [&](Index c, int thread) {
+      auto acc = partial_.row(c);
+      acc.setZero();
+      auto dpre = dpre_.row(thread);
+      for (Index i = c * kChunk; i < std::min(k, (c + 1) * kChunk); ++i) {
+        const Scalar w = out_(i, 0), da = d_weights(i, 0) * w * (Scalar(1) - w);
+        const auto hi = h_.row(i);
+        dpre = hi.binaryExpr(da * w2_.row(0), detail::ReluBackward<Scalar>());
+        acc.segment(0, hid) += da * hi;
+        acc.segment(hid, hid) += dpre;
+        for (Index q = 0; q < f; ++q) acc.segment((2 + q) * hid, hid) += x_(i, q) * dpre;
+        acc(width - 1) += da;
+      }
+    });
+    pending_ = partial_.row(0);
+    for (Index c = 1; c < chunks; ++c) pending_ += partial_.row(c);
     // Into scratch first: the gradients change only if every sum stays finite.
-    pgw2_.noalias() = da_.transpose() * h_;
-    pgw1_.noalias() = dpre_.transpose() * x_;
-    pgb1_ = dpre_.colwise().sum();
-    const Scalar pgb2 = da_.sum();
+    pgw2_ = pending_.segment(0, hid);
+    pgb1_ = pending_.segment(hid, hid);
+    for (Index q = 0; q < f; ++q) pgw1_.col(q) = pending_.segment((2 + q) * hid, hid).transpose();
+    const Scalar pgb2 = pending_(width - 1);
     if (!(gw2_ + pgw2_).allFinite() || !(gw1_ + pgw1_).allFinite() || !(gb1_ + pgb1_).allFinite() ||
         !std::isfinite(gb2_(0, 0) + pgb2))
       detail::throw_numerical(kName, "the parameter gradients overflow");
@@ -239,9 +284,21 @@ class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
   Options options_;
   Matrix<Scalar> w1_, b1_, w2_, b2_;      // parameters
   Matrix<Scalar> gw1_, gb1_, gw2_, gb2_;  // their gradients
-  Matrix<Scalar> x_, pre_, h_, out_;      // forward cache
-  Matrix<Scalar> da_, dpre_;              // backward scratch
-  Matrix<Scalar> pgw1_, pgb1_, pgw2_;     // pending gradient increments
+  static constexpr Index kChunk = 256;    // rows per partial sum of the backward pass
+
+  Matrix<Scalar> w1t_, x_, h_, out_;  // forward cache (w1t_ = fc1.weightᵀ)
+  Matrix<Scalar> dpre_, partial_;     // backward scratch: one dpre row per thread, chunk sums
+  Eigen::Matrix<Scalar, 1, Eigen::Dynamic> pending_;  // the chunk sums, added up
+  Matrix<Scalar> pgw1_, pgb1_, pgw2_;                 // pending gradient increments
 };
 
 }  // namespace mmkd
+
+namespace Eigen {
+namespace internal {
+template <class T>
+struct functor_traits<mmkd::detail::ReluBackward<T>> {
+  enum { Cost = 2 * NumTraits<T>::AddCost, PacketAccess = packet_traits<T>::HasCmp };
+};
+}  // namespace internal
+}  // namespace Eigen

@@ -396,7 +396,7 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
   }
 
   void check_output() const {
-    if (!detail::all_finite4(bn2_.output_) || !bn1_.pending_finite() || !bn2_.pending_finite()) {
+    if (!bn2_.output_finite() || !bn1_.pending_finite() || !bn2_.pending_finite()) {
       detail::throw_numerical(label_.c_str(),
                               "output or running statistics overflowed to a non-finite value "
                               "(input and parameters are finite; check their scale)");

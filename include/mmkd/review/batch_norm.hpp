@@ -1,13 +1,16 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
 #include "mmkd/core/errors.hpp"
 #include "mmkd/core/module.hpp"
+#include "mmkd/core/parallel.hpp"
 #include "mmkd/core/tensor.hpp"
 #include "mmkd/core/types.hpp"
+#include "mmkd/detail/softmax_kernels.hpp"
 
 namespace mmkd {
 
@@ -61,6 +64,11 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
     mean_.resize(c);
     var_.resize(c);
     inv_std_.resize(c);
+    xhat_max_.setZero(c);
+    dx_bound_.resize(c);
+    dx_scale_.resize(c);
+    dx_a_.resize(c);
+    dx_b_.resize(c);
     pending_weight_.resize(1, c);
     pending_bias_.resize(1, c);
     zero_grad();
@@ -74,10 +82,10 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
   //! y for x (N x C x H x W); the reference stays valid until the next forward.
   const Tensor4<Scalar>& forward(const ConstTensor4Ref<Scalar>& x) {
     check_input(kName, "x", x);
-    if (!detail::all_finite4(x)) detail::throw_numerical(kName, detail::bad_element4("x", x));
     forward_pending(x.data(), x.dimension(0), x.dimension(2), x.dimension(3));
-    if (!detail::all_finite4(output_) || !pending_finite()) {
+    if (!output_finite() || !pending_finite()) {
       has_forward_ = false;  // refuse a backward through this failed forward
+      if (!detail::all_finite4(x)) detail::throw_numerical(kName, detail::bad_element4("x", x));
       detail::throw_numerical(kName,
                               "the output or the running statistics overflow (values too large "
                               "or eps too small for the scalar type)");
@@ -89,14 +97,24 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
   //! Adds dL/dx to dx and dL/dγ, dL/dβ to gradients() for the cotangent dy of the last forward.
   void backward(const ConstTensor4Ref<Scalar>& dy, Tensor4Ref<Scalar> dx) {
     check_backward(kName, dy, dx);
-    if (!detail::all_finite4(dy)) detail::throw_numerical(kName, detail::bad_element4("dy", dy));
-    backward_pending(dy.data());
-    if (!detail::all_finite4(dx_) || !(grad_weight_ + pending_weight_).allFinite() ||
+    // Fast path: finite sums and a finite bound on |dx| let dx be added to in place; otherwise
+    // dx is computed aside and checked exactly.
+    const bool bounded = backward_stats(dy.data());
+    if (!bounded) {
+      if (!detail::all_finite4(dy)) detail::throw_numerical(kName, detail::bad_element4("dy", dy));
+      dx_.resize(dy.dimensions());
+      write_dx(dy.data(), dx_.data(), false);
+    }
+    if ((!bounded && !detail::all_finite4(dx_)) || !(grad_weight_ + pending_weight_).allFinite() ||
         !(grad_bias_ + pending_bias_).allFinite())
       detail::throw_numerical(kName,
                               "a gradient overflows (the cotangents are finite; check "
                               "their scale and eps)");
-    detail::planes(dx) += detail::planes(dx_);
+    if (bounded) {
+      write_dx(dy.data(), dx.data(), true);
+    } else {
+      detail::planes(dx) += detail::planes(dx_);
+    }
     commit_backward();
   }
 
@@ -152,14 +170,15 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
     detail::check_shape4(cls, "dx", dx, d[0], d[1], d[2], d[3], "shape of the last input");
   }
 
-  // Computes the output, x̂ and the batch statistics; changes no parameter or buffer.
+  // Computes the output, x̂ and the batch statistics; changes no parameter or buffer. Channels
+  // are independent, so they run in parallel with results that do not depend on the threads.
   void forward_pending(const Scalar* x, Index n, Index h, Index w) {
     using Arr = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
     using OutArr = Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
     const Index c = options_.channels, hw = h * w, m = n * hw;
     output_.resize(n, c, h, w);
     xhat_.resize(n, c, h, w);
-    for (Index k = 0; k < c; ++k) {
+    detail::parallel_for(c, 4 * m, [&](Index k, int) {
       double mu, var;
       if (training_) {
         double sum = 0;
@@ -178,16 +197,31 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
       inv_std_(k) = 1.0 / std::sqrt(var + options_.eps);
       const Scalar mean_s = Scalar(mu), inv = Scalar(inv_std_(k));
       const Scalar gamma = weight_(0, k), beta = bias_(0, k);
+      Scalar xhat_max(0);
       for (Index i = 0; i < n; ++i) {
         const Index off = (i * c + k) * hw;
         OutArr xh(xhat_.data() + off, hw);
         xh = (Arr(x + off, hw) - mean_s) * inv;
         OutArr(output_.data() + off, hw) = xh * gamma + beta;
+        xhat_max = detail::max_nan(xhat_max, xh.abs().template maxCoeff<Eigen::PropagateNaN>());
       }
-    }
+      xhat_max_(k) = double(xhat_max);
+    });
     batch_m_ = m;
     forward_training_ = training_;
     has_forward_ = true;
+  }
+
+  // Whether the last output is finite: O(C) through |y| ≤ |γ|·max|x̂| + |β|, a scan only when
+  // that bound is not finite (NaN input, overflow, or a bound that is merely loose).
+  bool output_finite() const {
+    for (Index k = 0; k < options_.channels; ++k) {
+      const double bound =
+          std::abs(double(weight_(0, k))) * xhat_max_(k) + std::abs(double(bias_(0, k)));
+      if (!(bound * kBoundMargin <= double(std::numeric_limits<Scalar>::max())))
+        return detail::all_finite4(output_);
+    }
+    return true;
   }
 
   // Whether the running statistics commit_forward would write are finite in the scalar type.
@@ -214,33 +248,66 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
     }
   }
 
-  // dx_ (overwritten) and the pending γ, β gradients for dy.
-  void backward_pending(const Scalar* dy) {
+  // The pending γ, β gradients for dy and the per-channel coefficients of
+  // dx = scale·(dy − a − x̂·b); true when every sum is finite and |dx| ≤ |scale|·(max|dy| + |a| +
+  // max|x̂|·|b|) is within the scalar type's range (so every dx is finite).
+  bool backward_stats(const Scalar* dy) {
     using Arr = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
-    using OutArr = Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
     const auto& d = output_.dimensions();
     const Index n = d[0], c = d[1], hw = d[2] * d[3];
-    dx_.resize(d[0], d[1], d[2], d[3]);
-    for (Index k = 0; k < c; ++k) {
+    detail::parallel_for(c, 3 * n * hw, [&](Index k, int) {
       double sum_dy = 0, sum_dy_xhat = 0;
+      Scalar dy_max(0);
       for (Index i = 0; i < n; ++i) {
         const Index off = (i * c + k) * hw;
         const Arr g(dy + off, hw);
         sum_dy += double(g.sum());
         sum_dy_xhat += double((g * Arr(xhat_.data() + off, hw)).sum());
+        dy_max = detail::max_nan(dy_max, g.abs().template maxCoeff<Eigen::PropagateNaN>());
       }
       pending_bias_(0, k) = Scalar(sum_dy);
       pending_weight_(0, k) = Scalar(sum_dy_xhat);
-      const Scalar scale = Scalar(double(weight_(0, k)) * inv_std_(k));
+      const double scale = double(weight_(0, k)) * inv_std_(k);
       // Batch statistics depend on x in train mode; the running ones are constants.
-      const Scalar a = Scalar(forward_training_ ? sum_dy / double(batch_m_) : 0.0);
-      const Scalar b = Scalar(forward_training_ ? sum_dy_xhat / double(batch_m_) : 0.0);
+      const double a = forward_training_ ? sum_dy / double(batch_m_) : 0.0;
+      const double b = forward_training_ ? sum_dy_xhat / double(batch_m_) : 0.0;
+      dx_scale_(k) = Scalar(scale);
+      dx_a_(k) = Scalar(a);
+      dx_b_(k) = Scalar(b);
+      dx_bound_(k) = std::abs(scale) * (double(dy_max) + std::abs(a) + xhat_max_(k) * std::abs(b));
+    });
+    for (Index k = 0; k < c; ++k) {
+      if (!(dx_bound_(k) * kBoundMargin <= double(std::numeric_limits<Scalar>::max())))
+        return false;
+    }
+    return true;
+  }
+
+  // dx = scale·(dy − a − x̂·b) per channel, written to `out` (add: added to it).
+  void write_dx(const Scalar* dy, Scalar* out, bool add) const {
+    using Arr = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
+    using OutArr = Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
+    const auto& d = output_.dimensions();
+    const Index n = d[0], c = d[1], hw = d[2] * d[3];
+    detail::parallel_for(c, 3 * n * hw, [&](Index k, int) {
+      const Scalar scale = dx_scale_(k), a = dx_a_(k), b = dx_b_(k);
       for (Index i = 0; i < n; ++i) {
         const Index off = (i * c + k) * hw;
-        OutArr(dx_.data() + off, hw) =
-            scale * (Arr(dy + off, hw) - a - Arr(xhat_.data() + off, hw) * b);
+        const auto v = scale * (Arr(dy + off, hw) - a - Arr(xhat_.data() + off, hw) * b);
+        if (add) {
+          OutArr(out + off, hw) += v;
+        } else {
+          OutArr(out + off, hw) = v;
+        }
       }
-    }
+    });
+  }
+
+  // dx_ (overwritten) and the pending γ, β gradients for dy (the caller checks dx_).
+  void backward_pending(const Scalar* dy) {
+    backward_stats(dy);
+    dx_.resize(output_.dimensions());
+    write_dx(dy, dx_.data(), false);
   }
 
   void commit_backward() {
@@ -252,7 +319,11 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
   bool training_ = true, forward_training_ = true, has_forward_ = false;
   Matrix<Scalar> weight_, bias_, running_mean_, running_var_, grad_weight_, grad_bias_;
   Matrix<Scalar> pending_weight_, pending_bias_;
-  Eigen::VectorXd mean_, var_, inv_std_;
+  // Rounding allowance of the |y| and |dx| bounds (a few ulps; this is far more).
+  static constexpr double kBoundMargin = 1.001;
+
+  Eigen::VectorXd mean_, var_, inv_std_, xhat_max_, dx_bound_;
+  Eigen::Array<Scalar, Eigen::Dynamic, 1> dx_scale_, dx_a_, dx_b_;
   Index batch_m_ = 0;
   Tensor4<Scalar> output_, xhat_, dx_;
 };

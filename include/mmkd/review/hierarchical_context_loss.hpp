@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "mmkd/core/errors.hpp"
+#include "mmkd/core/parallel.hpp"
 #include "mmkd/core/tensor.hpp"
 #include "mmkd/core/types.hpp"
 #include "mmkd/review/resize.hpp"
@@ -125,14 +126,21 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
 
   // Pass 1: the value, keeping each stage's pooled differences; pass 2 (only when the value is
   // finite and a gradient is wanted): grad += 2/tot · (d/numel + Σ w_j P_jᵀ P_j d / numel_j).
+  // Planes run in parallel; their sums of squares are added afterwards, in a fixed order.
   Scalar compute(const std::vector<ConstTensor4Ref<Scalar>>& student,
                  const std::vector<ConstTensor4Ref<Scalar>>& teacher,
                  const std::vector<Tensor4Ref<Scalar>>* grad) {
     const std::size_t ns = student.size(), nl = options_.levels.size();
     pooled_.resize(ns * nl);
-    Index max_hw = 0;  // one difference buffer for every stage: no reallocation between stages
-    for (const auto& s : student) max_hw = std::max(max_hw, s.dimension(2) * s.dimension(3));
-    if (diff_.size() < max_hw) diff_.resize(max_hw);
+    Index max_hw = 0, max_planes = 0;  // scratch for every stage: it only grows
+    for (const auto& s : student) {
+      max_hw = std::max(max_hw, s.dimension(2) * s.dimension(3));
+      max_planes = std::max(max_planes, s.dimension(0) * s.dimension(1));
+    }
+    const Index threads = max_threads();
+    if (diff_.rows() < threads || diff_.cols() < max_hw)
+      diff_.resize(std::max(threads, diff_.rows()), std::max(max_hw, diff_.cols()));
+    if (plane_sq_.size() < max_planes) plane_sq_.resize(max_planes);
     double total = 0;
     for (std::size_t k = 0; k < ns; ++k) {
       const auto& s = student[k];
@@ -140,23 +148,22 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
       const Index hw = h * w;
       const Scalar* sp = s.data();
       const Scalar* tp = teacher[k].data();
-      double sq = 0;
-      Scalar wgt(1);
       for (std::size_t j = 0; j < nl; ++j) {
         const Index l = options_.levels[j];
         if (l < h) pooled_[k * nl + j].resize(planes * l * l);
       }
-      for (Index p = 0; p < planes; ++p) {
-        OutArr d(diff_.data(), hw);
+      detail::parallel_for(planes, 3 * hw, [&](Index p, int thread) {
+        OutArr d(diff_.row(thread).data(), hw);
         d = Arr(sp + p * hw, hw) - Arr(tp + p * hw, hw);
-        sq += double(d.square().sum());
+        plane_sq_(p) = double(d.square().sum());
         for (std::size_t j = 0; j < nl; ++j) {
           const Index l = options_.levels[j];
           if (l >= h) continue;
-          detail::pool_forward(diff_.data(), 1, h, w, pooled_[k * nl + j].data() + p * l * l, l, l);
+          detail::pool_forward(d.data(), 1, h, w, pooled_[k * nl + j].data() + p * l * l, l, l);
         }
-      }
-      double stage = sq / double(planes * hw);
+      });
+      double stage = plane_sq_.head(planes).sum() / double(planes * hw);
+      Scalar wgt(1);
       for (std::size_t j = 0; j < nl; ++j) {
         const Index l = options_.levels[j];
         if (l >= h) continue;
@@ -191,17 +198,16 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
       const Scalar* sp = s.data();
       const Scalar* tp = teacher[k].data();
       Scalar* gp = grad[k].data();
-      for (Index p = 0; p < planes; ++p) {
-        OutArr g(diff_.data(), hw);
+      detail::parallel_for(planes, 3 * hw, [&](Index p, int thread) {
+        OutArr g(diff_.row(thread).data(), hw);
         g = (Arr(sp + p * hw, hw) - Arr(tp + p * hw, hw)) * c0;
         for (std::size_t j = 0; j < nl; ++j) {
           const Index l = options_.levels[j];
           if (l >= h) continue;
-          detail::pool_backward(pooled_[k * nl + j].data() + p * l * l, 1, h, w, diff_.data(), l,
-                                l);
+          detail::pool_backward(pooled_[k * nl + j].data() + p * l * l, 1, h, w, g.data(), l, l);
         }
         OutArr(gp + p * hw, hw) += g;
-      }
+      });
     }
   }
 
@@ -217,7 +223,8 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
 
   Options options_;
   std::vector<Eigen::Array<Scalar, Eigen::Dynamic, 1>> pooled_;
-  Eigen::Array<Scalar, Eigen::Dynamic, 1> diff_;
+  Matrix<Scalar> diff_;                               // one difference plane per thread
+  Eigen::Array<double, Eigen::Dynamic, 1> plane_sq_;  // Σ d² of each plane of a stage
 };
 
 }  // namespace mmkd

@@ -66,6 +66,15 @@ void nearest_backward(const S* dy, Index planes, Index h, Index w, S* dx, Index 
   }
 }
 
+/// The r x c block at p of a plane with row stride w (Eigen vectorises along its rows).
+template <class S>
+using PlaneBlock = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
+                              Eigen::OuterStride<>>;
+template <class S>
+using ConstPlaneBlock =
+    Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
+               Eigen::OuterStride<>>;
+
 /// y = adaptive average pooling of x to oh x ow per plane.
 template <class S>
 void pool_forward(const S* x, Index planes, Index h, Index w, S* y, Index oh, Index ow) {
@@ -76,11 +85,8 @@ void pool_forward(const S* x, Index planes, Index h, Index w, S* y, Index oh, In
       const Index r0 = pool_start(i, h, oh), r1 = pool_end(i, h, oh);
       for (Index j = 0; j < ow; ++j) {
         const Index c0 = pool_start(j, w, ow), c1 = pool_end(j, w, ow);
-        S sum(0);
-        for (Index r = r0; r < r1; ++r) {
-          for (Index c = c0; c < c1; ++c) sum += xp[r * w + c];
-        }
-        yp[i * ow + j] = sum / S((r1 - r0) * (c1 - c0));
+        const ConstPlaneBlock<S> cell(xp + r0 * w + c0, r1 - r0, c1 - c0, Eigen::OuterStride<>(w));
+        yp[i * ow + j] = cell.sum() / S((r1 - r0) * (c1 - c0));
       }
     }
   }
@@ -96,10 +102,8 @@ void pool_backward(const S* dy, Index planes, Index h, Index w, S* dx, Index oh,
       const Index r0 = pool_start(i, h, oh), r1 = pool_end(i, h, oh);
       for (Index j = 0; j < ow; ++j) {
         const Index c0 = pool_start(j, w, ow), c1 = pool_end(j, w, ow);
-        const S g = gp[i * ow + j] / S((r1 - r0) * (c1 - c0));
-        for (Index r = r0; r < r1; ++r) {
-          for (Index c = c0; c < c1; ++c) dp[r * w + c] += g;
-        }
+        PlaneBlock<S>(dp + r0 * w + c0, r1 - r0, c1 - c0, Eigen::OuterStride<>(w)) +=
+            gp[i * ow + j] / S((r1 - r0) * (c1 - c0));
       }
     }
   }

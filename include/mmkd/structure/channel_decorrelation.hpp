@@ -1,3 +1,4 @@
+
 #pragma once
 
 #include <cmath>
@@ -5,6 +6,7 @@
 
 #include "mmkd/core/errors.hpp"
 #include "mmkd/core/types.hpp"
+#include "mmkd/detail/products.hpp"
 #include "mmkd/detail/row_loss.hpp"
 
 namespace mmkd {
@@ -99,7 +101,7 @@ class ChannelDecorrelation : detail::FloatingScalar<Scalar> {
     }
     // Only the lower triangle is formed (the upper stays 0): R is symmetric.
     r.setZero(z.cols(), z.cols());
-    r.template selfadjointView<Eigen::Lower>().rankUpdate(h.transpose(), Scalar(1) / Scalar(n));
+    detail::tiled_rank_update(r, h.transpose(), Scalar(1) / Scalar(n));
   }
 
   Scalar run(const ConstMatrixRef<Scalar>& z, const ConstMatrixRef<Scalar>* teacher,
@@ -140,8 +142,10 @@ class ChannelDecorrelation : detail::FloatingScalar<Scalar> {
     if (!dz) return value;
 
     // G_R = 2 s (R − T) off-diagonal; G_H = (2/N) H G_R.
-    grad_.noalias() = h_ * r_.template selfadjointView<Eigen::Lower>();
-    grad_ *= Scalar(4) * options_.weight * scale / Scalar(n);
+    // H · sym(R − T), computed as its transpose sym(R − T) · Hᵀ.
+    grad_.resize(n, c);
+    detail::tiled_symmetric_product(grad_.transpose(), r_, h_.transpose(),
+                                    Scalar(4) * options_.weight * scale / Scalar(n), false);
     if (options_.statistic == ChannelStatistic::Correlation) {
       // Standardisation backward, per channel: (g − mean g − h · mean(g∘h)) / sigma.
       row_a_.noalias() = grad_.colwise().sum() / Scalar(n);

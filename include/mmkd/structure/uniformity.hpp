@@ -9,6 +9,7 @@
 #include "mmkd/core/tensor.hpp"
 #include "mmkd/core/types.hpp"
 #include "mmkd/detail/kl.hpp"
+#include "mmkd/detail/products.hpp"
 
 namespace mmkd {
 
@@ -81,6 +82,7 @@ class Uniformity : detail::FloatingScalar<Scalar> {
   //! Frees the scratch memory kept between calls.
   void release_workspace() {
     u_ = s_ = w_ = du_ = dx_ = x_ = Matrix<Scalar>();
+    row_max_ = row_sum_ = Vector<Scalar>();
     ws_.release();
   }
 
@@ -103,26 +105,35 @@ class Uniformity : detail::FloatingScalar<Scalar> {
     norms_.resize(p);
     l2_normalize_rows(x, u_, norms_, options_.eps);
     s_.setZero(p, p);
-    s_.template selfadjointView<Eigen::Lower>().rankUpdate(u_);
-    Scalar m = -std::numeric_limits<Scalar>::infinity();
-    for (Index j = 0; j < p; ++j) {
-      for (Index i = j + 1; i < p; ++i) m = detail::max_nan(m, s_(i, j));
-    }
+    detail::tiled_rank_update(s_, u_, Scalar(1));
+    // The pairs i > j are row i's first i entries, contiguous: rows in parallel, their maxima
+    // and sums combined in row order.
+    constexpr Scalar ninf = -std::numeric_limits<Scalar>::infinity();
+    row_max_.resize(p);
+    row_sum_.resize(p);
+    detail::parallel_for(p, p, [&](Index i, int) {
+      row_max_(i) = i > 0 ? s_.row(i).head(i).template maxCoeff<Eigen::PropagateNaN>() : ninf;
+    });
+    Scalar m = ninf;
+    for (Index i = 1; i < p; ++i) m = detail::max_nan(m, row_max_(i));
+    w_.resize(p, p);
+    detail::parallel_for(p, p, [&](Index i, int) {
+      auto wi = w_.row(i);
+      wi.head(i) = (2 * t * (s_.row(i).head(i).array() - m))
+                       .unaryExpr(detail::ExpShifted<Scalar>())
+                       .matrix();
+      wi.tail(p - i).setZero();
+      row_sum_(i) = wi.head(i).sum();
+    });
     Scalar z = 0;
-    w_.setZero(p, p);
-    for (Index j = 0; j < p; ++j) {
-      for (Index i = j + 1; i < p; ++i) {
-        const Scalar e = std::exp(2 * t * (s_(i, j) - m));
-        w_(i, j) = e;
-        z += e;
-      }
-    }
+    for (Index i = 1; i < p; ++i) z += row_sum_(i);
     const Scalar pairs = Scalar(p) * Scalar(p - 1) / 2;
     const Scalar value = 2 * t * m + std::log(z) - 2 * t - std::log(pairs);
     if (grad && std::isfinite(value)) {
       // W symmetric with w_ij = softmax weight of pair (i, j); dL/dU = 2t W U.
       w_ /= z;  // lower triangle only; the product reads it as symmetric
-      du_.noalias() = (2 * t * grad_scale) * (w_.template selfadjointView<Eigen::Lower>() * u_);
+      du_.resize(p, x.cols());
+      detail::tiled_symmetric_product(du_, w_, u_, 2 * t * grad_scale, false);
       dx_.setZero(p, x.cols());
       l2_normalize_rows_backward(u_, norms_, du_, dx_, options_.eps);
     }
@@ -225,7 +236,7 @@ class Uniformity : detail::FloatingScalar<Scalar> {
 
   Options options_;
   Matrix<Scalar> u_, s_, w_, du_, dx_, x_, grad_;
-  Vector<Scalar> norms_, zeros_;
+  Vector<Scalar> norms_, zeros_, row_max_, row_sum_;  // row_*: per-row pair maxima and sums
   detail::RowWorkspace<Scalar> ws_;
 };
 
