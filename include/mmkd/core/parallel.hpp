@@ -1,5 +1,7 @@
 #pragma once
 
+#include <algorithm>
+
 #include "mmkd/core/types.hpp"
 
 #if defined(MMKD_OPENMP) && defined(_OPENMP)
@@ -42,6 +44,37 @@ void parallel_for(Index n, Index work_per_item, F&& f) {
   (void)work_per_item;
 #endif
   for (Index i = 0; i < n; ++i) f(i, 0);
+}
+
+/// Calls f(begin, length) over [0, n) in chunks of 2^14 elements, in parallel: for elementwise
+/// passes over whole tensors.
+template <class F>
+void parallel_chunks(Index n, F&& f) {
+  constexpr Index chunk = Index(1) << 14;
+  parallel_for((n + chunk - 1) / chunk, chunk, [&](Index q, int) {
+    const Index begin = q * chunk;
+    f(begin, std::min(chunk, n - begin));
+  });
+}
+
+/// dst[k] += src[k] for k < n, in parallel.
+template <class S>
+void parallel_add(S* dst, const S* src, Index n) {
+  parallel_chunks(n, [&](Index b, Index len) {
+    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(dst + b, len) +=
+        Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(src + b, len);
+  });
+}
+
+/// dst[k] = src[k] (src null: 0) for k < n, in parallel.
+template <class S>
+void parallel_assign(S* dst, const S* src, Index n) {
+  parallel_chunks(n, [&](Index b, Index len) {
+    if (src)
+      std::copy(src + b, src + b + len, dst + b);
+    else
+      std::fill(dst + b, dst + b + len, S(0));
+  });
 }
 
 }  // namespace detail

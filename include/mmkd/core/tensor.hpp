@@ -4,6 +4,7 @@
 // contiguous PyTorch tensor. A `ConstTensor3Ref<T>` binds an `Eigen::Tensor<T, 3, RowMajor>` or is
 // built over any buffer: `mmkd::ConstTensor3Ref<float>(ptr, M, N, D)`.
 
+#include <atomic>
 #include <cmath>
 #include <string>
 #include <type_traits>
@@ -12,6 +13,7 @@
 #include <unsupported/Eigen/CXX11/Tensor>
 
 #include "mmkd/core/errors.hpp"
+#include "mmkd/core/parallel.hpp"
 #include "mmkd/core/types.hpp"
 
 namespace mmkd {
@@ -105,11 +107,17 @@ auto planes(X& x) {
   return M(x.data(), x.dimension(0) * x.dimension(1), x.dimension(2) * x.dimension(3));
 }
 
-/// Whether every entry of a tensor (or its view) is finite.
+/// Whether every entry of a tensor (or its view) is finite; chunks in parallel.
 template <class X>
 bool all_finite4(const X& x) {
   using S = std::remove_const_t<std::remove_pointer_t<decltype(x.data())>>;
-  return all_finite(Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(x.data(), x.size()));
+  const S* p = x.data();
+  std::atomic<bool> finite{true};
+  parallel_chunks(x.size(), [&](Index b, Index len) {
+    if (!all_finite(Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(p + b, len)))
+      finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load(std::memory_order_relaxed);
 }
 
 /// "name[n,c,h,w] is NaN" (or +Inf / -Inf) for the first non-finite entry; "" if there is none.

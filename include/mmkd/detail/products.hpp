@@ -23,19 +23,21 @@ inline Index product_tile(Index dim, bool split) {
   return (!split || dim <= 256) ? std::max<Index>(dim, 1) : 256;
 }
 
-/// Calls f(t) for t in [0, count), tiles dealt round-robin (the triangle tiles of a rank update
-/// differ in cost). With more than one thread this always runs inside an OpenMP
-/// parallel region (even for one tile), where Eigen's products are single-threaded.
+/// Calls f(t, thread) for t in [0, count), items dealt round-robin (the triangle tiles of a rank
+/// update differ in cost); thread < max_threads() indexes per-thread scratch. With more than one
+/// thread this always runs inside an OpenMP parallel region (even for one item), where Eigen's
+/// products are single-threaded, so every product in f has the same blocking for any number of
+/// threads.
 template <class F>
 void parallel_tiles(Index count, F&& f) {
 #if MMKD_HAS_OPENMP
   if (omp_get_max_threads() > 1 && !omp_in_parallel()) {
 #pragma omp parallel for schedule(static, 1)
-    for (Index t = 0; t < count; ++t) f(t);
+    for (Index t = 0; t < count; ++t) f(t, omp_get_thread_num());
     return;
   }
 #endif
-  for (Index t = 0; t < count; ++t) f(t);
+  for (Index t = 0; t < count; ++t) f(t, 0);
 }
 
 /// dst = alpha · lhs · rhs, or dst += alpha · lhs · rhs with `add`, in tiles of dst. lhs and rhs
@@ -46,7 +48,7 @@ void tiled_product(Dst&& dst, const Lhs& lhs, const Rhs& rhs, S alpha, bool add)
   const bool split = double(m) * double(n) * double(k) > kTiledProductMin;
   const Index tm = product_tile(m, split), tn = product_tile(n, split);
   const Index rows = (m + tm - 1) / tm, cols = (n + tn - 1) / tn;
-  parallel_tiles(rows * cols, [&](Index t) {
+  parallel_tiles(rows * cols, [&](Index t, int) {
     const Index r0 = (t / cols) * tm, c0 = (t % cols) * tn;
     const Index rb = std::min(tm, m - r0), cb = std::min(tn, n - c0);
     auto d = dst.block(r0, c0, rb, cb);
@@ -66,7 +68,7 @@ void tiled_rank_update(C&& c, const X& x, S alpha) {
   const Index p = c.rows(), k = x.cols();
   const bool split = double(p) * double(p) * double(k) / 2 > kTiledProductMin;
   const Index tile = product_tile(p, split), nb = (p + tile - 1) / tile;
-  parallel_tiles(nb * (nb + 1) / 2, [&](Index t) {
+  parallel_tiles(nb * (nb + 1) / 2, [&](Index t, int) {
     Index bi = 0;  // tile t is (bi, bj) in the row-by-row order of the lower triangle
     while ((bi + 1) * (bi + 2) / 2 <= t) ++bi;
     const Index bj = t - bi * (bi + 1) / 2;
@@ -92,7 +94,7 @@ void tiled_symmetric_product(Dst&& dst, const L& l, const X& x, S alpha, bool ad
   const bool split = double(p) * double(p) * double(q) > kTiledProductMin;
   const Index tp = product_tile(p, split), tq = product_tile(q, split);
   const Index nb = (p + tp - 1) / tp, cols = (q + tq - 1) / tq;
-  parallel_tiles(nb * cols, [&](Index t) {
+  parallel_tiles(nb * cols, [&](Index t, int) {
     const Index bi = t / cols, r0 = bi * tp, c0 = (t % cols) * tq;
     const Index rb = std::min(tp, p - r0), cb = std::min(tq, q - c0);
     auto d = dst.block(r0, c0, rb, cb);

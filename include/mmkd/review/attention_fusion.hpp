@@ -24,11 +24,11 @@ class ReviewFusion;
 namespace detail {
 
 /// Per sample: A = W_x X + W_y Y + b (2 x HW, W = [W_x W_y] is 2 x 2C), Z = sigmoid(A),
-/// F = X ⊙ Z₀ + Y ⊙ Z₁ with Z₀, Z₁ broadcast over the channels.
+/// F = X ⊙ Z₀ + Y ⊙ Z₁ with Z₀, Z₁ broadcast over the channels. Samples run in parallel.
 template <class S>
 void attention_forward(const S* x, const S* y, Index n, Index c, Index hw,
                        const ConstMatrixRef<S>& weight, const S* bias, S* z, S* f) {
-  for (Index i = 0; i < n; ++i) {
+  parallel_tiles(n, [&](Index i, int) {
     const ConstSampleMap<S> xi(x + i * c * hw, c, hw), yi(y + i * c * hw, c, hw);
     SampleMap<S> zi(z + i * 2 * hw, 2, hw), fi(f + i * c * hw, c, hw);
     zi.noalias() = weight.leftCols(c) * xi;
@@ -38,41 +38,54 @@ void attention_forward(const S* x, const S* y, Index n, Index c, Index hw,
     zi = (S(1) / (S(1) + (-zi.array()).exp())).matrix();
     fi.array() =
         xi.array().rowwise() * zi.row(0).array() + yi.array().rowwise() * zi.row(1).array();
-  }
+  });
 }
 
 /// Backward of attention_forward for G = dF: with dZ₀ = Σ_c G ⊙ X, dZ₁ = Σ_c G ⊙ Y and
 /// dA = dZ ⊙ Z ⊙ (1 − Z): dW (+)= [dA Xᵀ, dA Yᵀ], db (+)= Σ_p dA, dX (+)= G ⊙ Z₀ + W_xᵀ dA,
-/// dY (+)= G ⊙ Z₁ + W_yᵀ dA. `assign` overwrites all four. `da` is a 2 x HW workspace.
+/// dY (+)= G ⊙ Z₁ + W_yᵀ dA. `assign` overwrites all four. Sample groups run in parallel
+/// (sample_groups); `ws` is a workspace: a 2 x HW dA per thread, then a dW, db sum per group.
 template <class S>
 void attention_backward(const S* x, const S* y, Index n, Index c, Index hw,
                         const ConstMatrixRef<S>& weight, const S* z, const S* df, S* dx, S* dy,
-                        S* dweight, S* dbias, bool assign, Matrix<S>& da) {
+                        S* dweight, S* dbias, bool assign, Matrix<S>& ws) {
   SampleMap<S> dw(dweight, 2, 2 * c), db(dbias, 1, 2);
   if (assign) {
     dw.setZero();
     db.setZero();
   }
-  da.resize(2, hw);
-  for (Index i = 0; i < n; ++i) {
-    const ConstSampleMap<S> xi(x + i * c * hw, c, hw), yi(y + i * c * hw, c, hw);
-    const ConstSampleMap<S> zi(z + i * 2 * hw, 2, hw), g(df + i * c * hw, c, hw);
-    da.row(0) = (g.array() * xi.array()).colwise().sum().matrix();
-    da.row(1) = (g.array() * yi.array()).colwise().sum().matrix();
-    da.array() *= zi.array() * (S(1) - zi.array());
-    dw.leftCols(c).noalias() += da * xi.transpose();
-    dw.rightCols(c).noalias() += da * yi.transpose();
-    db += da.rowwise().sum().transpose();
-    SampleMap<S> dxi(dx + i * c * hw, c, hw), dyi(dy + i * c * hw, c, hw);
-    if (assign) {
-      dxi.array() = g.array().rowwise() * zi.row(0).array();
-      dyi.array() = g.array().rowwise() * zi.row(1).array();
-    } else {
-      dxi.array() += g.array().rowwise() * zi.row(0).array();
-      dyi.array() += g.array().rowwise() * zi.row(1).array();
+  const Index groups = sample_groups(n), sum_size = 4 * c + 2;
+  grow(ws, max_threads() * 2 * hw + groups * sum_size);
+  S* sums = ws.data() + max_threads() * 2 * hw;
+  parallel_tiles(groups, [&](Index gi, int thread) {
+    SampleMap<S> da(ws.data() + thread * 2 * hw, 2, hw);
+    SampleMap<S> gw(sums + gi * sum_size, 2, 2 * c), gb(sums + gi * sum_size + 4 * c, 1, 2);
+    gw.setZero();
+    gb.setZero();
+    for (Index i = gi * n / groups; i < (gi + 1) * n / groups; ++i) {
+      const ConstSampleMap<S> xi(x + i * c * hw, c, hw), yi(y + i * c * hw, c, hw);
+      const ConstSampleMap<S> zi(z + i * 2 * hw, 2, hw), g(df + i * c * hw, c, hw);
+      da.row(0) = (g.array() * xi.array()).colwise().sum().matrix();
+      da.row(1) = (g.array() * yi.array()).colwise().sum().matrix();
+      da.array() *= zi.array() * (S(1) - zi.array());
+      gw.leftCols(c).noalias() += da * xi.transpose();
+      gw.rightCols(c).noalias() += da * yi.transpose();
+      gb += da.rowwise().sum().transpose();
+      SampleMap<S> dxi(dx + i * c * hw, c, hw), dyi(dy + i * c * hw, c, hw);
+      if (assign) {
+        dxi.array() = g.array().rowwise() * zi.row(0).array();
+        dyi.array() = g.array().rowwise() * zi.row(1).array();
+      } else {
+        dxi.array() += g.array().rowwise() * zi.row(0).array();
+        dyi.array() += g.array().rowwise() * zi.row(1).array();
+      }
+      dxi.noalias() += weight.leftCols(c).transpose() * da;
+      dyi.noalias() += weight.rightCols(c).transpose() * da;
     }
-    dxi.noalias() += weight.leftCols(c).transpose() * da;
-    dyi.noalias() += weight.rightCols(c).transpose() * da;
+  });
+  for (Index gi = 0; gi < groups; ++gi) {
+    dw += ConstSampleMap<S>(sums + gi * sum_size, 2, 2 * c);
+    db += ConstSampleMap<S>(sums + gi * sum_size + 4 * c, 1, 2);
   }
 }
 
@@ -366,7 +379,7 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
     const Index n = x.dimension(0), h = x.dimension(2), w = x.dimension(3);
     const Index in = options_.in_channels, mid = options_.mid_channels;
     x_.resize(n, in, h, w);
-    detail::planes(x_) = detail::planes(x);
+    detail::parallel_assign(x_.data(), x.data(), x.size());
     c1_.resize(n, mid, h, w);
     detail::conv1x1_forward<Scalar>(x_.data(), n, in, h * w, w1_, nullptr, c1_.data());
     bn1_.forward_pending(c1_.data(), n, h, w);
@@ -445,12 +458,12 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
     detail::conv3x3_backward<Scalar>(residual().data(), n, mid, oh_, ow_, w2_, bn2_.dx_.data(),
                                      pending_w2_.data(), dr_.data(), true, dcol_);
     if (d_residual) {
-      detail::planes(dr_) += Eigen::Map<const Matrix<Scalar>>(d_residual, n * mid, oh_ * ow_);
+      detail::parallel_add(dr_.data(), d_residual, dr_.size());
     }
     const Tensor4<Scalar>* dfused = &dr_;
     if (resized_) {
       df_.resize(n, mid, h, w);
-      df_.setZero();
+      detail::parallel_assign<Scalar>(df_.data(), nullptr, df_.size());
       detail::nearest_backward(dr_.data(), n * mid, h, w, df_.data(), oh_, ow_);
       dfused = &df_;
     }
@@ -462,7 +475,7 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
                                          z_.data(), dfused->data(), da1_.data(), dup_.data(),
                                          pending_watt_.data(), pending_batt_.data(), true, datt_);
       dres_in_.resize(res_dims_[0], res_dims_[1], res_dims_[2], res_dims_[3]);
-      dres_in_.setZero();
+      detail::parallel_assign<Scalar>(dres_in_.data(), nullptr, dres_in_.size());
       detail::nearest_backward(dup_.data(), n * mid, res_dims_[2], res_dims_[3], dres_in_.data(), h,
                                w);
       da1 = &da1_;
@@ -497,12 +510,8 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
     }
     bn1_.commit_backward();
     bn2_.commit_backward();
-    const auto& xd = x_.dimensions();
-    Eigen::Map<Matrix<Scalar>>(d_input, xd[0] * xd[1], xd[2] * xd[3]) += detail::planes(dx_);
-    if (d_residual_in) {
-      Eigen::Map<Matrix<Scalar>>(d_residual_in, res_dims_[0] * res_dims_[1],
-                                 res_dims_[2] * res_dims_[3]) += detail::planes(dres_in_);
-    }
+    detail::parallel_add(d_input, dx_.data(), dx_.size());
+    if (d_residual_in) detail::parallel_add(d_residual_in, dres_in_.data(), dres_in_.size());
   }
 
   Options options_;

@@ -9,6 +9,10 @@
 // O x C matrix, a 3x3 weight (O, C, 3, 3) an O x 9C matrix with column c·9 + 3a + b for tap (a, b).
 // Forward ops overwrite their output; backward ops *add* to every gradient they are given, and an
 // empty (0-element) gradient argument is skipped.
+//
+// Parallel (with MMKD_OPENMP) over samples, Winograd coefficients or output-channel blocks, every
+// product a single-threaded Eigen product of a shape fixed by the problem; sums over samples run
+// in fixed groups added in order. Results do not depend on the number of threads.
 
 #include <algorithm>
 #include <string>
@@ -16,6 +20,7 @@
 #include "mmkd/core/errors.hpp"
 #include "mmkd/core/tensor.hpp"
 #include "mmkd/core/types.hpp"
+#include "mmkd/detail/products.hpp"
 
 namespace mmkd {
 
@@ -92,36 +97,54 @@ void col2im3x3_add(const S* dcol, Index c_in, Index h, Index w, S* dx) {
   }
 }
 
-/// y[n] = W im2col(x[n]) with a 9C x HW workspace `col`.
-template <class S>
-void conv3x3_forward_im2col(const S* x, Index n, Index c, Index h, Index w,
-                            const ConstMatrixRef<S>& weight, S* y, S* col_data) {
-  const Index o = weight.rows(), hw = h * w;
-  SampleMap<S> col(col_data, 9 * c, hw);
-  for (Index i = 0; i < n; ++i) {
-    im2col3x3(x + i * c * hw, c, h, w, col_data);
-    SampleMap<S>(y + i * o * hw, o, hw).noalias() = weight * col;
-  }
+/// Samples of a batch are summed in at most kSampleGroups fixed groups (each group's sum, then
+/// the groups in order), so a sum over samples does not depend on the number of threads.
+inline constexpr Index kSampleGroups = 8;
+inline Index sample_groups(Index n) {
+  return std::min(n, kSampleGroups);
 }
 
-/// dW += Σ_n dy[n] im2col(x[n])ᵀ, dx[n] += col2im(Wᵀ dy[n]); null pointers skip. Two 9C x HW
-/// workspaces.
+/// y[n] = W im2col(x[n]), samples in parallel; `ws` holds a 9C x HW column buffer per thread.
+template <class S>
+void conv3x3_forward_im2col(const S* x, Index n, Index c, Index h, Index w,
+                            const ConstMatrixRef<S>& weight, S* y, S* ws) {
+  const Index o = weight.rows(), hw = h * w, per_thread = 9 * c * hw;
+  parallel_tiles(n, [&](Index i, int thread) {
+    S* col = ws + thread * per_thread;
+    im2col3x3(x + i * c * hw, c, h, w, col);
+    SampleMap<S>(y + i * o * hw, o, hw).noalias() = weight * ConstSampleMap<S>(col, 9 * c, hw);
+  });
+}
+
+/// dW += Σ_n dy[n] im2col(x[n])ᵀ, dx[n] += col2im(Wᵀ dy[n]); null pointers skip. Sample groups
+/// run in parallel. `ws`: two 9C x HW buffers per thread, then an O x 9C sum per group.
 template <class S>
 void conv3x3_backward_im2col(const S* x, Index n, Index c, Index h, Index w,
                              const ConstMatrixRef<S>& weight, const S* dy, S* dweight, S* dx,
-                             S* col_data, S* dcol_data) {
-  const Index o = weight.rows(), hw = h * w;
-  SampleMap<S> col(col_data, 9 * c, hw), dcol(dcol_data, 9 * c, hw);
-  for (Index i = 0; i < n; ++i) {
-    const ConstSampleMap<S> g(dy + i * o * hw, o, hw);
-    if (dweight) {
-      im2col3x3(x + i * c * hw, c, h, w, col_data);
-      SampleMap<S>(dweight, o, 9 * c).noalias() += g * col.transpose();
+                             S* ws) {
+  const Index o = weight.rows(), hw = h * w, per_thread = 18 * c * hw, groups = sample_groups(n);
+  S* sums = ws + max_threads() * per_thread;
+  parallel_tiles(groups, [&](Index gi, int thread) {
+    S* col_data = ws + thread * per_thread;
+    S* dcol_data = col_data + 9 * c * hw;
+    SampleMap<S> col(col_data, 9 * c, hw), dcol(dcol_data, 9 * c, hw);
+    SampleMap<S> sum(sums + gi * o * 9 * c, o, 9 * c);
+    if (dweight) sum.setZero();
+    for (Index i = gi * n / groups; i < (gi + 1) * n / groups; ++i) {
+      const ConstSampleMap<S> g(dy + i * o * hw, o, hw);
+      if (dweight) {
+        im2col3x3(x + i * c * hw, c, h, w, col_data);
+        sum.noalias() += g * col.transpose();
+      }
+      if (dx) {
+        dcol.noalias() = weight.transpose() * g;
+        col2im3x3_add(dcol_data, c, h, w, dx + i * c * hw);
+      }
     }
-    if (dx) {
-      dcol.noalias() = weight.transpose() * g;
-      col2im3x3_add(dcol_data, c, h, w, dx + i * c * hw);
-    }
+  });
+  if (dweight) {
+    SampleMap<S> dw(dweight, o, 9 * c);
+    for (Index gi = 0; gi < groups; ++gi) dw += ConstSampleMap<S>(sums + gi * o * 9 * c, o, 9 * c);
   }
 }
 
@@ -194,23 +217,23 @@ struct WinogradPlan {
 template <class S>
 void wino_filter(const ConstMatrixRef<S>& weight, Index c_in, S* u) {
   const Index o = weight.rows(), oc = o * c_in;
-  S t[12], r[16];
-  for (Index q = 0; q < o; ++q) {
+  parallel_for(o, 16 * c_in, [&](Index q, int) {
+    S t[12], r[16];
     for (Index c = 0; c < c_in; ++c) {
       const S* g = weight.data() + q * weight.outerStride() + c * 9;
       for (Index j = 0; j < 3; ++j) wino_g(g + j, 3, t + j, 3);  // columns: 4x3
       for (Index i = 0; i < 4; ++i) wino_g(t + 3 * i, 1, r + 4 * i, 1);
       for (Index k = 0; k < 16; ++k) u[k * oc + q * c_in + c] = r[k];
     }
-  }
+  });
 }
 
 /// dW[o, c·9 + ·] += Gᵀ dU Gᵀᵀ for dU_ξ (16 x O x C).
 template <class S>
 void wino_filter_adjoint(const S* du, Index o, Index c_in, S* dweight) {
   const Index oc = o * c_in;
-  S r[16], t[12], g[9];
-  for (Index q = 0; q < o; ++q) {
+  parallel_for(o, 16 * c_in, [&](Index q, int) {
+    S r[16], t[12], g[9];
     for (Index c = 0; c < c_in; ++c) {
       for (Index k = 0; k < 16; ++k) r[k] = du[k * oc + q * c_in + c];
       for (Index i = 0; i < 4; ++i) wino_gt(r + 4 * i, 1, t + 3 * i, 1);  // rows: 4x3
@@ -218,22 +241,24 @@ void wino_filter_adjoint(const S* du, Index o, Index c_in, S* dweight) {
       S* dw = dweight + q * 9 * c_in + c * 9;
       for (Index k = 0; k < 9; ++k) dw[k] += g[k];
     }
-  }
+  });
 }
 
 /// Calls f(plane, coeff, r0, c0) for every tile of samples [s0, s0 + ns) and every one of
 /// `channels` planes: `plane` is the map's (sample, channel) plane offset in elements, `coeff` the
 /// tile's entry of coefficient 0 in a 16 x channels x T array (coefficient k at + k·channels·T),
-/// (r0, c0) the tile's top-left output pixel.
+/// (r0, c0) the tile's top-left output pixel. Planes run in parallel: f must only write to its
+/// plane's tiles.
 template <class F>
 void for_each_tile(const WinogradPlan& p, Index s0, Index ns, Index channels, F&& f) {
   const Index t_all = p.tiles(ns);
-  for (Index s = 0; s < ns; ++s)
-    for (Index ch = 0; ch < channels; ++ch)
-      for (Index ty = 0; ty < p.th; ++ty)
-        for (Index tx = 0; tx < p.tw; ++tx)
-          f(((s0 + s) * channels + ch) * p.h * p.w,
-            ch * t_all + s * p.tiles_per_sample + ty * p.tw + tx, 2 * ty, 2 * tx);
+  parallel_for(ns * channels, 16 * p.tiles_per_sample, [&](Index q, int) {
+    const Index s = q / channels, ch = q % channels;
+    for (Index ty = 0; ty < p.th; ++ty)
+      for (Index tx = 0; tx < p.tw; ++tx)
+        f(((s0 + s) * channels + ch) * p.h * p.w,
+          ch * t_all + s * p.tiles_per_sample + ty * p.tw + tx, 2 * ty, 2 * tx);
+  });
 }
 
 /// V_ξ (16 x C x T) = Bᵀ d B for every 4x4 patch d (zero outside the map).
@@ -313,16 +338,20 @@ void conv1x1_forward(const S* x, Index n, Index c, Index hw, const ConstMatrixRe
   const Index o = weight.rows();
   if (hw == 1) {  // one GEMM over the batch: Y (N x O) = X (N x C) Wᵀ
     SampleMap<S> yy(y, n, o);
-    yy.noalias() = ConstSampleMap<S>(x, n, c) * weight.transpose();
+    tiled_product(yy, ConstSampleMap<S>(x, n, c), weight.transpose(), S(1), false);
     if (bias) yy.rowwise() += Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>(bias, o);
     return;
   }
-  for (Index i = 0; i < n; ++i) {
+  parallel_tiles(n, [&](Index i, int) {
     SampleMap<S> yi(y + i * o * hw, o, hw);
     yi.noalias() = weight * ConstSampleMap<S>(x + i * c * hw, c, hw);
     if (bias) yi.colwise() += Eigen::Map<const Eigen::Matrix<S, Eigen::Dynamic, 1>>(bias, o);
-  }
+  });
 }
+
+/// Output channels per block of a 1x1 weight gradient: blocks run in parallel, each summing
+/// over the samples in order.
+inline constexpr Index kConv1x1RowBlock = 16;
 
 /// dW (+)= Σ_n dy[n] x[n]ᵀ, db (+)= Σ_{n,p} dy[n,:,p], dx[n] (+)= Wᵀ dy[n]; a null pointer skips.
 /// `assign` overwrites dW, db and dx instead of adding.
@@ -337,13 +366,7 @@ void conv1x1_backward(const S* x, Index n, Index c, Index hw, const ConstMatrixR
   }
   if (hw == 1) {
     const ConstSampleMap<S> g(dy, n, o), xx(x, n, c);
-    if (dweight) {
-      SampleMap<S> dw(dweight, o, c);
-      if (assign)
-        dw.noalias() = g.transpose() * xx;
-      else
-        dw.noalias() += g.transpose() * xx;
-    }
+    if (dweight) tiled_product(SampleMap<S>(dweight, o, c), g.transpose(), xx, S(1), !assign);
     if (dbias) {
       Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> db(dbias, o);
       if (assign)
@@ -351,33 +374,36 @@ void conv1x1_backward(const S* x, Index n, Index c, Index hw, const ConstMatrixR
       else
         db += g.colwise().sum();
     }
-    if (dx) {
-      SampleMap<S> d(dx, n, c);
-      if (assign)
-        d.noalias() = g * weight;
-      else
-        d.noalias() += g * weight;
-    }
+    if (dx) tiled_product(SampleMap<S>(dx, n, c), g, weight, S(1), !assign);
     return;
   }
-  if (assign) {
-    if (dweight) SampleMap<S>(dweight, o, c).setZero();
-    if (dbias) SampleMap<S>(dbias, 1, o).setZero();
+  if (dweight || dbias) {
+    const Index blocks = (o + kConv1x1RowBlock - 1) / kConv1x1RowBlock;
+    parallel_tiles(blocks, [&](Index b, int) {
+      const Index r0 = b * kConv1x1RowBlock, rows = std::min(kConv1x1RowBlock, o - r0);
+      if (assign) {
+        if (dweight) SampleMap<S>(dweight + r0 * c, rows, c).setZero();
+        if (dbias) SampleMap<S>(dbias + r0, rows, 1).setZero();
+      }
+      for (Index i = 0; i < n; ++i) {
+        const ConstSampleMap<S> g(dy + (i * o + r0) * hw, rows, hw);
+        if (dweight) {
+          SampleMap<S>(dweight + r0 * c, rows, c).noalias() +=
+              g * ConstSampleMap<S>(x + i * c * hw, c, hw).transpose();
+        }
+        if (dbias) SampleMap<S>(dbias + r0, rows, 1) += g.rowwise().sum();
+      }
+    });
   }
-  for (Index i = 0; i < n; ++i) {
-    const ConstSampleMap<S> g(dy + i * o * hw, o, hw);
-    if (dweight) {
-      SampleMap<S>(dweight, o, c).noalias() +=
-          g * ConstSampleMap<S>(x + i * c * hw, c, hw).transpose();
-    }
-    if (dbias) SampleMap<S>(dbias, o, 1) += g.rowwise().sum();
-    if (dx) {
+  if (dx) {
+    parallel_tiles(n, [&](Index i, int) {
+      const ConstSampleMap<S> g(dy + i * o * hw, o, hw);
       SampleMap<S> d(dx + i * c * hw, c, hw);
       if (assign)
         d.noalias() = weight.transpose() * g;
       else
         d.noalias() += weight.transpose() * g;
-    }
+    });
   }
 }
 
@@ -417,12 +443,12 @@ void conv3x3_forward(const S* x, Index n, Index c, Index h, Index w,
   const Index o = weight.rows(), hw = h * w;
   if (n == 0 || hw == 0) return;  // an empty output
   if (hw == 1) {                  // only the centre tap meets data: Y (N x O) = X (N x C) W_cᵀ
-    SampleMap<S>(y, n, o).noalias() =
-        ConstSampleMap<S>(x, n, c) * centre_taps<S>(weight, c).transpose();
+    tiled_product(SampleMap<S>(y, n, o), ConstSampleMap<S>(x, n, c),
+                  centre_taps<S>(weight, c).transpose(), S(1), false);
     return;
   }
   if (!use_winograd(algorithm, c, o, h, w)) {
-    grow(ws, 9 * c * hw);
+    grow(ws, max_threads() * 9 * c * hw);
     conv3x3_forward_im2col(x, n, c, h, w, weight, y, ws.data());
     return;
   }
@@ -436,10 +462,10 @@ void conv3x3_forward(const S* x, Index n, Index c, Index h, Index w,
   for (Index s0 = 0; s0 < n; s0 += p.chunk) {
     const Index ns = std::min(p.chunk, n - s0), t = p.tiles(ns);
     wino_input(x, p, s0, ns, v);
-    for (Index k = 0; k < 16; ++k) {
+    parallel_tiles(16, [&](Index k, int) {  // the 16 coefficients' products, independent
       SampleMap<S>(m + k * o * t, o, t).noalias() =
           ConstSampleMap<S>(u + k * o * c, o, c) * ConstSampleMap<S>(v + k * c * t, c, t);
-    }
+    });
     wino_output(m, p, s0, ns, y);
   }
 }
@@ -460,15 +486,14 @@ void conv3x3_backward(const S* x, Index n, Index c, Index h, Index w,
     const ConstSampleMap<S> g(dy, n, o);
     if (dweight) {
       SampleMap<S> dw(dweight, o, 9 * c);
-      centre_taps<S>(dw, c).noalias() += g.transpose() * ConstSampleMap<S>(x, n, c);
+      tiled_product(centre_taps<S>(dw, c), g.transpose(), ConstSampleMap<S>(x, n, c), S(1), true);
     }
-    if (dx) SampleMap<S>(dx, n, c).noalias() += g * centre_taps<S>(weight, c);
+    if (dx) tiled_product(SampleMap<S>(dx, n, c), g, centre_taps<S>(weight, c), S(1), true);
     return;
   }
   if (!use_winograd(algorithm, c, o, h, w)) {
-    grow(ws, 18 * c * hw);
-    conv3x3_backward_im2col(x, n, c, h, w, weight, dy, dweight, dx, ws.data(),
-                            ws.data() + 9 * c * hw);
+    grow(ws, max_threads() * 18 * c * hw + sample_groups(n) * o * 9 * c);
+    conv3x3_backward_im2col(x, n, c, h, w, weight, dy, dweight, dx, ws.data());
     return;
   }
   const WinogradPlan p(c, o, h, w, n);
@@ -486,18 +511,18 @@ void conv3x3_backward(const S* x, Index n, Index c, Index h, Index w,
     wino_output_adjoint(dy, p, s0, ns, m);
     if (dweight) {
       wino_input(x, p, s0, ns, v);
-      for (Index k = 0; k < 16; ++k) {
+      parallel_tiles(16, [&](Index k, int) {
         SampleMap<S>(du + k * o * c, o, c).noalias() +=
             ConstSampleMap<S>(m + k * o * t, o, t) *
             ConstSampleMap<S>(v + k * c * t, c, t).transpose();
-      }
+      });
     }
     if (dx) {
-      for (Index k = 0; k < 16; ++k) {
+      parallel_tiles(16, [&](Index k, int) {
         SampleMap<S>(dv + k * c * t, c, t).noalias() =
             ConstSampleMap<S>(u + k * o * c, o, c).transpose() *
             ConstSampleMap<S>(m + k * o * t, o, t);
-      }
+      });
       wino_input_adjoint(dv, p, s0, ns, dx);
     }
   }

@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "mmkd/core/errors.hpp"
+#include "mmkd/core/parallel.hpp"
 #include "mmkd/core/tensor.hpp"
 #include "mmkd/core/types.hpp"
 
@@ -37,7 +38,7 @@ inline Index pool_end(Index i, Index in, Index out) {
 /// y (P planes of oh x ow) = nearest resize of x (P planes of h x w).
 template <class S>
 void nearest_forward(const S* x, Index planes, Index h, Index w, S* y, Index oh, Index ow) {
-  for (Index p = 0; p < planes; ++p) {
+  parallel_for(planes, oh * ow, [&](Index p, int) {
     const S* xp = x + p * h * w;
     S* yp = y + p * oh * ow;
     for (Index r = 0; r < oh; ++r) {
@@ -49,13 +50,13 @@ void nearest_forward(const S* x, Index planes, Index h, Index w, S* y, Index oh,
         for (Index c = 0; c < ow; ++c) dst[c] = src[nearest_source(c, w, ow)];
       }
     }
-  }
+  });
 }
 
 /// dx (+)= scatter-add of dy through the nearest index map.
 template <class S>
 void nearest_backward(const S* dy, Index planes, Index h, Index w, S* dx, Index oh, Index ow) {
-  for (Index p = 0; p < planes; ++p) {
+  parallel_for(planes, oh * ow, [&](Index p, int) {
     const S* gp = dy + p * oh * ow;
     S* dp = dx + p * h * w;
     for (Index r = 0; r < oh; ++r) {
@@ -63,7 +64,7 @@ void nearest_backward(const S* dy, Index planes, Index h, Index w, S* dx, Index 
       const S* src = gp + r * ow;
       for (Index c = 0; c < ow; ++c) dst[nearest_source(c, w, ow)] += src[c];
     }
-  }
+  });
 }
 
 /// The r x c block at p of a plane with row stride w (Eigen vectorises along its rows).
