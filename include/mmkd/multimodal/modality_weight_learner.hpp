@@ -11,22 +11,9 @@
 #include "mmkd/core/parallel.hpp"
 #include "mmkd/core/random.hpp"
 #include "mmkd/core/types.hpp"
+#include "mmkd/detail/relu.hpp"
 
 namespace mmkd {
-namespace detail {
-
-/// g where h > 0, else 0 (the relu's backward given its output h), vectorised as a mask.
-template <class T>
-struct ReluBackward {
-  T operator()(T h, T g) const { return h > T(0) ? g : T(0); }
-  template <class Packet>
-  Packet packetOp(const Packet& h, const Packet& g) const {
-    using namespace Eigen::internal;
-    return pand(pcmp_lt(pzero(h), h), g);
-  }
-};
-
-}  // namespace detail
 
 /**
  * Meta-learned auxiliary-loss weights for MSD: a small MLP g_φ that maps the features of each
@@ -293,12 +280,3 @@ class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
 };
 
 }  // namespace mmkd
-
-namespace Eigen {
-namespace internal {
-template <class T>
-struct functor_traits<mmkd::detail::ReluBackward<T>> {
-  enum { Cost = 2 * NumTraits<T>::AddCost, PacketAccess = packet_traits<T>::HasCmp };
-};
-}  // namespace internal
-}  // namespace Eigen

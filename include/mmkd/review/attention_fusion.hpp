@@ -44,7 +44,8 @@ void attention_forward(const S* x, const S* y, Index n, Index c, Index hw,
 /// Backward of attention_forward for G = dF: with dZ₀ = Σ_c G ⊙ X, dZ₁ = Σ_c G ⊙ Y and
 /// dA = dZ ⊙ Z ⊙ (1 − Z): dW (+)= [dA Xᵀ, dA Yᵀ], db (+)= Σ_p dA, dX (+)= G ⊙ Z₀ + W_xᵀ dA,
 /// dY (+)= G ⊙ Z₁ + W_yᵀ dA. `assign` overwrites all four. Sample groups run in parallel
-/// (sample_groups); `ws` is a workspace: a 2 x HW dA per thread, then a dW, db sum per group.
+/// (sum_over_sample_groups); `ws` is a workspace: a 2 x HW dA per thread, then a dW, db sum per
+/// group.
 template <class S>
 void attention_backward(const S* x, const S* y, Index n, Index c, Index hw,
                         const ConstMatrixRef<S>& weight, const S* z, const S* df, S* dx, S* dy,
@@ -54,39 +55,36 @@ void attention_backward(const S* x, const S* y, Index n, Index c, Index hw,
     dw.setZero();
     db.setZero();
   }
-  const Index groups = sample_groups(n), sum_size = 4 * c + 2;
-  grow(ws, max_threads() * 2 * hw + groups * sum_size);
-  S* sums = ws.data() + max_threads() * 2 * hw;
-  parallel_tiles(groups, [&](Index gi, int thread) {
-    SampleMap<S> da(ws.data() + thread * 2 * hw, 2, hw);
-    SampleMap<S> gw(sums + gi * sum_size, 2, 2 * c), gb(sums + gi * sum_size + 4 * c, 1, 2);
-    gw.setZero();
-    gb.setZero();
-    for (Index i = gi * n / groups; i < (gi + 1) * n / groups; ++i) {
-      const ConstSampleMap<S> xi(x + i * c * hw, c, hw), yi(y + i * c * hw, c, hw);
-      const ConstSampleMap<S> zi(z + i * 2 * hw, 2, hw), g(df + i * c * hw, c, hw);
-      da.row(0) = (g.array() * xi.array()).colwise().sum().matrix();
-      da.row(1) = (g.array() * yi.array()).colwise().sum().matrix();
-      da.array() *= zi.array() * (S(1) - zi.array());
-      gw.leftCols(c).noalias() += da * xi.transpose();
-      gw.rightCols(c).noalias() += da * yi.transpose();
-      gb += da.rowwise().sum().transpose();
-      SampleMap<S> dxi(dx + i * c * hw, c, hw), dyi(dy + i * c * hw, c, hw);
-      if (assign) {
-        dxi.array() = g.array().rowwise() * zi.row(0).array();
-        dyi.array() = g.array().rowwise() * zi.row(1).array();
-      } else {
-        dxi.array() += g.array().rowwise() * zi.row(0).array();
-        dyi.array() += g.array().rowwise() * zi.row(1).array();
-      }
-      dxi.noalias() += weight.leftCols(c).transpose() * da;
-      dyi.noalias() += weight.rightCols(c).transpose() * da;
-    }
-  });
-  for (Index gi = 0; gi < groups; ++gi) {
-    dw += ConstSampleMap<S>(sums + gi * sum_size, 2, 2 * c);
-    db += ConstSampleMap<S>(sums + gi * sum_size + 4 * c, 1, 2);
-  }
+  const Index sum_size = 4 * c + 2;  // a group's dW (2 x 2C), then its db (1 x 2)
+  grow(ws, max_threads() * 2 * hw + sample_groups(n) * sum_size);
+  sum_over_sample_groups(
+      n, sum_size, ws.data() + max_threads() * 2 * hw,
+      [&](Index i, int thread, S* sum) {
+        SampleMap<S> da(ws.data() + thread * 2 * hw, 2, hw);
+        SampleMap<S> gw(sum, 2, 2 * c), gb(sum + 4 * c, 1, 2);
+        const ConstSampleMap<S> xi(x + i * c * hw, c, hw), yi(y + i * c * hw, c, hw);
+        const ConstSampleMap<S> zi(z + i * 2 * hw, 2, hw), g(df + i * c * hw, c, hw);
+        da.row(0) = (g.array() * xi.array()).colwise().sum().matrix();
+        da.row(1) = (g.array() * yi.array()).colwise().sum().matrix();
+        da.array() *= zi.array() * (S(1) - zi.array());
+        gw.leftCols(c).noalias() += da * xi.transpose();
+        gw.rightCols(c).noalias() += da * yi.transpose();
+        gb += da.rowwise().sum().transpose();
+        SampleMap<S> dxi(dx + i * c * hw, c, hw), dyi(dy + i * c * hw, c, hw);
+        if (assign) {
+          dxi.array() = g.array().rowwise() * zi.row(0).array();
+          dyi.array() = g.array().rowwise() * zi.row(1).array();
+        } else {
+          dxi.array() += g.array().rowwise() * zi.row(0).array();
+          dyi.array() += g.array().rowwise() * zi.row(1).array();
+        }
+        dxi.noalias() += weight.leftCols(c).transpose() * da;
+        dyi.noalias() += weight.rightCols(c).transpose() * da;
+      },
+      [&](const S* sum) {
+        dw += ConstSampleMap<S>(sum, 2, 2 * c);
+        db += ConstSampleMap<S>(sum + 4 * c, 1, 2);
+      });
 }
 
 template <class S>

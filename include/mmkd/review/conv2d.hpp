@@ -104,6 +104,21 @@ inline Index sample_groups(Index n) {
   return std::min(n, kSampleGroups);
 }
 
+/// Sums per-sample terms over a batch independently of the thread count: sample groups run in
+/// parallel, each calling f(i, thread, sum) for its samples in order with `sum` its own zeroed
+/// accumulator of sum_size values (sums holds sample_groups(n) of them); then add_sum(sum) is
+/// called for each group in order.
+template <class S, class F, class A>
+void sum_over_sample_groups(Index n, Index sum_size, S* sums, F&& f, A&& add_sum) {
+  const Index groups = sample_groups(n);
+  parallel_tiles(groups, [&](Index gi, int thread) {
+    S* sum = sums + gi * sum_size;
+    std::fill(sum, sum + sum_size, S(0));
+    for (Index i = gi * n / groups; i < (gi + 1) * n / groups; ++i) f(i, thread, sum);
+  });
+  for (Index gi = 0; gi < groups; ++gi) add_sum(static_cast<const S*>(sums + gi * sum_size));
+}
+
 /// y[n] = W im2col(x[n]), samples in parallel; `ws` holds a 9C x HW column buffer per thread.
 template <class S>
 void conv3x3_forward_im2col(const S* x, Index n, Index c, Index h, Index w,
@@ -122,30 +137,27 @@ template <class S>
 void conv3x3_backward_im2col(const S* x, Index n, Index c, Index h, Index w,
                              const ConstMatrixRef<S>& weight, const S* dy, S* dweight, S* dx,
                              S* ws) {
-  const Index o = weight.rows(), hw = h * w, per_thread = 18 * c * hw, groups = sample_groups(n);
-  S* sums = ws + max_threads() * per_thread;
-  parallel_tiles(groups, [&](Index gi, int thread) {
-    S* col_data = ws + thread * per_thread;
-    S* dcol_data = col_data + 9 * c * hw;
-    SampleMap<S> col(col_data, 9 * c, hw), dcol(dcol_data, 9 * c, hw);
-    SampleMap<S> sum(sums + gi * o * 9 * c, o, 9 * c);
-    if (dweight) sum.setZero();
-    for (Index i = gi * n / groups; i < (gi + 1) * n / groups; ++i) {
-      const ConstSampleMap<S> g(dy + i * o * hw, o, hw);
-      if (dweight) {
-        im2col3x3(x + i * c * hw, c, h, w, col_data);
-        sum.noalias() += g * col.transpose();
-      }
-      if (dx) {
-        dcol.noalias() = weight.transpose() * g;
-        col2im3x3_add(dcol_data, c, h, w, dx + i * c * hw);
-      }
-    }
-  });
-  if (dweight) {
-    SampleMap<S> dw(dweight, o, 9 * c);
-    for (Index gi = 0; gi < groups; ++gi) dw += ConstSampleMap<S>(sums + gi * o * 9 * c, o, 9 * c);
-  }
+  const Index o = weight.rows(), hw = h * w, per_thread = 18 * c * hw;
+  const Index sum_size = dweight ? o * 9 * c : 0;
+  sum_over_sample_groups(
+      n, sum_size, ws + max_threads() * per_thread,
+      [&](Index i, int thread, S* sum) {
+        S* col_data = ws + thread * per_thread;
+        S* dcol_data = col_data + 9 * c * hw;
+        const ConstSampleMap<S> g(dy + i * o * hw, o, hw);
+        if (dweight) {
+          im2col3x3(x + i * c * hw, c, h, w, col_data);
+          SampleMap<S>(sum, o, 9 * c).noalias() +=
+              g * ConstSampleMap<S>(col_data, 9 * c, hw).transpose();
+        }
+        if (dx) {
+          SampleMap<S>(dcol_data, 9 * c, hw).noalias() = weight.transpose() * g;
+          col2im3x3_add(dcol_data, c, h, w, dx + i * c * hw);
+        }
+      },
+      [&](const S* sum) {
+        if (dweight) SampleMap<S>(dweight, o, 9 * c) += ConstSampleMap<S>(sum, o, 9 * c);
+      });
 }
 
 // 3x3 convolutions use Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms
