@@ -1,0 +1,26 @@
+#include "alloc/alloc_support.hpp"
+
+using namespace mmkd_test;
+
+TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][alloc]", float,
+                   double) {
+  using T = TestType;
+  const Matrix<T> s = random_matrix<T>(64, 100, 1), t = random_matrix<T>(64, 100, 2);
+  const mmkd::Labels y = random_labels(64, 100, 3);
+  mmkd::RowMask mask = mmkd::RowMask::Ones(64);
+  mask(5) = 0;
+  Matrix<T> ds = Matrix<T>::Zero(64, 100), dt = Matrix<T>::Zero(64, 100);
+  mmkd::LogitKD<T> kd;
+  mmkd::DecoupledKD<T> dkd;
+  mmkd::CrossEntropy<T> ce;
+  for (int warm = 0; warm < 2; ++warm) {
+    std::unique_ptr<NoMalloc> guard;
+    if (warm == 1) guard = std::make_unique<NoMalloc>();
+    CHECK_NOTHROW(kd.value_and_grad(s, t, mask, ds, dt));
+    CHECK_NOTHROW(kd.value(s, t));
+    CHECK_NOTHROW(dkd.value_and_grad(s, t, y, mask, ds));
+    CHECK_NOTHROW(dkd.value(s, t, y));
+    CHECK_NOTHROW(ce.value_and_grad(s, y, ds));
+    CHECK_NOTHROW(ce.value(s, y, mask));
+  }
+}
