@@ -153,7 +153,8 @@ TEST_CASE(
 TEST_CASE("nearest_resize and adaptive_avg_pool2d backward match finite differences",
           "[review][ops][resize]") {
   const std::pair<Index, Index> sizes[] = {{1, 4}, {3, 7}, {4, 8}, {7, 4}, {14, 4}, {5, 2}, {6, 6}};
-  for (auto [in, out] : sizes) {
+  for (const auto& size : sizes) {
+    const Index in = size.first, out = size.second;  // named copies: lambdas below capture them
     INFO(in << " -> " << out);
     const Index n = 2, c = 2;
     const Matrix<double> x = random_matrix<double>(n * c, in * (in + 1), in + out);
