@@ -33,9 +33,10 @@ run_one() {
   mkdir -p "$scratch/$target"
   if (cd "$scratch" && "$build/tests/fuzz/$target" -runs="$runs" -seed="$seed" \
         -print_final_stats=1 "$scratch/$target" "$corpus") >"$scratch/$target.log" 2>&1; then
-    echo "== $target: passed, $(grep -Eo 'stat::number_of_executed_units: [0-9]+' "$scratch/$target.log" | grep -Eo '[0-9]+$') inputs," \
-         "$(grep -Eo 'stat::new_units_added: [0-9]+' "$scratch/$target.log" | grep -Eo '[0-9]+$') new," \
-         "$(grep -Eo 'cov: [0-9]+' "$scratch/$target.log" | tail -1) ($(ls "$corpus" | wc -l) seed inputs)"
+    local log="$scratch/$target.log"
+    echo "== $target: passed, $(awk '/stat::number_of_executed_units/ {print $2}' "$log") inputs," \
+         "$(awk '/stat::new_units_added/ {print $2}' "$log") new inputs kept," \
+         "$(grep -Eo 'cov: [0-9]+' "$log" | tail -1) edges, from $(ls "$corpus" | wc -l) seed inputs"
   else
     echo "== $target: FAILED"; tail -60 "$scratch/$target.log"; return 1
   fi

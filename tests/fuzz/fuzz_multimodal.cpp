@@ -111,11 +111,13 @@ void run(Reader& r) {
         const mmkd::Matrix<S>& weights = learner.forward(features);
         learner.backward(dw);
         mmkd::ModalityWeightLearner<S>::hypergradient_linear(g, h, gm, hm, lr, n, out);
-        mmkd::ModalityWeightLearner<S>::hypergradient(dw, lr, n, out);
         S total = weights.sum();
         for (const auto& p : learner.gradients()) total += p.value.sum();
         return total;
       });
+      // A call of its own: each call is atomic, a sequence of two calls on `out` is not.
+      b.check("ModalityWeightLearner::hypergradient",
+              [&] { mmkd::ModalityWeightLearner<S>::hypergradient(dw, lr, n, out); });
     }
   }
 }
