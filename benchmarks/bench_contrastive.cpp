@@ -69,7 +69,11 @@ void mmkd_SimilarityDistillation_value_and_grad(benchmark::State& st) {
   mmkd::EmbeddingQueue<float> queue(k, d);
   queue.push(random_matrix(k, d, 3));
   Mat ds = Mat::Zero(n, d);
-  mmkd::SimilarityDistillation<float> seed;
+  // The batch dictionary at one temperature, the formulation the libtorch side below computes
+  // (N + K columns per row; SEED's own dictionary has 1 + K).
+  typename mmkd::SimilarityDistillation<float>::Options o{0.07f, 0.07f};
+  o.dictionary = mmkd::SimilarityDictionary::BatchAndQueue;
+  mmkd::SimilarityDistillation<float> seed(o);
   run_gemm_bound(st, 6.0 * double(n) * double(n + k) * double(d), n, n + k, d,  // A, B and dU
                  [&] { benchmark::DoNotOptimize(seed.value_and_grad(s, t, queue, ds)); });
 }

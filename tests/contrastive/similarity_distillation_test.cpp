@@ -1,26 +1,38 @@
+#include <vector>
+
 #include "support.hpp"
 
 using namespace mmkd_test;
 
 namespace {
 
-// SEED's soft cross-entropy from the definition, long double.
+// SEED's soft cross-entropy from the definition, long double: sample i against [v_i; extra]
+// (SEED's dictionary) or against [V; extra] (`batch`).
 long double ref_seed(const Matrix<double>& s, const Matrix<double>& t, const Matrix<double>& extra,
-                     long double tau_s, long double tau_t) {
+                     long double tau_s, long double tau_t, bool batch) {
   Matrix<double> dict(t.rows() + extra.rows(), t.cols());
   dict << t, extra;
   for (Index j = 0; j < dict.rows(); ++j) dict.row(j).normalize();
   long double sum = 0;
   for (Index i = 0; i < s.rows(); ++i) {
-    Eigen::Matrix<long double, 1, Eigen::Dynamic> a(dict.rows()), b(dict.rows());
-    for (Index j = 0; j < dict.rows(); ++j) {
-      a(j) = (long double)t.row(i).normalized().dot(dict.row(j)) / tau_t;
-      b(j) = (long double)s.row(i).normalized().dot(dict.row(j)) / tau_s;
+    std::vector<Index> cols;
+    for (Index j = 0; j < dict.rows(); ++j)
+      if (batch || j == i || j >= t.rows()) cols.push_back(j);
+    Eigen::Matrix<long double, 1, Eigen::Dynamic> a(cols.size()), b(cols.size());
+    for (std::size_t c = 0; c < cols.size(); ++c) {
+      a(c) = (long double)t.row(i).normalized().dot(dict.row(cols[c])) / tau_t;
+      b(c) = (long double)s.row(i).normalized().dot(dict.row(cols[c])) / tau_s;
     }
     const long double la = ref_lse(a, 1.0L), lb = ref_lse(b, 1.0L);
-    for (Index j = 0; j < dict.rows(); ++j) sum -= std::exp(a(j) - la) * (b(j) - lb);
+    for (Index c = 0; c < a.size(); ++c) sum -= std::exp(a(c) - la) * (b(c) - lb);
   }
   return sum / s.rows();
+}
+
+mmkd::SimilarityDistillation<double> make_seed(double tau_s, double tau_t, bool batch) {
+  typename mmkd::SimilarityDistillation<double>::Options o{tau_s, tau_t};
+  if (batch) o.dictionary = mmkd::SimilarityDictionary::BatchAndQueue;
+  return mmkd::SimilarityDistillation<double>(o);
 }
 
 }  // namespace
@@ -31,38 +43,99 @@ TEST_CASE("SimilarityDistillation matches SEED's soft cross-entropy and finite d
   const Matrix<double> extra = random_matrix<double>(5, 8, 3);
   mmkd::EmbeddingQueue<double> queue(5, 8);
   queue.push(extra);
-  mmkd::SimilarityDistillation<double> seed({0.2, 0.5});
-  CHECK(close<double>(seed.value(s, t, queue), double(ref_seed(s, t, extra, 0.2, 0.5)), 1e-12));
-  CHECK(close<double>(seed.value(s, t), double(ref_seed(s, t, Matrix<double>(0, 8), 0.2, 0.5)),
-                      1e-12));
-  auto f = [&](const Matrix<double>& x, Matrix<double>& g) {
-    return seed.value_and_grad(x, t, queue, g);
-  };
-  auto fm = [&](const Matrix<double>& x, Matrix<double>& g) {
-    return seed.value_and_grad(x, t, extra, g);
-  };
-  const auto r = mmkd::check_value_and_grad(f, s, tight()),
-             rm = mmkd::check_value_and_grad(fm, s, tight());
-  INFO(r.message() << "\n" << rm.message());
-  CHECK(r.passed);
-  CHECK(rm.passed);
+  for (bool batch : {false, true}) {
+    INFO("batch dictionary " << batch);
+    auto seed = make_seed(0.2, 0.5, batch);
+    CHECK(close<double>(seed.value(s, t, queue), double(ref_seed(s, t, extra, 0.2, 0.5, batch)),
+                        1e-12));
+    CHECK(close<double>(seed.value(s, t),
+                        double(ref_seed(s, t, Matrix<double>(0, 8), 0.2, 0.5, batch)), 1e-12));
+    auto f = [&](const Matrix<double>& x, Matrix<double>& g) {
+      return seed.value_and_grad(x, t, queue, g);
+    };
+    auto fm = [&](const Matrix<double>& x, Matrix<double>& g) {
+      return seed.value_and_grad(x, t, extra, g);
+    };
+    const auto r = mmkd::check_value_and_grad(f, s, tight()),
+               rm = mmkd::check_value_and_grad(fm, s, tight());
+    INFO(r.message() << "\n" << rm.message());
+    CHECK(r.passed);
+    CHECK(rm.passed);
+  }
+}
+
+TEST_CASE("SimilarityDistillation defaults are SEED's; an empty queue gives 0",
+          "[contrastive][seed]") {
+  mmkd::SimilarityDistillation<double> seed;
+  CHECK(seed.options().tau_s == 0.2);
+  CHECK(seed.options().tau_t == 1e-4);
+  CHECK(seed.options().dictionary == mmkd::SimilarityDictionary::PositiveAndQueue);
+  // One dictionary column per sample (its own teacher): P = Q = 1, CE = 0, gradient 0.
+  const Matrix<double> s = random_matrix<double>(3, 4, 1), t = random_matrix<double>(3, 4, 2);
+  mmkd::EmbeddingQueue<double> queue(8, 4);
+  Matrix<double> g = Matrix<double>::Zero(3, 4);
+  CHECK(seed.value_and_grad(s, t, queue, g) == 0);
+  CHECK(g.isZero(0));
 }
 
 TEST_CASE("SimilarityDistillation tends to one-directional InfoNCE as tau_t -> 0",
           "[contrastive][seed]") {
   const Matrix<double> s = random_matrix<double>(7, 16, 4), t = random_matrix<double>(7, 16, 5);
   const Matrix<double> extra = random_matrix<double>(9, 16, 6);
-  Matrix<double> dict(16, 16);
-  dict << t, extra;
-  mmkd::SimilarityDistillation<double> seed({0.3, 1e-4});
-  mmkd::InfoNCE<double>::Options o;
-  o.symmetric = false;
-  o.temperature = 0.3;
-  mmkd::InfoNCE<double> nce(o);
-  Matrix<double> g1 = Matrix<double>::Zero(7, 16), g2 = Matrix<double>::Zero(7, 16);
-  CHECK(seed.value_and_grad(s, t, extra, g1) ==
-        Approx(nce.value_and_grad(s, dict, g2)).epsilon(1e-9));
-  CHECK(g1.isApprox(g2, 1e-9));
+  SECTION("batch dictionary: InfoNCE against [teacher batch; queue]") {
+    Matrix<double> dict(16, 16);
+    dict << t, extra;
+    auto seed = make_seed(0.3, 1e-4, true);
+    mmkd::InfoNCE<double>::Options o;
+    o.symmetric = false;
+    o.temperature = 0.3;
+    mmkd::InfoNCE<double> nce(o);
+    Matrix<double> g1 = Matrix<double>::Zero(7, 16), g2 = Matrix<double>::Zero(7, 16);
+    CHECK(seed.value_and_grad(s, t, extra, g1) ==
+          Approx(nce.value_and_grad(s, dict, g2)).epsilon(1e-9));
+    CHECK(g1.isApprox(g2, 1e-9));
+  }
+  SECTION("SEED's dictionary: MoCo's InfoNCE, the positive against the queue only") {
+    auto seed = make_seed(0.3, 1e-4, false);
+    long double ref = 0;
+    for (Index i = 0; i < 7; ++i) {
+      const auto u = s.row(i).normalized();
+      const long double pos = std::exp((long double)u.dot(t.row(i).normalized()) / 0.3L);
+      long double all = pos;
+      for (Index k = 0; k < 9; ++k)
+        all += std::exp((long double)u.dot(extra.row(k).normalized()) / 0.3L);
+      ref -= std::log(pos / all);
+    }
+    CHECK(seed.value(s, t, [&] {
+      mmkd::EmbeddingQueue<double> q(9, 16);
+      q.push(extra);
+      return q;
+    }()) == Approx(double(ref / 7)).epsilon(1e-9));
+  }
+}
+
+TEMPLATE_TEST_CASE("SimilarityDistillation in float at SEED's tau_t = 1e-4", "[contrastive][seed]",
+                   float, double) {
+  // The bound of the fidelity target: 1e-5 relative (the value was built as KL + H(P) before,
+  // with H(P) = lse(A) − Σ P·A cancelling at A ≈ 1e4: 2e-4). The comparison with libtorch's own
+  // float32 error is in tests/torch/structure_contrastive_torch_test.cpp.
+  using T = TestType;
+  const Matrix<double> s = random_matrix<double>(16, 32, 1), t = random_matrix<double>(16, 32, 2);
+  const Matrix<double> extra = random_matrix<double>(64, 32, 3);
+  mmkd::EmbeddingQueue<double> qd(64, 32);
+  qd.push(extra.cast<T>().template cast<double>());
+  mmkd::EmbeddingQueue<T> qf(64, 32);
+  qf.push(extra.cast<T>());
+  mmkd::SimilarityDistillation<double> ref;
+  mmkd::SimilarityDistillation<T> seed;
+  Matrix<double> gd = Matrix<double>::Zero(16, 32);
+  Matrix<T> gf = Matrix<T>::Zero(16, 32);
+  const Matrix<T> sf = s.cast<T>(), tf = t.cast<T>();
+  const double vd =
+      ref.value_and_grad(sf.template cast<double>(), tf.template cast<double>(), qd, gd);
+  const double vf = double(seed.value_and_grad(sf, tf, qf, gf));
+  CHECK(std::abs(vf - vd) <= 1e-5 * std::abs(vd));
+  CHECK((gf.template cast<double>() - gd).cwiseAbs().maxCoeff() <= 1e-5 * gd.cwiseAbs().maxCoeff());
 }
 
 TEST_CASE("EmbeddingQueue is a fixed-size ring buffer", "[contrastive][queue]") {

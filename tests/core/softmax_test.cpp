@@ -93,3 +93,17 @@ TEMPLATE_TEST_CASE("all_finite finds NaN and +-Inf and accepts huge finite value
   CHECK_FALSE(mmkd::detail::all_finite(x));
   CHECK(mmkd::detail::all_finite(Matrix<T>(0, 3)));
 }
+
+TEST_CASE("log_softmax in float is exact to rounding at logits of 1e4", "[core][softmax]") {
+  // [1e4, 1e4 − 5] has the log-softmax of [0, −5]: −log(1 + e^−5) and −5 − log(1 + e^−5).
+  Matrix<float> x(1, 2), lp(1, 2);
+  x << 1e4f, 1e4f - 5;
+  mmkd::log_softmax(x, lp);
+  const double l0 = -std::log1p(std::exp(-5.0));
+  CHECK(std::abs(lp(0, 0) - l0) <= 1e-6 * std::abs(l0));
+  CHECK(std::abs(lp(0, 1) - (l0 - 5)) <= 1e-6 * 5);
+  mmkd::CrossEntropy<float> ce;
+  mmkd::Labels y(1);
+  y << 0;
+  CHECK(std::abs(ce.value(x, y) + l0) <= 1e-6 * std::abs(l0));
+}

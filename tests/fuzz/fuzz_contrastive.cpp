@@ -81,6 +81,7 @@ void run(Reader& r) {
       o.normalize = r.byte() < 200;
       o.eps = S(r.option(1e-12));
       o.weight = S(r.option(1));
+      o.dictionary = mmkd::SimilarityDictionary(r.pick(3));  // 2 is not a valid dictionary
       const Index capacity = r.dim(6);
       const mmkd::Matrix<S> past = r.matrix<S>(r.dim(6), dt);
       const int variant = int(r.pick(3));

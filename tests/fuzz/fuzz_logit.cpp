@@ -1,5 +1,6 @@
-// libFuzzer target: LogitKD, DecoupledKD and CrossEntropy with shapes, options, labels, masks and
-// values decoded from the input (see fuzz_support.hpp for the contract checked).
+// libFuzzer target: LogitKD, DecoupledKD and CrossEntropy (hard labels or soft targets, class
+// weights) with shapes, options, labels, masks and values decoded from the input (see
+// fuzz_support.hpp for the contract checked).
 
 #include "fuzz_support.hpp"
 
@@ -55,8 +56,12 @@ void run(Reader& r) {
       o.label_smoothing = S(r.option(0.1));
       o.reduction = reduction;
       o.weight = S(r.option(1));
+      if (r.flag()) o.class_weights = r.matrix<S>(r.byte() < 220 ? c : r.dim(6), 1);
+      const int target = int(r.pick(2));  // hard labels, or the teacher matrix as soft targets
       b.check("CrossEntropy", [&] {
         mmkd::CrossEntropy<S> ce(o);
+        if (target == 1)
+          return masked ? ce.value_and_grad(s, t, mask, ds) : ce.value_and_grad(s, t, ds);
         return masked ? ce.value_and_grad(s, y, mask, ds) : ce.value_and_grad(s, y, ds);
       });
     }

@@ -128,3 +128,98 @@ TEMPLATE_TEST_CASE("CrossEntropy rejects bad input and writes nothing", "[logit]
   CHECK_THROWS_WITH(ce.value_and_grad(z, y, g), "CrossEntropy: logits[0,2] is +Inf");
   CHECK(bit_identical(g, g0));
 }
+
+TEMPLATE_TEST_CASE("CrossEntropy with class weights and soft targets matches hand calculations",
+                   "[logit][ce]", float, double) {
+  using T = TestType;
+  // Both rows have logits (0, log 3): p = (1/4, 3/4).
+  Matrix<T> z(2, 2);
+  z << 0, std::log(T(3)), 0, std::log(T(3));
+  mmkd::Labels y(2);
+  y << 0, 1;
+  typename mmkd::CrossEntropy<T>::Options o;
+  o.class_weights.resize(2);
+  o.class_weights << 2, 3;
+  mmkd::CrossEntropy<T> ce(o);
+  // PyTorch's weighted mean: (2·(−log 1/4) + 3·(−log 3/4)) / (2 + 3).
+  const double l0 = -2 * std::log(0.25), l1 = -3 * std::log(0.75);
+  CHECK(ce.value(z, y) == Approx((l0 + l1) / 5).epsilon(Tol<T>::rel));
+  CHECK(ce.row_values()(0) == Approx(l0).epsilon(Tol<T>::rel));
+  CHECK(ce.row_values()(1) == Approx(l1).epsilon(Tol<T>::rel));
+  // Soft targets (0.3, 0.7) and (1, 0), weighted: mean over the 2 rows, not over the weights.
+  Matrix<T> soft(2, 2);
+  soft << T(0.3), T(0.7), 1, 0;
+  const double s0 = -(0.3 * 2 * std::log(0.25) + 0.7 * 3 * std::log(0.75));
+  const double s1 = -2 * std::log(0.25);
+  Matrix<T> g = Matrix<T>::Zero(2, 2);
+  CHECK(ce.value_and_grad(z, soft, g) == Approx((s0 + s1) / 2).epsilon(Tol<T>::rel));
+  // dℓ/dz = (Σ ỹ) p − ỹ, ỹ = w ⊙ y; halved by the mean.
+  CHECK(g(0, 0) == Approx((2.7 * 0.25 - 0.6) / 2).epsilon(Tol<T>::rel));
+  CHECK(g(0, 1) == Approx((2.7 * 0.75 - 2.1) / 2).epsilon(Tol<T>::rel));
+  CHECK(g(1, 0) == Approx((2 * 0.25 - 2) / 2).epsilon(Tol<T>::rel));
+}
+
+TEST_CASE("CrossEntropy soft targets and class weights match finite differences",
+          "[logit][ce][gradient]") {
+  const Matrix<double> z = random_matrix<double>(6, 5, 91, 2.0);
+  Matrix<double> y = random_matrix<double>(6, 5, 92).array().abs();
+  y.col(2).setZero();
+  const mmkd::Labels labels = random_labels(6, 5, 93);
+  mmkd::RowMask mask(6);
+  mask << 1, 0, 1, 1, 1, 0;
+  for (bool weighted : {false, true}) {
+    for (double eps : {0.0, 0.2}) {
+      typename mmkd::CrossEntropy<double>::Options o;
+      o.label_smoothing = eps;
+      if (weighted) o.class_weights = random_matrix<double>(5, 1, 94).array().abs();
+      mmkd::CrossEntropy<double> ce(o);
+      auto fs = [&](const Matrix<double>& x, Matrix<double>& g) {
+        return ce.value_and_grad(x, y, mask, g);
+      };
+      auto fh = [&](const Matrix<double>& x, Matrix<double>& g) {
+        return ce.value_and_grad(x, labels, g);
+      };
+      const auto rs = mmkd::check_value_and_grad(fs, z, tight());
+      const auto rh = mmkd::check_value_and_grad(fh, z, tight());
+      INFO("weighted " << weighted << " eps " << eps << "\n"
+                       << rs.message() << "\n"
+                       << rh.message());
+      CHECK(rs.passed);
+      CHECK(rh.passed);
+    }
+  }
+}
+
+TEST_CASE("CrossEntropy rejects bad soft targets and class weights", "[logit][ce][errors]") {
+  const Matrix<double> z = random_matrix<double>(3, 4, 1);
+  Matrix<double> y = Matrix<double>::Constant(3, 4, 0.25);
+  Matrix<double> g = random_matrix<double>(3, 4, 2);
+  const Matrix<double> g0 = g;
+  mmkd::CrossEntropy<double> ce;
+  y(1, 2) = -0.5;
+  CHECK_THROWS_WITH(ce.value_and_grad(z, y, g),
+                    "CrossEntropy: targets[1,2] is -0.500000, expected finite and >= 0");
+  y(1, 2) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(ce.value_and_grad(z, y, g),
+                    "CrossEntropy: targets[1,2] is NaN, expected finite and >= 0");
+  y(1, 2) = 0.25;
+  CHECK_THROWS_WITH(ce.value_and_grad(z, Matrix<double>(3, 5), g),
+                    "CrossEntropy: targets has shape 3x5, expected 3x4 (same as logits)");
+  ce.options().class_weights = Eigen::VectorXd::Ones(3);
+  CHECK_THROWS_WITH(ce.value_and_grad(z, y, g),
+                    "CrossEntropy: option class_weights has 3 entries, expected 0 or 4 (one per "
+                    "class)");
+  ce.options().class_weights = Eigen::VectorXd::Ones(4);
+  ce.options().class_weights(3) = -1;
+  CHECK_THROWS_WITH(ce.value_and_grad(z, y, g),
+                    "CrossEntropy: option class_weights[3] is -1.000000, expected finite and >= 0");
+  ce.options().class_weights(3) = 0;
+  Matrix<double> zinf = z;
+  zinf(0, 1) = -std::numeric_limits<double>::infinity();
+  CHECK_THROWS_WITH(ce.value_and_grad(zinf, y, g),
+                    "CrossEntropy: logits[0,1] is -Inf where the target is positive: the loss is "
+                    "infinite");
+  CHECK(bit_identical(g, g0));
+  y(0, 1) = 0;  // a ruled-out class with zero target is fine
+  CHECK(std::isfinite(ce.value(zinf, y)));
+}

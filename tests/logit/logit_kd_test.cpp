@@ -309,3 +309,57 @@ TEMPLATE_TEST_CASE("LogitKD rejects bad input with a clear message and writes no
   }
   CHECK(bit_identical(g, g0));  // the strong guarantee, after every failed call above
 }
+
+TEST_CASE("LogitKD and DecoupledKD in float at a common logit offset of 1e4",
+          "[logit][kd][dkd][float32]") {
+  // A row's KL does not depend on a common offset, and the float result must not either: the
+  // kernel works on max-shifted logits, so the only error left is the inputs' own rounding
+  // (the comparison with libtorch's float32 error is in tests/torch/logit_torch_test.cpp).
+  const Index n = 32, c = 100;
+  const mmkd::Labels y = random_labels(n, c, 5);
+  for (double offset : {1e4, -1e4}) {
+    INFO("offset " << offset);
+    const Matrix<float> sf = (random_matrix<double>(n, c, 1, 3.0).array() + offset).cast<float>();
+    const Matrix<float> tf = (random_matrix<double>(n, c, 2, 3.0).array() + offset).cast<float>();
+    const Matrix<double> s = sf.cast<double>(), t = tf.cast<double>();
+    mmkd::LogitKD<float> kd32;
+    mmkd::LogitKD<double> kd64;
+    const double v64 = kd64.value(s, t);
+    CHECK(std::abs(kd32.value(sf, tf) - v64) <= 1e-5 * v64);
+    mmkd::DecoupledKD<float> dkd32;
+    mmkd::DecoupledKD<double> dkd64;
+    const double d64 = dkd64.value(s, t, y);
+    CHECK(std::abs(dkd32.value(sf, tf, y) - d64) <= 1e-5 * d64);
+    // The same rows one float ulp apart: the KL is tiny and must not come out negative.
+    Matrix<float> near = tf;
+    for (Index i = 0; i < n; ++i) near(i, i % c) = std::nextafter(near(i, i % c), 1e30f);
+    CHECK(kd32.value(near, tf) >= 0);
+  }
+}
+
+TEST_CASE("LogitKD and DecoupledKD row_values are the per-row terms of the last call",
+          "[logit][kd][dkd]") {
+  const Matrix<double> s = random_matrix<double>(5, 7, 1), t = random_matrix<double>(5, 7, 2);
+  const mmkd::Labels y = random_labels(5, 7, 3);
+  mmkd::RowMask mask(5);
+  mask << 1, 0, 1, 1, 0;
+  mmkd::LogitKD<double> kd({3.0});
+  kd.options().weight = 0.7;
+  mmkd::DecoupledKD<double> dkd;
+  Matrix<double> g = Matrix<double>::Zero(5, 7);
+  const double v = kd.value_and_grad(s, t, mask, g);
+  const mmkd::Vector<double> rows = kd.row_values();
+  const double vd = dkd.value(s, t, y, mask);
+  const mmkd::Vector<double> rows_d = dkd.row_values();
+  for (Index i = 0; i < 5; ++i) {
+    INFO("row " << i);
+    // A one-row batch mean is that row's term.
+    const double one = mask(i) ? kd.value(s.row(i), t.row(i)) : 0.0;
+    CHECK(rows(i) == Approx(one).epsilon(1e-14));
+    const mmkd::Labels yi = y.segment(i, 1);
+    const double one_d = mask(i) ? dkd.value(s.row(i), t.row(i), yi) : 0.0;
+    CHECK(rows_d(i) == Approx(one_d).epsilon(1e-14));
+  }
+  CHECK(rows.sum() / 3 == Approx(v).epsilon(1e-14));
+  CHECK(rows_d.sum() / 3 == Approx(vd).epsilon(1e-14));
+}

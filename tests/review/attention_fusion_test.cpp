@@ -118,9 +118,11 @@ TEST_CASE("AttentionFusion initialisation follows the reference's distributions"
     }
   }
   auto buf = a.buffers();
-  CHECK(std::string(buf[3].name) == "conv2.1.running_var");
+  CHECK(std::string(buf[4].name) == "conv2.1.running_var");
+  CHECK(std::string(buf[5].name) == "conv2.1.num_batches_tracked");
   CHECK(Matrix<double>(buf[0].value).isZero(0));
-  CHECK(Matrix<double>(buf[3].value).isOnes(0));
+  CHECK(Matrix<double>(buf[4].value).isOnes(0));
+  CHECK(buf[5].value(0, 0) == 0);
 }
 
 TEST_CASE("AttentionFusion: errors name the problem and a failed call changes nothing",

@@ -29,11 +29,14 @@ TEST_CASE("BatchNorm2d train mode: hand-computed output and running statistics",
   CHECK(std::string(buf[0].name) == "running_mean");
   CHECK(buf[0].value(0, 0) == Approx(0.1 * 3.0).epsilon(1e-15));
   CHECK(buf[1].value(0, 0) == Approx(0.9 + 0.1 * 14.0 / 3.0).epsilon(1e-15));
+  CHECK(std::string(buf[2].name) == "num_batches_tracked");
+  CHECK(buf[2].value(0, 0) == 1);  // one train-mode forward
   // Eval mode uses them: y = (x − 0.3)/√(1.36667 + ε).
   bn.eval();
   const auto& ye = bn.forward(map4(x, 2, 1, 1, 2));
   CHECK(ye.data()[3] == Approx((6.0 - 0.3) / std::sqrt(0.9 + 1.4 / 3.0 + 1e-5)).epsilon(1e-14));
   CHECK(buf[0].value(0, 0) == Approx(0.3).epsilon(1e-15));  // unchanged in eval mode
+  CHECK(buf[2].value(0, 0) == 1);
 }
 
 TEST_CASE("BatchNorm2d backward matches finite differences in train and eval mode",

@@ -55,7 +55,7 @@ TEST_CASE("ReviewFusion builds the reference's resnet56 -> resnet20 chain", "[re
   CHECK(std::string(params.front().name) == "abfs.0.conv1.0.weight");  // deepest stage first
   CHECK(std::string(params.back().name) == "abfs.3.att_conv.0.bias");
   CHECK(params.size() == 6 + 3 * 8);
-  CHECK(review.buffers().size() == 16);
+  CHECK(review.buffers().size() == 4 * 6);  // 2 BatchNorm2d per stage, 3 buffers each
 }
 
 TEST_CASE("ReviewFusion + HCL gradients match finite differences for features and parameters",

@@ -7,13 +7,15 @@ using mmkd::UniformityMode;
 
 namespace {
 
-// Wang & Isola from the definition, long double, on the rows of x.
+// Wang & Isola from the definition, long double, on the rows of x normalised as F.normalize does
+// (x / max(‖x‖, 1e-12): a zero row stays 0).
 long double ref_uniformity(const Matrix<double>& x, long double t) {
   const Index p = x.rows();
   long double sum = 0;
   for (Index i = 0; i < p; ++i) {
     for (Index j = i + 1; j < p; ++j) {
-      const long double ni = x.row(i).norm(), nj = x.row(j).norm();
+      const long double ni = std::max(1e-12L, (long double)x.row(i).norm()),
+                        nj = std::max(1e-12L, (long double)x.row(j).norm());
       long double d2 = 0;
       for (Index k = 0; k < x.cols(); ++k) {
         const long double e = x(i, k) / ni - x(j, k) / nj;
@@ -132,4 +134,33 @@ TEST_CASE("Uniformity rejects bad input and writes nothing", "[structure][unifor
   unif.options().t = -1;
   CHECK_THROWS_AS(unif.value(random_matrix<double>(3, 3, 5)), mmkd::InvalidArgument);
   CHECK(bit_identical(g, g0));
+}
+
+TEST_CASE("Uniformity on zero rows is lunif on F.normalize'd points", "[structure][uniformity]") {
+  // Hand calculation: u = (1, 0), (0, 0), (0, 1) have squared distances 1, 1 and 2, so with
+  // t = 2, L = log((e^{−2} + e^{−2} + e^{−4}) / 3) (2 − 2u·u' would give 2, 2 and 2).
+  Matrix<double> x(3, 2);
+  x << 1, 0, 0, 0, 0, 1;
+  mmkd::Uniformity<double> unif;
+  CHECK(unif.value(x) ==
+        Approx(std::log((2 * std::exp(-2.0) + std::exp(-4.0)) / 3)).epsilon(1e-14));
+  // Two zero rows: distance 0 between them.
+  Matrix<double> z = random_matrix<double>(6, 4, 9);
+  z.row(1).setZero();
+  z.row(4).setZero();
+  CHECK(close<double>(unif.value(z), double(ref_uniformity(z, 2)), 1e-12));
+  // SpatialTokens: all-zero positions, as after a ReLU.
+  const Index n = 2, c = 3, h = 2, w = 3;
+  Matrix<double> f = random_matrix<double>(n, c * h * w, 4).cwiseMax(0.0);
+  for (Index k = 0; k < c; ++k) f(0, k * h * w + 4) = 0;  // sample 0, position 4: all channels 0
+  mmkd::Uniformity<double>::Options o;
+  o.mode = UniformityMode::SpatialTokens;
+  mmkd::Uniformity<double> tokens(o);
+  long double ref = 0;
+  for (Index i = 0; i < n; ++i) {
+    const Eigen::Map<const Matrix<double>> maps(f.data() + i * c * h * w, c, h * w);
+    ref += ref_uniformity(Matrix<double>(maps.transpose()), 2) / n;
+  }
+  CHECK(close<double>(tokens.value(ConstTensor4Ref<double>(f.data(), n, c, h, w)), double(ref),
+                      1e-12));
 }

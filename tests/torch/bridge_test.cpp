@@ -112,19 +112,20 @@ TEST_CASE("bridge: structure and contrastive losses equal libtorch autograd", "[
         [&](const Tensors& x) { return mmkd_bridge::info_nce(nce, x[0], x[1]); },
         [&](const Tensors& x) { return torch_clip(x[0], x[1], 0.07, true, 0); });
   }
-  mmkd::SimilarityDistillation<double> seed;
+  mmkd::SimilarityDistillation<double> seed({0.2, 0.05});  // SEED's dictionary
   const auto queue = randn({11, 5});
   compare(
       {randn({7, 5}), randn({7, 5})}, {true, false},
       [&](const Tensors& x) {
         return mmkd_bridge::similarity_distillation(seed, x[0], x[1], queue);
       },
-      [&](const Tensors& x) { return torch_seed(x[0], x[1], queue, 0.07, 0.07); });
+      [&](const Tensors& x) { return torch_seed(x[0], x[1], queue, 0.2, 0.05); });
+  seed.options().dictionary = mmkd::SimilarityDictionary::BatchAndQueue;
   compare(
       {randn({7, 5}), randn({7, 5})}, {true, false},
       [&](const Tensors& x) { return mmkd_bridge::similarity_distillation(seed, x[0], x[1]); },
       [&](const Tensors& x) {
-        return torch_seed(x[0], x[1], torch::zeros({0, 5}, torch::kFloat64), 0.07, 0.07);
+        return torch_seed_batch(x[0], x[1], torch::zeros({0, 5}, torch::kFloat64), 0.2, 0.05);
       });
 }
 

@@ -157,3 +157,80 @@ TEST_CASE("ModalityWeightLearner equals the same MLP in libtorch", "[torch][mult
   CHECK(max_rel_diff(Matrix<double>(grads[2].value), from_torch(w2.grad())) < 1e-12);
   CHECK(max_rel_diff(Matrix<double>(grads[3].value), from_torch(b2.grad())) < 1e-12);
 }
+
+TEST_CASE("ModalitySpecificKD and ModalityGramKD in float32 are as accurate as libtorch's",
+          "[torch][multimodal][float32]") {
+  // MSD at logit offsets of ±1e4 (its KD terms share LogitKD's kernel) and T = 1 (its default)
+  // and 4; the Gram loss on embeddings of magnitude 1e4. Gradients with respect to the full
+  // student logits / the student embeddings.
+  const Index n = 12, c = 40, m = 3, d = 16;
+  const Matrix<double> w = random_matrix<double>(n, m, 9).cwiseAbs();
+  const Matrix<float> wf = w.cast<float>();
+  const Matrix<double> wr = wf.cast<double>();
+  for (double offset : {0.0, 1e4, -1e4}) {
+    for (double temp : {1.0, 4.0}) {
+      INFO("offset " << offset << " T " << temp);
+      auto logits = [&](std::uint64_t seed) {
+        return Matrix<double>(
+            (random_matrix<double>(n, c, seed, 3.0).array() + offset).cast<float>().cast<double>());
+      };
+      auto stack = [&](std::uint64_t seed) {
+        Tensor3<double> x = random_stack<double>(m, n, c, seed, 3.0);
+        for (Index k = 0; k < x.size(); ++k) x.data()[k] = double(float(x.data()[k] + offset));
+        return x;
+      };
+      const Matrix<double> s = logits(1), t = logits(2);
+      const Tensor3<double> zs = stack(3), zt = stack(4);
+      const Tensor3<float> zsf = zs.cast<float>(), ztf = zt.cast<float>();
+      mmkd::ModalitySpecificKD<double> msd64({temp, 1.0});
+      mmkd::ModalitySpecificKD<float> msd32({float(temp), 1.0f});
+      Matrix<double> g64 = Matrix<double>::Zero(n, c);
+      Matrix<float> g32 = Matrix<float>::Zero(n, c);
+      Tensor3<double> dz64(m, n, c);
+      Tensor3<float> dz32(m, n, c);
+      dz64.setZero();
+      dz32.setZero();
+      const double v64 = msd64.value_and_grad(s, t, zs, zt, wr, g64, dz64);
+      const double v32 =
+          msd32.value_and_grad(s.cast<float>(), t.cast<float>(), zsf, ztf, wf, g32, dz32);
+      const FloatError ours = float_error(v32, v64, g32.cast<double>(), g64);
+      const FloatError ref = torch_float_error(s, [&](const torch::Tensor& x, torch::Dtype dt) {
+        return torch_msd(x, to_torch(t).to(dt), to_torch3(zs).to(dt), to_torch3(zt).to(dt),
+                         to_torch(wr).to(dt), temp, 1.0);
+      });
+      INFO("MSD value error " << ours.value << " (libtorch " << ref.value << "), gradient "
+                              << ours.grad << " (libtorch " << ref.grad << ")");
+      CHECK(within_torch(ours.value, ref.value));
+      CHECK(within_torch(ours.grad, ref.grad));
+    }
+  }
+  const Tensor3<double> es = random_stack<double>(m, n, d, 5, 1e4),
+                        et = random_stack<double>(m, n, d, 6, 1e4);
+  Tensor3<double> es_r = es.cast<float>().cast<double>(), et_r = et.cast<float>().cast<double>();
+  mmkd::ModalityGramKD<double> gram64;
+  mmkd::ModalityGramKD<float> gram32;
+  Tensor3<double> gs64(m, n, d);
+  Tensor3<float> gs32(m, n, d);
+  gs64.setZero();
+  gs32.setZero();
+  const double v64 = gram64.value_and_grad(es_r, et_r, gs64);
+  const Tensor3<float> esf = es_r.cast<float>(), etf = et_r.cast<float>();
+  const double v32 = gram32.value_and_grad(esf, etf, gs32);
+  const Tensor3<double> gs32d = gs32.cast<double>();
+  const FloatError ours = float_error(v32, v64, flat(gs32d), flat(gs64));
+  FloatError ref;
+  {
+    auto x64 = to_torch3(es_r, true);
+    auto x32 = to_torch3(es_r).to(torch::kFloat32).set_requires_grad(true);
+    const auto l64 = torch_gram(x64, to_torch3(et_r));
+    const auto l32 = torch_gram(x32, to_torch3(et_r).to(torch::kFloat32));
+    l64.backward();
+    l32.backward();
+    ref = float_error(l32.item<double>(), l64.item<double>(), from_torch3(x32.grad()),
+                      from_torch3(x64.grad()));
+  }
+  INFO("ModalityGramKD value error " << ours.value << " (libtorch " << ref.value << "), gradient "
+                                     << ours.grad << " (libtorch " << ref.grad << ")");
+  CHECK(within_torch(ours.value, ref.value));
+  CHECK(within_torch(ours.grad, ref.grad));
+}

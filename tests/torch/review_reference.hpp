@@ -60,6 +60,7 @@ struct TorchReview {
   }
 
   torch::Tensor bn(const std::string& prefix, const torch::Tensor& x) {
+    if (training) buffers[prefix + ".num_batches_tracked"] += 1;  // as nn.BatchNorm2d.forward
     return torch::batch_norm(x, params[prefix + ".weight"], params[prefix + ".bias"],
                              buffers[prefix + ".running_mean"], buffers[prefix + ".running_var"],
                              training, 0.1, 1e-5, false);

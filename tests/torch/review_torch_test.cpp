@@ -165,3 +165,68 @@ TEST_CASE("conv2d_3x3 (im2col and Winograd) and conv2d_1x1 equal libtorch's conv
     }
   }
 }
+
+TEST_CASE("BatchNorm2d buffers are nn.BatchNorm2d's state_dict buffers, num_batches_tracked too",
+          "[torch][review][batchnorm]") {
+  torch::nn::BatchNorm2d tbn(3);
+  tbn->to(torch::kFloat64);
+  mmkd::BatchNorm2d<double> bn({3});
+  std::vector<std::string> names, tnames;
+  for (auto& b : bn.buffers()) names.emplace_back(b.name);
+  for (auto& b : tbn->named_buffers()) tnames.push_back(b.key());
+  CHECK(names == tnames);
+  const Matrix<double> x = random_matrix<double>(2 * 3, 4 * 5, 1);
+  const auto tx = torch::from_blob(const_cast<double*>(x.data()), {2, 3, 4, 5}, torch::kFloat64);
+  for (int step = 0; step < 3; ++step) {
+    bn.forward(mmkd::ConstTensor4Ref<double>(x.data(), 2, 3, 4, 5));
+    tbn->forward(tx);
+  }
+  bn.eval();
+  tbn->eval();
+  bn.forward(mmkd::ConstTensor4Ref<double>(x.data(), 2, 3, 4, 5));
+  tbn->forward(tx);
+  const auto tbuf = tbn->named_buffers();
+  for (auto& b : bn.buffers()) {
+    INFO(b.name);
+    const auto t = tbuf[b.name].to(torch::kFloat64).flatten().contiguous();
+    for (Index k = 0; k < b.value.size(); ++k)
+      CHECK(b.value.data()[k] == Approx(t[k].item<double>()).epsilon(1e-12));
+  }
+}
+
+TEST_CASE("HierarchicalContextLoss in float32 is as accurate as libtorch's",
+          "[torch][review][float32]") {
+  // Feature maps with a common offset of 1e4 (the MSE of two large, close maps) and without.
+  for (double offset : {0.0, 1e4}) {
+    INFO("offset " << offset);
+    Tensor4 fs = random_map<double>(2, 3, 8, 8, 1), ft = random_map<double>(2, 3, 8, 8, 2);
+    for (Index k = 0; k < fs.size(); ++k) {
+      fs.data()[k] = double(float(fs.data()[k] + offset));
+      ft.data()[k] = double(float(ft.data()[k] + offset));
+    }
+    const mmkd::Tensor4<float> fsf = fs.cast<float>(), ftf = ft.cast<float>();
+    Tensor4 g64(2, 3, 8, 8);
+    mmkd::Tensor4<float> g32(2, 3, 8, 8);
+    g64.setZero();
+    g32.setZero();
+    mmkd::HierarchicalContextLoss<double> hcl64;
+    mmkd::HierarchicalContextLoss<float> hcl32;
+    const double v64 = hcl64.value_and_grad({fs}, {ft}, {g64});
+    const double v32 = hcl32.value_and_grad({fsf}, {ftf}, {g32});
+    const mmkd::Tensor4<double> g32d = g32.cast<double>();
+    const FloatError ours = float_error(v32, v64, flat(g32d), flat(g64));
+    auto x64 = to_torch4(fs, true);
+    auto x32 = to_torch4(fs).to(torch::kFloat32).set_requires_grad(true);
+    const auto l64 = mmkd_torch::torch_hcl({x64}, {to_torch4(ft)});
+    const auto l32 = mmkd_torch::torch_hcl({x32}, {to_torch4(ft).to(torch::kFloat32)});
+    l64.backward();
+    l32.backward();
+    const FloatError ref =
+        float_error(l32.item<double>(), l64.item<double>(), from_torch(x32.grad().reshape({6, 64})),
+                    from_torch(x64.grad().reshape({6, 64})));
+    INFO("value error " << ours.value << " (libtorch " << ref.value << "), gradient " << ours.grad
+                        << " (libtorch " << ref.grad << ")");
+    CHECK(within_torch(ours.value, ref.value));
+    CHECK(within_torch(ours.grad, ref.grad));
+  }
+}

@@ -106,15 +106,53 @@ inline torch::Tensor torch_clip(const torch::Tensor& q, const torch::Tensor& k, 
   return loss;
 }
 
-/// SEED's soft cross-entropy over the dictionary [teacher; queue].
-inline torch::Tensor torch_seed(const torch::Tensor& s, const torch::Tensor& t,
-                                const torch::Tensor& queue, double tau_s, double tau_t) {
+/// SEED as its code runs (jacobswan1/SEED, `SEED.forward`, `_dequeue_and_enqueue`,
+/// `soft_cross_entropy`): normalised embeddings, the queue stored as D x K columns, sample i
+/// scored against [its own teacher embedding; the queue], the teacher softmax at tau_t, the
+/// student log-softmax at tau_s, the sum divided by N, then the teacher batch enqueued at a
+/// moving pointer.
+struct TorchSeed {
+  torch::Tensor queue;  // D x K, unit columns
+  std::int64_t ptr = 0;
+  double tau_s, tau_t;
+
+  torch::Tensor loss(const torch::Tensor& s, const torch::Tensor& t) const {
+    const auto s_emb = F::normalize(s, F::NormalizeFuncOptions().dim(1));
+    const auto t_emb = F::normalize(t, F::NormalizeFuncOptions().dim(1)).detach();
+    auto logit_stu = torch::cat({(s_emb * t_emb).sum(1, true), torch::mm(s_emb, queue)}, 1);
+    auto logit_tea = torch::cat({(t_emb * t_emb).sum(1, true), torch::mm(t_emb, queue)}, 1);
+    logit_stu = logit_stu / tau_s;
+    const auto target = torch::softmax(logit_tea / tau_t, 1);
+    return -(target * torch::log_softmax(logit_stu, 1)).sum() / double(s.size(0));
+  }
+  /// The loss of one training step, then the teacher batch enqueued.
+  torch::Tensor step(const torch::Tensor& s, const torch::Tensor& t) {
+    const auto l = loss(s, t);
+    const auto t_emb = F::normalize(t, F::NormalizeFuncOptions().dim(1)).detach();
+    const std::int64_t bs = t_emb.size(0);
+    queue = queue.clone();  // SEED writes in place; the loss's graph keeps the old queue
+    queue.narrow(1, ptr, bs).copy_(t_emb.t());
+    ptr = (ptr + bs) % queue.size(1);
+    return l;
+  }
+};
+
+/// The batch-dictionary reading: every sample against [all teacher embeddings; queue].
+inline torch::Tensor torch_seed_batch(const torch::Tensor& s, const torch::Tensor& t,
+                                      const torch::Tensor& queue, double tau_s, double tau_t) {
   const auto dict = F::normalize(torch::cat({t, queue}), F::NormalizeFuncOptions().dim(1));
   const auto u = F::normalize(s, F::NormalizeFuncOptions().dim(1));
   const auto vt = F::normalize(t, F::NormalizeFuncOptions().dim(1));
   const auto target = torch::softmax(torch::mm(vt, dict.t()) / tau_t, 1);
   return -(target * torch::log_softmax(torch::mm(u, dict.t()) / tau_s, 1)).sum() /
          double(s.size(0));
+}
+
+/// SEED's loss for one batch against a fixed queue (K x D rows), without enqueueing.
+inline torch::Tensor torch_seed(const torch::Tensor& s, const torch::Tensor& t,
+                                const torch::Tensor& queue, double tau_s, double tau_t) {
+  const TorchSeed ref{F::normalize(queue, F::NormalizeFuncOptions().dim(1)).t(), 0, tau_s, tau_t};
+  return ref.loss(s, t);
 }
 
 }  // namespace mmkd_torch

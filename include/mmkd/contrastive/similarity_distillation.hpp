@@ -12,27 +12,43 @@
 
 namespace mmkd {
 
+/// Which embeddings each sample's similarity distribution runs over.
+enum class SimilarityDictionary {
+  PositiveAndQueue,  //!< [v_i; queue] for sample i: SEED's dictionary (the default)
+  BatchAndQueue,     //!< [v_1 … v_N; queue] for every sample: the batch's teachers as negatives
+};
+
 /**
  * Similarity distillation (the CMD loss; SEED-style): the student matches the teacher's
  * similarity distribution over a dictionary of teacher embeddings, by soft cross-entropy.
  *
- *     U = normalize(student), V = normalize(teacher) (both N x D), Dict = [V; queue] (M x D,
- * normalised) P = rowsoftmax(V Dictᵀ / tau_t)  (target, constant),   B = U Dictᵀ / tau_s L = weight
- * · (1/N) Σ_i Σ_j −P_ij log softmax(B_i)_j
+ *     U = normalize(student), V = normalize(teacher) (N x D), Q = normalize(queue) (K x D)
+ *     PositiveAndQueue:  A_i = [v_i·v_i, v_i Qᵀ] / tau_t,  B_i = [u_i·v_i, u_i Qᵀ] / tau_s
+ *     BatchAndQueue:     A_i = v_i [V; Q]ᵀ / tau_t,        B_i = u_i [V; Q]ᵀ / tau_s
+ *     P_i = softmax(A_i) (target, constant),   L = weight · (1/N) Σ_i Σ_j −P_ij log softmax(B_i)_j
  *
- * As SEED (`soft_cross_entropy`, jacobswan1/SEED) with the teacher batch itself in the dictionary
- * (its column i is the teacher's self-similarity). As tau_t → 0 the target becomes one-hot on
- * j = i and L is one-directional InfoNCE of the student against the dictionary. Defaults
- * tau_s = tau_t = 0.07: the paper appears to use one temperature (SEED's own are 0.2 and 1e-4).
- * The optional queue is an `EmbeddingQueue` of past teacher embeddings (or any K x D matrix).
+ * `PositiveAndQueue` is SEED exactly (jacobswan1/SEED, `SEED.forward` + `soft_cross_entropy`):
+ * sample i is scored against its own teacher embedding and the queue. `BatchAndQueue` puts the
+ * other samples' teacher embeddings in the dictionary as extra negatives (the in-batch reading of
+ * the CMCD paper's Eq. 2; with an empty queue it needs no queue at all). The CMCD paper's text
+ * gives no temperatures, so the defaults are SEED's: tau_s = 0.2 (its `--temp`) and
+ * tau_t = 1e-4 (its `--distill-t`). The queue is an `EmbeddingQueue` of past teacher embeddings
+ * (or any K x D matrix). SEED starts its queue from random unit vectors; an `EmbeddingQueue`
+ * starts empty, and that works: with no queue rows `PositiveAndQueue` has one column per sample,
+ * so the loss and gradient are 0 until the first `push`. The usual step is value_and_grad, then
+ * `queue.push(teacher)`, as SEED enqueues after computing its logits.
  *
- * Gradient: dL/dB = (softmax(B) − P)/N, dL/dU = (1/tau_s) dL/dB · Dict, then through the
- * normalisation; the teacher and the queue are constants. B and the gradient are GEMMs; the
- * row terms use the same KL kernel as `LogitKD` (CE = KL + H(P)).
+ * Gradient: dL/dB = (softmax(B) − P)/N; dL/du_i = (1/tau_s) Σ_j dL/dB_ij d_j (d_j the
+ * dictionary rows of sample i), then through the normalisation; the teacher and the queue are
+ * constants. The similarities and the gradient are GEMMs. Each row's cross-entropy is computed as
+ * Σ_j P_ij (max B_i − B_ij) + log Σ_j exp(B_ij − max B_i): no term is formed at A's magnitude
+ * (1e4 at tau_t = 1e-4), so nothing cancels.
+ *
+ * After each call, `row_values()` holds each sample's weight · CE_i.
  *
  * **Example**:
  * @code
- * mmkd::SimilarityDistillation<float> cmd;
+ * mmkd::SimilarityDistillation<float> cmd;              // SEED: tau_s 0.2, tau_t 1e-4
  * mmkd::EmbeddingQueue<float> queue(4096, D);
  * float loss = cmd.value_and_grad(student_emb, teacher_emb, queue, d_student_emb);
  * queue.push(teacher_emb);
@@ -42,11 +58,12 @@ template <class Scalar = float>
 class SimilarityDistillation : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
-    Scalar tau_s = Scalar(0.07);  //!< student temperature > 0
-    Scalar tau_t = Scalar(0.07);  //!< teacher temperature > 0
+    Scalar tau_s = Scalar(0.2);   //!< student temperature > 0
+    Scalar tau_t = Scalar(1e-4);  //!< teacher temperature > 0
     bool normalize = true;        //!< L2-normalise student, teacher and queue rows
     Scalar eps = Scalar(1e-12);   //!< norm guard, > 0
     Scalar weight = Scalar(1);    //!< ≥ 0
+    SimilarityDictionary dictionary = SimilarityDictionary::PositiveAndQueue;
   };
 
   SimilarityDistillation() : SimilarityDistillation(Options{}) {}
@@ -82,6 +99,9 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
     return run(student, teacher, &q, &d_student);
   }
 
+  //! weight · CE_i of each sample of the last call.
+  const Vector<Scalar>& row_values() const { return ws_.row_value; }
+
   //! Frees the scratch memory kept between calls.
   void release_workspace() {
     u_ = dict_ = a_ = b_ = du_ = dx_ = Matrix<Scalar>();
@@ -102,12 +122,15 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
     detail::check_positive(kName, "tau_t", options_.tau_t);
     detail::check_positive(kName, "eps", options_.eps);
     detail::check_nonnegative(kName, "weight", options_.weight);
+    detail::check_enum(kName, "dictionary", options_.dictionary, 2);
   }
 
   Scalar run(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
              const QueueView* queue, MatrixRef<Scalar>* ds) {
     validate();
-    const Index n = s.rows(), d = s.cols(), kq = queue ? queue->rows() : 0, m = n + kq;
+    const Index n = s.rows(), d = s.cols(), kq = queue ? queue->rows() : 0;
+    const bool positive = options_.dictionary == SimilarityDictionary::PositiveAndQueue;
+    const Index m = (positive ? 1 : n) + kq;  // columns of A and B
     detail::check_nonempty(kName, "student", n, d);
     detail::check_shape(kName, "teacher", t, n, d, "same as student");
     if (queue && queue->cols() != d && kq > 0) {
@@ -118,9 +141,9 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
 
     // Dictionary [V; queue] and the student rows, normalised.
     norms_.resize(n);
-    dict_norms_.resize(m);
+    dict_norms_.resize(n + kq);
     u_.resize(n, d);
-    dict_.resize(m, d);
+    dict_.resize(n + kq, d);
     if (options_.normalize) {  // straight into the dictionary: no separate copy pass
       l2_normalize_rows(s, u_, norms_, options_.eps);
       l2_normalize_rows(t, dict_.topRows(n), dict_norms_.head(n), options_.eps);
@@ -131,32 +154,50 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
       dict_.topRows(n) = t;
       if (kq > 0) dict_.bottomRows(kq) = *queue;
     }
-    // Logits already divided by their temperatures: the KL kernel then runs at T = 1.
+    const auto v = dict_.topRows(n);
+    const auto q = dict_.bottomRows(kq);
+    const Scalar inv_ts = Scalar(1) / options_.tau_s, inv_tt = Scalar(1) / options_.tau_t;
+    // Similarities already divided by their temperatures.
     a_.resize(n, m);
     b_.resize(n, m);
-    detail::tiled_product(a_, dict_.topRows(n), dict_.transpose(), Scalar(1) / options_.tau_t,
-                          false);
-    detail::tiled_product(b_, u_, dict_.transpose(), Scalar(1) / options_.tau_s, false);
+    if (positive) {
+      a_.col(0) = v.rowwise().squaredNorm() * inv_tt;
+      b_.col(0) = u_.cwiseProduct(v).rowwise().sum() * inv_ts;
+      if (kq > 0) {
+        detail::tiled_product(a_.rightCols(kq), v, q.transpose(), inv_tt, false);
+        detail::tiled_product(b_.rightCols(kq), u_, q.transpose(), inv_ts, false);
+      }
+    } else {
+      detail::tiled_product(a_, v, dict_.transpose(), inv_tt, false);
+      detail::tiled_product(b_, u_, dict_.transpose(), inv_ts, false);
+    }
 
     const Scalar c = options_.weight / Scalar(n);
     ws_.prepare(n, m, ds ? 1 : 0, 2);
-    // Soft CE = KL(P ‖ Q) + H(P), H(P)_i = lse(A_i) − Σ_j P_ij A_ij, taken from the kernel's
-    // exp(A_i − max) while it is in cache.
-    entropy_.resize(n);
-    detail::kd_rows(
-        b_, a_, Scalar(1), [](Index) { return true; }, ws_, ds ? 0 : -1, -1,
-        [c](Index) { return c; },
-        [&](Index i, const detail::KlRow<Scalar>& r, const detail::RowMap<Scalar>& et) {
-          entropy_(i) = r.t.lse() - (et * a_.row(i).array()).sum() / r.t.sum;
-        });
-    const Scalar entropy = entropy_.sum();
-    const Scalar raw = ws_.row_value.sum() + entropy;
+    detail::parallel_for(n, m, [&](Index i, int thread) {
+      auto eb = ds ? ws_.grad_row(0, i) : ws_.buffer(thread, 2, 0);
+      auto ea = ws_.buffer(thread, 2, 1);
+      const auto arow = detail::const_row_map(a_, i), brow = detail::const_row_map(b_, i);
+      const auto sa = detail::shifted_exp(arow, Scalar(1), ea);
+      detail::ShiftedExp<Scalar> sb;
+      ws_.row_value(i) =
+          detail::soft_ce_row(brow, Scalar(1), ea, Scalar(1) / sa.sum, Scalar(1), sb, eb);
+      if (ds) eb = eb * (c / sb.sum) - ea * (c / sa.sum);  // c (softmax(B_i) − P_i)
+    });
+    const Scalar raw = ws_.row_value.sum();
     if (!std::isfinite(raw)) diagnose(s, t);
     const Scalar value = detail::scaled_value(kName, c, raw, Scalar(0));
+    ws_.row_value *= options_.weight;
     if (ds) {
-      // dL/dU = (1/tau_s) dL/dB · Dict; the kernel left dL/dB in the scratch gradient rows.
+      // dL/dU = (1/tau_s) dL/dB · Dict_i; the row kernel left dL/dB in the scratch gradient rows.
       du_.resize(n, d);
-      detail::tiled_product(du_, ws_.grad_matrix(0), dict_, Scalar(1) / options_.tau_s, false);
+      const auto g = ws_.grad_matrix(0);
+      if (positive) {
+        du_ = (g.col(0).asDiagonal() * v) * inv_ts;
+        if (kq > 0) detail::tiled_product(du_, g.rightCols(kq), q, inv_ts, true);
+      } else {
+        detail::tiled_product(du_, g, dict_, inv_ts, false);
+      }
       if (options_.normalize) {
         dx_.setZero(n, d);
         l2_normalize_rows_backward(u_, norms_, du_, dx_, options_.eps);
@@ -181,7 +222,7 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
 
   Options options_;
   Matrix<Scalar> u_, dict_, a_, b_, du_, dx_;
-  Vector<Scalar> norms_, dict_norms_, entropy_;
+  Vector<Scalar> norms_, dict_norms_;
   detail::RowWorkspace<Scalar> ws_;
 };
 

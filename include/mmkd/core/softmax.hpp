@@ -48,7 +48,8 @@ void softmax(const Eigen::MatrixBase<D1>& logits, const Eigen::MatrixBase<D2>& o
   }
 }
 
-/// Row-wise log-softmax at a temperature, fused: out_ik = x_ik/T - log Σ_j exp(x_ij/T).
+/// Row-wise log-softmax at a temperature, fused: out_ik = x_ik/T - log Σ_j exp(x_ij/T), computed
+/// as (x_ik − max x_i)/T − log Σ_j exp((x_ij − max x_i)/T), so logits around ±1e4 lose nothing.
 template <class D1, class D2>
 void log_softmax(const Eigen::MatrixBase<D1>& logits, const Eigen::MatrixBase<D2>& out_,
                  typename D1::Scalar temperature = 1) {
@@ -58,8 +59,9 @@ void log_softmax(const Eigen::MatrixBase<D1>& logits, const Eigen::MatrixBase<D2
   detail::check_shape("log_softmax", "out", out, logits.rows(), logits.cols(), "same as logits");
   const T inv_t = T(1) / temperature;
   for (Index i = 0; i < logits.rows(); ++i) {
-    const T lse = detail::log_sum_exp_row(logits.row(i).array(), inv_t);
-    out.row(i) = (logits.row(i).array() * inv_t - lse).matrix();
+    const T xm = detail::row_max(logits.row(i).array());
+    const T rel = detail::log_sum_exp_row((logits.row(i).array() - xm), inv_t);  // max is 0
+    out.row(i) = ((logits.row(i).array() - xm) * inv_t - rel).matrix();
   }
 }
 

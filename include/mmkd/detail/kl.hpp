@@ -13,32 +13,55 @@ namespace detail {
 template <class T>
 struct KlRow {
   T value;             // KL, +inf when the student rules out a class the teacher does not
-  ShiftedExp<T> s, t;  // es = exp(s/T − s.max), et = exp(t/T − t.max)
+  ShiftedExp<T> s, t;  // es = exp((s − max s)/T), et = exp((t − max t)/T)
 };
 
 /// Computes one row of the KL stably and leaves the unnormalised softmax factors in `es`, `et`
 /// (p_s = es / s.sum, p_t = et / t.sum).
 ///
-///   KL = Σ_k p_t,k (b_k − a_k) + lse(a) − lse(b),   a = s/T, b = t/T,
+///   KL = Σ_k p_t,k ((t_k − max t) − (s_k − max s)) / T + log s.sum − log t.sum,
 ///
-/// where a class with teacher logit −inf is ruled out: its term is 0 (0·log 0 = 0). The test is
-/// on the logit, not on et_k > 0: Eigen's vectorised exp clamps its argument, so exp(−inf) comes
-/// out as the smallest normal number rather than 0 (harmless in the sums, wrong as a test).
-/// With `exclude` ≥ 0 that class is left out of both distributions (DKD's non-target KL).
-/// Shared by every loss built on temperature KD, so they all have one KL kernel.
+/// every term taken from the max-shifted logits, shifted before the temperature, so a common offset
+/// of the row (logits around 1e4, where one float ulp is 1e-3) costs no precision: log-sum-exps are
+/// never formed at the offset's magnitude and subtracted. A class with teacher logit −inf is ruled
+/// out: its term is 0 (0·log 0 = 0). The test is on the logit, not on et_k > 0: Eigen's vectorised
+/// exp clamps its argument, so exp(−inf) comes out as the smallest normal number rather than 0
+/// (harmless in the sums, wrong as a test). With `exclude` ≥ 0 that class is left out of both
+/// distributions (DKD's non-target KL). Shared by every loss built on temperature KD, so they all
+/// have one KL kernel.
 template <class T, class S, class U, class ES, class ET>
 KlRow<T> kl_row(const Eigen::ArrayBase<S>& s, const Eigen::ArrayBase<U>& t, T inv_t, ES&& es,
                 ET&& et, Index exclude = -1) {
   KlRow<T> r;
   r.s = shifted_exp(s, inv_t, es, exclude);
   r.t = shifted_exp(t, inv_t, et, exclude);
-  T cross = (et * (t - s)).sum();  // vectorised; non-finite only if some logit is ±inf
+  const T ms = r.s.x_max, mt = r.t.x_max;
+  // vectorised; non-finite only if some logit is ±inf
+  T cross = (et * ((t - mt) - (s - ms))).sum() * inv_t;
   if (!std::isfinite(cross)) {
     constexpr T ninf = -std::numeric_limits<T>::infinity();
-    cross = (t > ninf).select(et * (t - s), T(0)).sum();
+    cross = (t > ninf).select(et * ((t - mt) - (s - ms)), T(0)).sum() * inv_t;
   }
-  r.value = cross * inv_t / r.t.sum + r.s.lse() - r.t.lse();
+  r.value = cross / r.t.sum + std::log(r.s.sum) - std::log(r.t.sum);
   return r;
+}
+
+/// One row of the soft cross-entropy −Σ_k y_k log softmax(a)_k, a = z/T, for a target y ≥ 0
+/// given as y = w · w_scale with Σ_k y_k = y_sum:
+///
+///   CE = Σ_k y_k (max z − z_k) / T + y_sum · log Σ_k exp((z_k − max z) / T),
+///
+/// a sum of non-negative terms, so nothing cancels however large the logits (against
+/// lse(a) − Σ y·a, which loses the logits' magnitude in ulps). A class with y_k = 0 adds 0 even
+/// at a_k = −inf. Leaves exp(a − max a) in `ez`, and its max and sum in `sz`.
+template <class T, class Z, class W, class EZ>
+T soft_ce_row(const Eigen::ArrayBase<Z>& z, T inv_t, const Eigen::ArrayBase<W>& w, T w_scale,
+              T y_sum, ShiftedExp<T>& sz, EZ&& ez) {
+  sz = shifted_exp(z, inv_t, ez);
+  const T m = sz.x_max;
+  T cross = (w * (m - z)).sum() * inv_t;
+  if (!std::isfinite(cross)) cross = (w > T(0)).select(w * (m - z), T(0)).sum() * inv_t;
+  return cross * w_scale + y_sum * std::log(sz.sum);
 }
 
 /// Why KD row i of (s, t) is not finite: a NaN/+Inf input, a row of -Inf, or a student -Inf where
@@ -84,11 +107,12 @@ void kd_rows(const MS& s, const MT& t, T inv_t, Rows&& rows, RowWorkspace<T>& ws
     hook(i, r, et);
     const T c = scale(i);
     if (slot_t >= 0) {
-      const T lse_s = r.s.lse(), lse_t = r.t.lse();
+      // log p_t − log p_s − KL from the shifted logits, as in kl_row
+      const T ms = r.s.x_max, mt = r.t.x_max;
+      const T shift = std::log(r.t.sum) - std::log(r.s.sum) + r.value;
       ws.grad_row(slot_t, i) =
           (trow > ninf)
-              .select((et / r.t.sum) * ((trow * inv_t - lse_t) - (srow * inv_t - lse_s) - r.value),
-                      T(0)) *
+              .select((et / r.t.sum) * (((trow - mt) - (srow - ms)) * inv_t - shift), T(0)) *
           c;
     }
     if (slot_s >= 0) es = es * (c / r.s.sum) - et * (c / r.t.sum);

@@ -78,11 +78,12 @@ struct ExpShifted {
   }
 };
 
-/// The shifted exponentials of one row: e_k = exp(x_k/T - max), sum = Σ e_k.
+/// The shifted exponentials of one row: e_k = exp((x_k − x_max)/T), max = x_max/T, sum = Σ e_k.
 template <class T>
 struct ShiftedExp {
   T max;
   T sum;
+  T x_max;  // the row's max before the temperature
   /// log Σ exp(x_k/T), -inf for a row of -inf, NaN if the row holds NaN or +inf.
   T lse() const { return max + std::log(sum); }
 };
@@ -105,19 +106,23 @@ T row_max(const Eigen::ArrayBase<X>& x, Index exclude = -1) {
   return m;
 }
 
-/// Writes e_k = exp(x_k * inv_t - m), m = max_k x_k * inv_t (inv_t > 0), into `e`. With
-/// `exclude` ≥ 0 that class is left out of the max and the sum (e_exclude = 0): the softmax over
-/// the other classes. A row of -inf gives e = 0, max = -inf; NaN or +inf propagates as NaN.
+/// Writes e_k = exp((x_k − x_max) · inv_t), x_max = max_k x_k (inv_t > 0), into `e`. The shift
+/// comes before the temperature: x_k − x_max is exact for logits near the max whatever their
+/// magnitude, so a common offset of the row (logits around 1e4) costs no precision, where
+/// x_k · inv_t would round at the offset's scale. With `exclude` ≥ 0 that class is left out of
+/// the max and the sum (e_exclude = 0): the softmax over the other classes. A row of -inf gives
+/// e = 0, max = -inf; NaN or +inf propagates as NaN.
 template <class X, class EOut, class T = typename X::Scalar>
 ShiftedExp<T> shifted_exp(const Eigen::ArrayBase<X>& x, T inv_t, EOut&& e, Index exclude = -1) {
-  const T m = row_max(x, exclude) * inv_t;  // max(x)*inv_t == max(x*inv_t): inv_t > 0 is monotone
+  const T xm = row_max(x, exclude);
+  const T m = xm * inv_t;  // max(x)*inv_t == max(x*inv_t): inv_t > 0 is monotone
   if (m == -std::numeric_limits<T>::infinity()) {
     e.setZero();
-    return {m, T(0)};
+    return {m, T(0), xm};
   }
-  e = (x * inv_t - m).unaryExpr(ExpShifted<T>());
+  e = ((x - xm) * inv_t).unaryExpr(ExpShifted<T>());
   if (exclude >= 0) e(exclude) = T(0);
-  return {m, e.sum()};
+  return {m, e.sum(), xm};
 }
 
 /// log(exp(x) + exp(y)) without overflow.
@@ -131,9 +136,9 @@ T log_add_exp(T x, T y) {
 /// log Σ_k exp(x_k * inv_t) without storing the exponentials.
 template <class X, class T = typename X::Scalar>
 T log_sum_exp_row(const Eigen::ArrayBase<X>& x, T inv_t) {
-  const T m = row_max(x) * inv_t;
+  const T xm = row_max(x), m = xm * inv_t;
   if (m == -std::numeric_limits<T>::infinity()) return m;
-  return m + std::log((x * inv_t - m).unaryExpr(ExpShifted<T>()).sum());
+  return m + std::log(((x - xm) * inv_t).unaryExpr(ExpShifted<T>()).sum());
 }
 
 template <class T>

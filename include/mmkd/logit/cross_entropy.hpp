@@ -9,64 +9,102 @@
 #include "mmkd/core/reduction.hpp"
 #include "mmkd/core/softmax.hpp"
 #include "mmkd/core/types.hpp"
+#include "mmkd/detail/kl.hpp"
 #include "mmkd/detail/row_loss.hpp"
 
 namespace mmkd {
 
 /**
- * Cross-entropy with hard labels and optional label smoothing: the supervised term that
- * usually accompanies a distillation loss.
+ * Cross-entropy with hard labels or soft (probability) targets, optional per-class weights and
+ * label smoothing: the supervised term that usually accompanies a distillation loss, equal to
+ * PyTorch `cross_entropy(logits, target, weight=w, label_smoothing=ε)`.
  *
- *     y_i = (1−ε)·onehot(g_i) + ε/C,    L = weight · (1/N') Σ_i ( −Σ_k y_ik log softmax(z_i)_k )
+ * Hard labels g_i, with y_i = (1−ε)·onehot(g_i) + ε/C and class weights w (all 1 by default):
  *
- * equal to PyTorch `cross_entropy(logits, labels, label_smoothing=ε)` with the default mean
- * reduction. For this loss the per-row term is the element, so `Reduction::Mean` and
- * `Reduction::BatchMean` coincide (mean over the N' rows that take part; a row mask plays the
- * part of PyTorch's `ignore_index`); `Reduction::Sum` sums. Gradient: dL/dz_i = c (p_i − y_i)
- * with c = weight/N'. A logit of −inf is a class the model rules out; it is allowed unless it is
- * the label or ε > 0 (then the loss is infinite and `NumericalError` is thrown).
+ *     ℓ_i = (1−ε)·w_g·(−log p_i,g) + (ε/C)·Σ_k w_k·(−log p_i,k),   p_i = softmax(z_i)
+ *     L   = weight · Σ_i ℓ_i / Σ_i w_{g_i}       (Mean = BatchMean; N' without class weights)
  *
- * \pre  logits N x C with N, C ≥ 1; labels N entries in [0, C) for the rows that take part;
- *       a mask has N entries, each 0 or 1; 0 ≤ label_smoothing ≤ 1; weight ≥ 0.
+ * Soft targets y_i (N x C, entries ≥ 0, smoothed as (1−ε)·y + ε/C):
+ *
+ *     ℓ_i = −Σ_k w_k·y_i,k·log p_i,k,            L = weight · Σ_i ℓ_i / N'
+ *
+ * (PyTorch divides probability-target losses by the batch size, not by the weights). The sums run
+ * over the N' rows that take part (a row mask plays the part of PyTorch's `ignore_index`);
+ * `Reduction::Sum` drops the division. Every term is computed as y_k·(max z − z_k) +
+ * y_k·log Σ exp(z − max z), a sum of non-negative parts, so logits of any magnitude (1e4 and
+ * beyond) lose nothing to cancellation. Gradient: dℓ_i/dz_i = (Σ_k ỹ_k)·p_i − ỹ_i with ỹ the
+ * weighted target. A logit of −inf is a class the model rules out; it is allowed unless its
+ * (weighted) target is positive (then the loss is infinite and `NumericalError` is thrown).
+ *
+ * After each call, `row_values()` holds weight·ℓ_i for every row (0 for masked rows): PyTorch's
+ * `reduction="none"`, for logging per token or sample without recomputation.
+ *
+ * \pre  logits N x C with N, C ≥ 1; labels N entries in [0, C) for the rows that take part, or
+ *       targets N x C, finite and ≥ 0; a mask has N entries, each 0 or 1;
+ *       0 ≤ label_smoothing ≤ 1; class_weights empty or C finite entries ≥ 0; weight ≥ 0.
  * \post `value_and_grad` adds the gradient (`+=`); on any exception nothing has been written.
+ *       A Mean whose denominator is 0 (no row, or class weights 0 at every label) is 0.
  *
  * **Example**:
  * @code
  * mmkd::CrossEntropy<float> ce({0.1f});          // label smoothing 0.1
  * float loss = ce.value_and_grad(logits, labels, d_logits);
+ * ce.options().class_weights = class_weights;    // C weights, as PyTorch's `weight`
+ * loss = ce.value_and_grad(logits, soft_targets, d_logits);  // N x C probabilities
  * @endcode
  */
 template <class Scalar = float>
 class CrossEntropy : detail::FloatingScalar<Scalar> {
  public:
   struct Options {
-    Scalar label_smoothing = Scalar(0);     //!< ε in [0, 1]
-    Reduction reduction = Reduction::Mean;  //!< Mean (= BatchMean) or Sum
-    Scalar weight = Scalar(1);              //!< ≥ 0, scales value and gradient
+    Scalar label_smoothing = Scalar(0);               //!< ε in [0, 1]
+    Reduction reduction = Reduction::Mean;            //!< Mean (= BatchMean) or Sum
+    Scalar weight = Scalar(1);                        //!< ≥ 0, scales value and gradient
+    Vector<Scalar> class_weights = Vector<Scalar>();  //!< empty (all 1) or C weights ≥ 0
   };
 
   CrossEntropy() : CrossEntropy(Options{}) {}
-  explicit CrossEntropy(const Options& options) : options_(options) { validate(); }
+  explicit CrossEntropy(const Options& options) : options_(options) { validate(-1); }
 
   Options& options() { return options_; }
   const Options& options() const { return options_; }
 
   Scalar value(const ConstMatrixRef<Scalar>& logits, const ConstLabelsRef& labels) {
-    return run(logits, labels, nullptr, nullptr);
+    return run(logits, &labels, nullptr, nullptr, nullptr);
   }
   Scalar value(const ConstMatrixRef<Scalar>& logits, const ConstLabelsRef& labels,
                const ConstRowMaskRef& mask) {
-    return run(logits, labels, &mask, nullptr);
+    return run(logits, &labels, nullptr, &mask, nullptr);
   }
   //! Returns the loss and adds dL/d(logits) to `d_logits`.
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& logits, const ConstLabelsRef& labels,
                         MatrixRef<Scalar> d_logits) {
-    return run(logits, labels, nullptr, &d_logits);
+    return run(logits, &labels, nullptr, nullptr, &d_logits);
   }
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& logits, const ConstLabelsRef& labels,
                         const ConstRowMaskRef& mask, MatrixRef<Scalar> d_logits) {
-    return run(logits, labels, &mask, &d_logits);
+    return run(logits, &labels, nullptr, &mask, &d_logits);
   }
+
+  //! Soft targets: `targets` is N x C (probabilities, or any entries ≥ 0).
+  Scalar value(const ConstMatrixRef<Scalar>& logits, const ConstMatrixRef<Scalar>& targets) {
+    return run(logits, nullptr, &targets, nullptr, nullptr);
+  }
+  Scalar value(const ConstMatrixRef<Scalar>& logits, const ConstMatrixRef<Scalar>& targets,
+               const ConstRowMaskRef& mask) {
+    return run(logits, nullptr, &targets, &mask, nullptr);
+  }
+  Scalar value_and_grad(const ConstMatrixRef<Scalar>& logits, const ConstMatrixRef<Scalar>& targets,
+                        MatrixRef<Scalar> d_logits) {
+    return run(logits, nullptr, &targets, nullptr, &d_logits);
+  }
+  Scalar value_and_grad(const ConstMatrixRef<Scalar>& logits, const ConstMatrixRef<Scalar>& targets,
+                        const ConstRowMaskRef& mask, MatrixRef<Scalar> d_logits) {
+    return run(logits, nullptr, &targets, &mask, &d_logits);
+  }
+
+  //! weight·ℓ_i of each row of the last call (0 for masked rows): `reduction="none"`.
+  const Vector<Scalar>& row_values() const { return ws_.row_value; }
 
   //! Frees the scratch memory kept between calls.
   void release_workspace() { ws_.release(); }
@@ -74,7 +112,7 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
  private:
   static constexpr const char* kName = "CrossEntropy";
 
-  void validate() const {
+  void validate(Index c) const {
     detail::check_enum(kName, "reduction", options_.reduction, 3);
     const Scalar eps = options_.label_smoothing;
     if (!(eps >= 0 && eps <= 1)) {
@@ -82,23 +120,67 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
                             "option label_smoothing must be in [0, 1], got " + std::to_string(eps));
     }
     detail::check_nonnegative(kName, "weight", options_.weight);
+    const auto& w = options_.class_weights;
+    if (c >= 0 && w.size() != 0 && w.size() != c) {
+      detail::throw_invalid(kName, "option class_weights has " + std::to_string(w.size()) +
+                                       " entries, expected 0 or " + std::to_string(c) +
+                                       " (one per class)");
+    }
+    for (Index k = 0; k < w.size(); ++k) {
+      if (!(w(k) >= 0) || !std::isfinite(w(k))) {
+        detail::throw_invalid(kName, "option class_weights[" + std::to_string(k) + "] is " +
+                                         std::to_string(w(k)) + ", expected finite and >= 0");
+      }
+    }
   }
 
-  Scalar run(const ConstMatrixRef<Scalar>& z, const ConstLabelsRef& labels,
-             const ConstRowMaskRef* mask, MatrixRef<Scalar>* dz) {
-    validate();
+  // Finite, non-negative soft targets in the rows that take part.
+  template <class Rows>
+  static void check_targets(const ConstMatrixRef<Scalar>& y, Rows&& rows) {
+    for (Index i = 0; i < y.rows(); ++i) {
+      if (!rows(i) || ((y.row(i).array() >= Scalar(0)).all() && y.row(i).allFinite())) continue;
+      for (Index k = 0; k < y.cols(); ++k) {
+        if (!(y(i, k) >= Scalar(0)) || !std::isfinite(y(i, k))) {
+          const std::string where = "targets[" + std::to_string(i) + "," + std::to_string(k) + "]";
+          detail::throw_invalid(
+              kName, (std::isfinite(y(i, k)) ? where + " is " + std::to_string(y(i, k))
+                                             : detail::element_str("targets", i, k, y(i, k))) +
+                         ", expected finite and >= 0");
+        }
+      }
+    }
+  }
+
+  Scalar run(const ConstMatrixRef<Scalar>& z, const ConstLabelsRef* labels,
+             const ConstMatrixRef<Scalar>* targets, const ConstRowMaskRef* mask,
+             MatrixRef<Scalar>* dz) {
     const Index n = z.rows(), c = z.cols();
+    validate(c);
     detail::check_nonempty(kName, "logits", n, c);
+    if (targets) detail::check_shape(kName, "targets", *targets, n, c, "same as logits");
     if (dz) detail::check_shape(kName, "d_logits", *dz, n, c, "same as logits");
     detail::RowSelect rows{mask ? mask->data() : nullptr};
     const Index used = mask ? detail::count_rows(kName, *mask, n) : n;
-    detail::check_labels(kName, labels, n, c, rows);
+    if (labels) detail::check_labels(kName, *labels, n, c, rows);
+    if (targets) check_targets(*targets, rows);
 
     const Scalar eps = options_.label_smoothing;
     const Scalar on = Scalar(1) - eps, off = eps / Scalar(c);
-    const Reduction red =
-        options_.reduction == Reduction::Sum ? Reduction::Sum : Reduction::BatchMean;
-    const Scalar factor = options_.weight * detail::reduction_scale<Scalar>(red, used, c);
+    const bool weighted = options_.class_weights.size() != 0;
+    const detail::ConstRowMap<Scalar> w(weighted ? options_.class_weights.data() : nullptr,
+                                        weighted ? c : 0);
+    const auto ones = detail::RowArray<Scalar>::Ones(c);
+    const Scalar w_sum = weighted ? w.sum() : Scalar(c);
+    // Mean over rows, or over the class weights at the labels (PyTorch's hard-label weighting).
+    Scalar denom = Scalar(used);
+    if (weighted && labels) {
+      denom = 0;
+      for (Index i = 0; i < n; ++i)
+        if (rows(i)) denom += w((*labels)(i));
+    }
+    const Scalar factor = options_.weight * (options_.reduction == Reduction::Sum
+                                                 ? Scalar(used > 0)
+                                                 : (denom > 0 ? Scalar(1) / denom : Scalar(0)));
 
     ws_.prepare(n, c, dz ? 1 : 0, 1);
     detail::parallel_for(n, c, [&](Index i, int thread) {
@@ -106,38 +188,90 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
         ws_.row_value(i) = Scalar(0);
         return;
       }
-      const Index g = labels(i);
       const auto zrow = detail::const_row_map(z, i);
       auto e = dz ? ws_.grad_row(0, i) : ws_.buffer(thread, 1, 0);
-      const auto st = detail::shifted_exp(zrow, Scalar(1), e);
-      // −Σ y_k log p_k = lse − (1−ε) z_g − (ε/C) Σ_k z_k
-      Scalar loss = st.lse() - on * zrow(g);
-      if (eps > 0) loss -= off * zrow.sum();
-      ws_.row_value(i) = loss;
-      if (dz) {
-        e = e * (factor / st.sum) - factor * off;
-        e(g) -= factor * on;
+      detail::ShiftedExp<Scalar> st;
+      Scalar loss, y_sum;
+      if (labels) {
+        // ℓ = (1−ε)·w_g·(max z − z_g) + (ε/C)·Σ_k w_k (max z − z_k) + ỹ_sum·log Σ exp(z − max z)
+        const Index g = (*labels)(i);
+        const Scalar wg = weighted ? w(g) : Scalar(1);
+        y_sum = on * wg + off * w_sum;
+        if (eps > 0) {
+          loss = weighted ? detail::soft_ce_row(zrow, Scalar(1), w, off, y_sum, st, e)
+                          : detail::soft_ce_row(zrow, Scalar(1), ones, off, y_sum, st, e);
+        } else {
+          st = detail::shifted_exp(zrow, Scalar(1), e);
+          loss = y_sum * std::log(st.sum);
+        }
+        if (on * wg > 0) loss += on * wg * (st.x_max - zrow(g));
+        if (dz) {
+          e *= factor * y_sum / st.sum;
+          if (eps > 0 && weighted) e -= (factor * off) * w;
+          if (eps > 0 && !weighted) e -= factor * off;
+          e(g) -= factor * on * wg;
+        }
+      } else {
+        // ℓ = Σ_k ỹ_k (max z − z_k) + ỹ_sum·log Σ exp(z − max z), ỹ = w ⊙ ((1−ε) y + ε/C)
+        const auto yrow = detail::const_row_map(*targets, i);
+        if (weighted) {
+          y_sum = on * (w * yrow).sum() + off * w_sum;
+          loss =
+              detail::soft_ce_row(zrow, Scalar(1), w * (on * yrow + off), Scalar(1), y_sum, st, e);
+        } else {
+          y_sum = on * yrow.sum() + off * Scalar(c);
+          loss = detail::soft_ce_row(zrow, Scalar(1), on * yrow + off, Scalar(1), y_sum, st, e);
+        }
+        if (dz) {
+          e *= factor * y_sum / st.sum;
+          if (weighted) {
+            e -= factor * (w * (on * yrow + off));
+          } else {
+            e -= factor * (on * yrow + off);
+          }
+        }
       }
+      ws_.row_value(i) = loss;
     });
 
     const Scalar raw = ws_.row_value.sum();
-    if (!std::isfinite(raw)) diagnose(z, labels, rows);
-    const Scalar value = detail::scaled_value(kName, factor, raw, dz ? 2 * factor : Scalar(0));
+    if (!std::isfinite(raw)) diagnose(z, labels, targets, rows);
+    // Gradient elements are factor · (ỹ_sum·p_k − ỹ_k), at most factor · max ỹ_sum.
+    const Scalar y_max =
+        (weighted ? options_.class_weights.maxCoeff() : Scalar(1)) *
+        (targets ? std::max(Scalar(1), max_target_sum(*targets, rows)) : Scalar(1));
+    const Scalar value =
+        detail::scaled_value(kName, factor, raw, dz ? 2 * factor * y_max : Scalar(0));
+    ws_.row_value *= options_.weight;
     if (dz) ws_.commit(0, *dz, rows);
     return value;
   }
 
-  [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& z, const ConstLabelsRef& labels,
-                             detail::RowSelect rows) const {
+  template <class Rows>
+  static Scalar max_target_sum(const ConstMatrixRef<Scalar>& y, Rows&& rows) {
+    Scalar m = 0;
+    for (Index i = 0; i < y.rows(); ++i)
+      if (rows(i)) m = std::max(m, y.row(i).sum());
+    return m;
+  }
+
+  [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& z, const ConstLabelsRef* labels,
+                             const ConstMatrixRef<Scalar>* targets, detail::RowSelect rows) const {
     constexpr Scalar ninf = -std::numeric_limits<Scalar>::infinity();
     const Index i = detail::first_nonfinite_row(ws_.row_value, rows);
     std::string why;
     if (i >= 0) {
       why = detail::bad_element_in_row("logits", z, i, true);
       if (why.empty()) why = detail::all_neg_inf_row("logits", z, i);
-      if (why.empty() && z(i, labels(i)) == ninf) {
-        why = detail::element_str("logits", i, labels(i), ninf) +
+      if (why.empty() && labels && z(i, (*labels)(i)) == ninf) {
+        why = detail::element_str("logits", i, (*labels)(i), ninf) +
               " at the label: the loss is infinite";
+      }
+      for (Index k = 0; why.empty() && targets && k < z.cols(); ++k) {
+        if (z(i, k) == ninf && (*targets)(i, k) > 0) {
+          why = detail::element_str("logits", i, k, ninf) +
+                " where the target is positive: the loss is infinite";
+        }
       }
       if (why.empty()) {
         why = detail::bad_element_in_row("logits", z, i, false);

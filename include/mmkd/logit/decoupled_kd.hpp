@@ -91,6 +91,9 @@ class DecoupledKD : detail::FloatingScalar<Scalar> {
     return run(student, teacher, labels, &mask, &d_student);
   }
 
+  //! weight·T²·(alpha·TCKD_i + beta·NCKD_i) of each row of the last call (0 for masked rows).
+  const Vector<Scalar>& row_values() const { return ws_.row_value; }
+
   //! Frees the scratch memory kept between calls.
   void release_workspace() { ws_.release(); }
 
@@ -144,8 +147,12 @@ class DecoupledKD : detail::FloatingScalar<Scalar> {
       const auto trow = detail::const_row_map(t, i);
       // NCKD is the KL over the non-target classes; es, et hold their unnormalised softmax.
       const auto r = detail::kl_row(srow, trow, inv_t, es, et, g);
-      const Scalar lse_so = r.s.lse(), lse_to = r.t.lse();
-      const Scalar a_g = srow(g) * inv_t, b_g = trow(g) * inv_t;
+      // The binary (target, rest) log-probabilities, relative to the row's max so that a large
+      // common offset of the logits costs no precision.
+      const Scalar cs = std::max(srow(g), r.s.x_max), ct = std::max(trow(g), r.t.x_max);
+      const Scalar a_g = (srow(g) - cs) * inv_t, b_g = (trow(g) - ct) * inv_t;  // ≤ 0
+      const Scalar lse_so = (r.s.x_max - cs) * inv_t + std::log(r.s.sum);
+      const Scalar lse_to = (r.t.x_max - ct) * inv_t + std::log(r.t.sum);
       const Scalar lse_s = detail::log_add_exp(a_g, lse_so);
       const Scalar lse_t = detail::log_add_exp(b_g, lse_to);
       const Scalar log_pg = a_g - lse_s, log_po = lse_so - lse_s;
@@ -172,6 +179,7 @@ class DecoupledKD : detail::FloatingScalar<Scalar> {
     if (!std::isfinite(raw)) diagnose(s, t, labels, rows);
     const Scalar value =
         detail::scaled_value(kName, factor, raw, ds ? 2 * g_scale * (alpha + beta) : Scalar(0));
+    ws_.row_value *= options_.weight * temp * temp;
     if (ds) ws_.commit(0, *ds, rows);
     return value;
   }

@@ -30,9 +30,11 @@ namespace mmkd {
  * Gradients:  dL/ds_i = weight · T²/N' · (1/T) (p_s,i − p_t,i), and, for online/mutual
  * distillation, dL/dt_i = weight · T²/N' · (1/T) p_t,i ⊙ (log p_t,i − log p_s,i − KL_i).
  *
- * Numerics: fused, max-subtracted log-softmax; a teacher logit of −inf is a class the teacher
- * rules out (probability 0, term 0). If the student rules out (−inf) a class the teacher does
- * not, the KL is infinite and `NumericalError` is thrown.
+ * Numerics: fused, max-subtracted log-softmax, and every term of the KL formed from the
+ * max-shifted logits, so a common offset of a row (logits around ±1e4) costs no precision in
+ * float. A teacher logit of −inf is a class the teacher rules out (probability 0, term 0). If the
+ * student rules out (−inf) a class the teacher does not, the KL is infinite and `NumericalError` is
+ * thrown.
  *
  * Token-level (LLM) distillation: pass rows = batch × sequence positions and a row mask that is
  * 0 at padding tokens; `BatchMean` then averages over the real tokens only, and masked rows are
@@ -104,6 +106,10 @@ class LogitKD : detail::FloatingScalar<Scalar> {
     return run(student, teacher, &mask, &d_student, &d_teacher);
   }
 
+  //! weight·T²·KL_i of each row of the last call (0 for masked rows), before the reduction:
+  //! PyTorch's `reduction="none"` summed over classes, for logging per token or sample.
+  const Vector<Scalar>& row_values() const { return ws_.row_value; }
+
   //! Frees the scratch memory kept between calls (the next call allocates it again).
   void release_workspace() { ws_.release(); }
 
@@ -148,6 +154,7 @@ class LogitKD : detail::FloatingScalar<Scalar> {
                                            std::to_string(i) +
                                            " (temperature too small for the scalar type)");
     }
+    ws_.row_value *= options_.weight * (options_.scale_by_t2 ? temp * temp : Scalar(1));
     if (ds) ws_.commit(gs, *ds, rows);
     if (dt) ws_.commit(gt, *dt, rows);
     return value;

@@ -32,7 +32,8 @@ enum class SaliencyKind {
  * pass them to `compute_removal`. When m is the only modality a sample has, removing it leaves
  * no information, and the drop-one prediction is taken as uniform: s_im = log C − H(p(t_i)).
  * Missing modalities (mask 0) score 0 and their logits are never read. The scores are constants
- * (no gradient), as in the paper.
+ * (no gradient): they are computed from the teacher's fixed logits only, so there is nothing to
+ * differentiate (the reference note's reading; the paper's text on this was not available).
  *
  * **Example**:
  * @code

@@ -21,7 +21,10 @@ namespace mmkd {
  *     KD_i(a, b) = T² · KL(softmax(b/T) ‖ softmax(a/T)),   KD(s, t) = (1/N) Σ_i KD_i(s_i, t_i)
  *
  * KD is exactly `LogitKD`'s (same T² and batch-mean conventions, same kernel). The weights w
- * (N x M) are an input and constants for the gradient (detached), as in the paper: build them
+ * (N x M) are an input and constants for the gradient (detached; the reference note's reading,
+ * not a statement of the paper, whose text was not available: weights computed from the
+ * teacher's fixed outputs carry no student gradient, and meta-learned ones get theirs from
+ * `ModalityWeightLearner`'s hypergradient, not from this loss). Build them
  * with `ModalitySaliency` + `ModalityWeighting` (fixed, population or instance-wise), or with
  * `ModalityWeightLearner` (meta-learned). A missing modality (mask 0) drops its auxiliary term:
  * its logits are never read and its gradient is exactly zero.

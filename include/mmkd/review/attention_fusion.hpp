@@ -249,14 +249,15 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
     return views(grad_w1_, bn1_.grad_weight_, bn1_.grad_bias_, grad_w2_, bn2_.grad_weight_,
                  bn2_.grad_bias_, grad_watt_, grad_batt_);
   }
-  //! conv1.1.running_mean, conv1.1.running_var, conv2.1.running_mean, conv2.1.running_var.
+  //! conv1.1.running_mean, conv1.1.running_var, conv1.1.num_batches_tracked, and the same three
+  //! of conv2.1 (PyTorch's state_dict names).
   std::vector<ParameterView<Scalar>> buffers() {
     auto v = [&](Index k, Matrix<Scalar>& m) {
       return ParameterView<Scalar>{names_[k].c_str(),
                                    Eigen::Map<Matrix<Scalar>>(m.data(), m.rows(), m.cols())};
     };
-    return {v(8, bn1_.running_mean_), v(9, bn1_.running_var_), v(10, bn2_.running_mean_),
-            v(11, bn2_.running_var_)};
+    return {v(8, bn1_.running_mean_),  v(9, bn1_.running_var_),  v(12, bn1_.num_batches_tracked_),
+            v(10, bn2_.running_mean_), v(11, bn2_.running_var_), v(13, bn2_.num_batches_tracked_)};
   }
 
  private:
@@ -290,7 +291,8 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
     for (const char* n :
          {"conv1.0.weight", "conv1.1.weight", "conv1.1.bias", "conv2.0.weight", "conv2.1.weight",
           "conv2.1.bias", "att_conv.0.weight", "att_conv.0.bias", "conv1.1.running_mean",
-          "conv1.1.running_var", "conv2.1.running_mean", "conv2.1.running_var"}) {
+          "conv1.1.running_var", "conv2.1.running_mean", "conv2.1.running_var",
+          "conv1.1.num_batches_tracked", "conv2.1.num_batches_tracked"}) {
       names_.push_back(prefix + n);
     }
     pending_w1_.resize(w1_.rows(), w1_.cols());

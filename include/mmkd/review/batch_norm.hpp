@@ -61,6 +61,7 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
     bias_.setZero(1, c);
     running_mean_.setZero(1, c);
     running_var_.setOnes(1, c);
+    num_batches_tracked_.setZero(1, 1);
     mean_.resize(c);
     var_.resize(c);
     inv_std_.resize(c);
@@ -132,9 +133,12 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
   std::vector<ParameterView<Scalar>> gradients() {
     return {view("weight", grad_weight_), view("bias", grad_bias_)};
   }
-  //! "running_mean" and "running_var", each 1 x C.
+  //! "running_mean" and "running_var", each 1 x C, and "num_batches_tracked" (1 x 1): PyTorch's
+  //! buffers, by name, so a `state_dict` round-trips. The count of train-mode forwards is kept in
+  //! the scalar type (exact up to 2^24 in float); it is informational here, as momentum is fixed.
   std::vector<ParameterView<Scalar>> buffers() {
-    return {view("running_mean", running_mean_), view("running_var", running_var_)};
+    return {view("running_mean", running_mean_), view("running_var", running_var_),
+            view("num_batches_tracked", num_batches_tracked_)};
   }
 
  private:
@@ -240,6 +244,7 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
   // The running-statistics update of the last train-mode forward_pending.
   void commit_forward() {
     if (!forward_training_) return;
+    num_batches_tracked_(0, 0) += Scalar(1);
     const double mom = options_.momentum, m = double(batch_m_);
     for (Index k = 0; k < options_.channels; ++k) {
       running_mean_(0, k) = Scalar((1 - mom) * double(running_mean_(0, k)) + mom * mean_(k));
@@ -318,6 +323,7 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
   Options options_;
   bool training_ = true, forward_training_ = true, has_forward_ = false;
   Matrix<Scalar> weight_, bias_, running_mean_, running_var_, grad_weight_, grad_bias_;
+  Matrix<Scalar> num_batches_tracked_;
   Matrix<Scalar> pending_weight_, pending_bias_;
   // Rounding allowance of the |y| and |dx| bounds (a few ulps; this is far more).
   static constexpr double kBoundMargin = 1.001;

@@ -33,8 +33,13 @@ enum class UniformityMode {
  * exact functional could not be read: Samples is the reference note's default. Needs at least
  * two points (N ≥ 2, or H·W ≥ 2 for SpatialTokens).
  *
- * Gradient (Samples): with ‖u_i − u_j‖² = 2 − 2 u_i·u_j and w the softmax over pairs of
- * 2t·u_i·u_j, dL/dU = 2t W U (W symmetric, zero diagonal), then through the row normalisation.
+ * Points are normalised as PyTorch's `F.normalize` does (x / max(‖x‖, eps)), so a zero row (an
+ * all-zero position after a ReLU, in SpatialTokens mode) stays 0 and the distance is taken as
+ * ‖u_i − u_j‖² = ‖u_i‖² + ‖u_j‖² − 2 u_i·u_j, not 2 − 2 u_i·u_j: L equals Wang & Isola's
+ * `lunif` on `F.normalize`d inputs, zero rows included.
+ *
+ * Gradient (Samples): with w the softmax over pairs of −t‖u_i − u_j‖²,
+ * dL/dU = 2t (W − diag(W·1)) U (W symmetric, zero diagonal), then through the row normalisation.
  * The Gram U Uᵀ is a rank-k update and W U a GEMM, both through Eigen.
  *
  * Reference:
@@ -82,7 +87,7 @@ class Uniformity : detail::FloatingScalar<Scalar> {
   //! Frees the scratch memory kept between calls.
   void release_workspace() {
     u_ = s_ = w_ = du_ = dx_ = x_ = Matrix<Scalar>();
-    row_max_ = row_sum_ = Vector<Scalar>();
+    row_max_ = row_sum_ = sq_norms_ = Vector<Scalar>();
     ws_.release();
   }
 
@@ -106,34 +111,41 @@ class Uniformity : detail::FloatingScalar<Scalar> {
     l2_normalize_rows(x, u_, norms_, options_.eps);
     s_.setZero(p, p);
     detail::tiled_rank_update(s_, u_, Scalar(1));
-    // The pairs i > j are row i's first i entries, contiguous: rows in parallel, their maxima
-    // and sums combined in row order.
+    // r_ij = −t ‖u_i − u_j‖² = 2t u_i·u_j − t ‖u_i‖² − t ‖u_j‖², the norms from the Gram's
+    // diagonal: a zero row (normalised to 0, as F.normalize does) is at distance 1 from a unit
+    // row, not 2. The pairs i > j are row i's first i entries, contiguous: rows in parallel, their
+    // maxima and sums combined in row order.
     constexpr Scalar ninf = -std::numeric_limits<Scalar>::infinity();
+    sq_norms_ = s_.diagonal();
     row_max_.resize(p);
     row_sum_.resize(p);
-    detail::parallel_for(p, p, [&](Index i, int) {
-      row_max_(i) = i > 0 ? s_.row(i).head(i).template maxCoeff<Eigen::PropagateNaN>() : ninf;
-    });
-    Scalar m = ninf;
-    for (Index i = 1; i < p; ++i) m = detail::max_nan(m, row_max_(i));
     w_.resize(p, p);
     detail::parallel_for(p, p, [&](Index i, int) {
       auto wi = w_.row(i);
-      wi.head(i) = (2 * t * (s_.row(i).head(i).array() - m))
-                       .unaryExpr(detail::ExpShifted<Scalar>())
+      wi.head(i) = (2 * t * s_.row(i).head(i).array() - t * s_(i, i) -
+                    t * sq_norms_.head(i).transpose().array())
                        .matrix();
       wi.tail(p - i).setZero();
+      row_max_(i) = i > 0 ? wi.head(i).array().template maxCoeff<Eigen::PropagateNaN>() : ninf;
+    });
+    Scalar m = ninf;
+    for (Index i = 1; i < p; ++i) m = detail::max_nan(m, row_max_(i));
+    detail::parallel_for(p, p, [&](Index i, int) {
+      auto wi = w_.row(i);
+      wi.head(i) = (wi.head(i).array() - m).unaryExpr(detail::ExpShifted<Scalar>()).matrix();
       row_sum_(i) = wi.head(i).sum();
     });
     Scalar z = 0;
     for (Index i = 1; i < p; ++i) z += row_sum_(i);
     const Scalar pairs = Scalar(p) * Scalar(p - 1) / 2;
-    const Scalar value = 2 * t * m + std::log(z) - 2 * t - std::log(pairs);
+    const Scalar value = m + std::log(z) - std::log(pairs);
     if (grad && std::isfinite(value)) {
-      // W symmetric with w_ij = softmax weight of pair (i, j); dL/dU = 2t W U.
+      // W symmetric with w_ij = softmax weight of pair (i, j); dL/dU = 2t (W − diag(W·1)) U.
       w_ /= z;  // lower triangle only; the product reads it as symmetric
       du_.resize(p, x.cols());
       detail::tiled_symmetric_product(du_, w_, u_, 2 * t * grad_scale, false);
+      sq_norms_ = w_.rowwise().sum() + w_.colwise().sum().transpose();  // W·1, W symmetric
+      du_ -= (2 * t * grad_scale) * (sq_norms_.asDiagonal() * u_);
       dx_.setZero(p, x.cols());
       l2_normalize_rows_backward(u_, norms_, du_, dx_, options_.eps);
     }
@@ -236,7 +248,8 @@ class Uniformity : detail::FloatingScalar<Scalar> {
 
   Options options_;
   Matrix<Scalar> u_, s_, w_, du_, dx_, x_, grad_;
-  Vector<Scalar> norms_, zeros_, row_max_, row_sum_;  // row_*: per-row pair maxima and sums
+  // row_*: per-row pair maxima and sums; sq_norms_: ‖u_i‖², then the row sums of W
+  Vector<Scalar> norms_, zeros_, row_max_, row_sum_, sq_norms_;
   detail::RowWorkspace<Scalar> ws_;
 };
 
