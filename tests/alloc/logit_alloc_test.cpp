@@ -12,7 +12,10 @@ TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][all
   Matrix<T> ds = Matrix<T>::Zero(64, 100), dt = Matrix<T>::Zero(64, 100);
   mmkd::LogitKD<T> kd;
   mmkd::DecoupledKD<T> dkd;
-  mmkd::CrossEntropy<T> ce;
+  mmkd::CrossEntropy<T> ce, ce_weighted;
+  ce_weighted.options().class_weights = random_matrix<T>(100, 1, 4).cwiseAbs();
+  ce_weighted.options().label_smoothing = T(0.1);
+  const Matrix<T> soft = t.cwiseAbs();
   for (int warm = 0; warm < 2; ++warm) {
     std::unique_ptr<NoMalloc> guard;
     if (warm == 1) guard = std::make_unique<NoMalloc>();
@@ -22,5 +25,8 @@ TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][all
     CHECK_NOTHROW(dkd.value(s, t, y));
     CHECK_NOTHROW(ce.value_and_grad(s, y, ds));
     CHECK_NOTHROW(ce.value(s, y, mask));
+    CHECK_NOTHROW(ce.value_and_grad(s, soft, mask, ds));
+    CHECK_NOTHROW(ce_weighted.value_and_grad(s, y, ds));
+    CHECK_NOTHROW(ce_weighted.value_and_grad(s, soft, ds));
   }
 }

@@ -26,6 +26,9 @@ TEMPLATE_TEST_CASE("structure and contrastive losses allocate nothing in steady 
   o.block_rows = 7;
   mmkd::InfoNCE<T> nce_stream(o);
   mmkd::SimilarityDistillation<T> seed;
+  typename mmkd::SimilarityDistillation<T>::Options batch_dict;
+  batch_dict.dictionary = mmkd::SimilarityDictionary::BatchAndQueue;
+  mmkd::SimilarityDistillation<T> seed_batch(batch_dict);
   mmkd::EmbeddingQueue<T> queue(16, d);
   queue.push(zt);
   for (int warm = 0; warm < 2; ++warm) {
@@ -39,6 +42,7 @@ TEMPLATE_TEST_CASE("structure and contrastive losses allocate nothing in steady 
     CHECK_NOTHROW(nce.value_and_grad(q, k, dq, dk));
     CHECK_NOTHROW(nce_stream.value_and_grad(q, k, dq, dk));
     CHECK_NOTHROW(seed.value_and_grad(q, z, queue, dq));
+    CHECK_NOTHROW(seed_batch.value_and_grad(q, z, queue, dq));
     CHECK_NOTHROW(queue.push(z.topRows(3)));
   }
 }

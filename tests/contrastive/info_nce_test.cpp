@@ -102,6 +102,17 @@ TEST_CASE("InfoNCE learnable temperature: gradient and the CLIP clamp", "[contra
   nce.value(q, k);
   CHECK(nce.parameters()[0].value(0, 0) == Approx(std::log(100.0)));
   CHECK(nce.temperature() == Approx(0.01));
+  // value() leaves θ's gradient alone; a call that throws leaves θ unclamped.
+  nce.zero_grad();
+  nce.value(q, k);
+  CHECK(nce.gradients()[0].value(0, 0) == 0);
+  nce.parameters()[0].value(0, 0) = 9;
+  Matrix<double> bad = q;
+  bad(2, 1) = std::numeric_limits<double>::quiet_NaN();
+  Matrix<double> dq = Matrix<double>::Zero(6, 3);
+  CHECK_THROWS_AS(nce.value_and_grad(bad, k, dq), mmkd::NumericalError);
+  CHECK(nce.parameters()[0].value(0, 0) == 9);
+  CHECK(nce.gradients()[0].value(0, 0) == 0);
 }
 
 TEST_CASE("InfoNCE invariants and extremes", "[contrastive][infonce]") {

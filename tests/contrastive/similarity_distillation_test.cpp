@@ -177,3 +177,20 @@ TEST_CASE("SimilarityDistillation rejects bad input and writes nothing",
   CHECK_THROWS_WITH(seed.value_and_grad(s, bad, g), "SimilarityDistillation: teacher[1,1] is +Inf");
   CHECK(bit_identical(g, g0));
 }
+
+TEST_CASE("EmbeddingQueue::push of its own rows", "[contrastive][queue]") {
+  mmkd::EmbeddingQueue<double> queue(4, 1);
+  Matrix<double> a(2, 1), b(4, 1);
+  a << 1, 2;
+  b << 5, 6, 7, 8;
+  queue.push(a);
+  queue.push(b);  // storage 7 8 5 6, the oldest (5) at row 2
+  Matrix<double> expect(4, 1);
+  expect << 7, 8, 5, 6;
+  REQUIRE(bit_identical(Matrix<double>(queue.embeddings()), expect));
+  // Pushing the stored rows in storage order writes 7, 8, 5, 6 from row 2 on: 5 6 7 8. Read in
+  // place instead, row 2 would be overwritten before it is read (7 8 7 8).
+  queue.push(queue.embeddings());
+  expect << 5, 6, 7, 8;
+  CHECK(bit_identical(Matrix<double>(queue.embeddings()), expect));
+}

@@ -144,3 +144,34 @@ TEST_CASE("every loss gives bit-identical results with 1 and 2 threads", "[core]
   }
 }
 #endif
+
+#if MMKD_HAS_OPENMP
+TEST_CASE("AttentionFusion in float is bit-identical with 1 and 2 threads at odd H·W",
+          "[core][parallel][review]") {
+  // Odd H·W puts each thread's scratch at a different alignment unless it is padded.
+  for (Index h : {7, 15}) {
+    INFO("H = W = " << h);
+    const mmkd::Tensor4<float> x = random_map<float>(6, 8, h, h, 1),
+                               res = random_map<float>(6, 8, h, h, 2),
+                               dy = random_map<float>(6, 4, h, h, 3);
+    auto run = [&](int threads, std::vector<Matrix<float>>& out) {
+      omp_set_num_threads(threads);
+      mmkd::AttentionFusion<float> abf({8, 8, 4, true, 5});
+      const mmkd::Tensor4<float> y = abf.forward(x, res);
+      mmkd::Tensor4<float> dx(x.dimensions()), dr(res.dimensions());
+      dx.setZero();
+      dr.setZero();
+      const mmkd::ConstTensor4Ref<float> none(nullptr, 0, 0, 0, 0);
+      abf.backward(dy, none, dx, dr);
+      out = {flat(y), flat(dx), flat(dr)};
+      for (auto& p : abf.gradients()) out.emplace_back(p.value);
+    };
+    std::vector<Matrix<float>> g1, g2;
+    run(1, g1);
+    run(2, g2);
+    omp_set_num_threads(2);
+    REQUIRE(g1.size() == g2.size());
+    for (std::size_t k = 0; k < g1.size(); ++k) CHECK(bit_identical(g1[k], g2[k]));
+  }
+}
+#endif

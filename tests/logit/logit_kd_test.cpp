@@ -363,3 +363,17 @@ TEST_CASE("LogitKD and DecoupledKD row_values are the per-row terms of the last 
   CHECK(rows.sum() / 3 == Approx(v).epsilon(1e-14));
   CHECK(rows_d.sum() / 3 == Approx(vd).epsilon(1e-14));
 }
+
+TEST_CASE("LogitKD: the README's overflow example throws", "[logit][kd][errors]") {
+  // weight 1e37 · T² = 16 · (1/N) · KL: the value 1.6e38 · KL is past float's 3.4e38 for KL > 2.1,
+  // and the gradient bound 2 · weight · T / N is 4e37 (finite), so the value decides. Rows whose KL
+  // is large: the student puts its mass on the teacher's least likely class.
+  Matrix<float> s(2, 3), t(2, 3);
+  s << 10, 0, -10, -10, 0, 10;
+  t << -10, 0, 10, 10, 0, -10;
+  mmkd::LogitKD<float> kd;
+  kd.options().weight = 1e37f;
+  Matrix<float> g = Matrix<float>::Zero(2, 3);
+  CHECK_THROWS_WITH(kd.value_and_grad(s, t, g), Catch::Contains("the loss overflows"));
+  CHECK(g.isZero(0));
+}

@@ -188,3 +188,66 @@ TEST_CASE("ModalitySpecificKD rejects bad input and writes nothing", "[multimoda
   CHECK(bit_identical(ds, ds0));
   CHECK(bit_identical(flat(dzs), dzs0));
 }
+
+TEST_CASE("Presence masks passed as strided views are read with their stride",
+          "[multimodal][msd][saliency][gram]") {
+  // A view of the first M columns of a wider mask binds to ConstPresenceMaskRef without a copy;
+  // every loss must give what the dense copy gives (the other columns are 0 and would drop
+  // modalities if read).
+  const Batch b = make_batch(6, 5, 3, 40);
+  mmkd::PresenceMask wide = mmkd::PresenceMask::Zero(6, 5);
+  wide.leftCols(3).setOnes();
+  wide(1, 2) = 0;
+  wide(4, 0) = 0;
+  const mmkd::PresenceMask dense = wide.leftCols(3);
+  const mmkd::ConstPresenceMaskRef view = wide.leftCols(3);
+  REQUIRE(view.data() == wide.data());  // no copy was made
+  mmkd::ModalitySpecificKD<double> msd;
+  const double v_dense = msd.value(b.s, b.t, b.zs, b.zt, b.w, dense);
+  CHECK(msd.value(b.s, b.t, b.zs, b.zt, b.w, view) == v_dense);
+  mmkd::ModalitySaliency<double> saliency({mmkd::SaliencyKind::Sufficiency});  // any M
+  const Matrix<double> s_dense = saliency.compute(b.t, b.zt, dense);
+  CHECK(bit_identical(saliency.compute(b.t, b.zt, view), s_dense));
+  mmkd::ModalityWeighting<double> weighting;
+  const Matrix<double> w_dense = weighting.compute(s_dense, dense);
+  CHECK(bit_identical(weighting.compute(s_dense, view), w_dense));
+  mmkd::ModalityGramKD<double> gram;
+  const double g_dense = gram.value(b.zs, b.zt, dense);
+  CHECK(gram.value(b.zs, b.zt, view) == g_dense);
+}
+
+TEST_CASE("Multimodal enum options out of range are rejected", "[multimodal][errors]") {
+  mmkd::ModalityGramKD<double>::Options g;
+  g.normalization = mmkd::GramNormalization(7);
+  CHECK_THROWS_WITH(mmkd::ModalityGramKD<double>(g),
+                    "ModalityGramKD: option normalization holds no valid value (7)");
+  g = {};
+  g.scope = mmkd::GramScope(7);
+  CHECK_THROWS_WITH(mmkd::ModalityGramKD<double>(g),
+                    "ModalityGramKD: option scope holds no valid value (7)");
+  mmkd::ModalitySaliency<double>::Options s;
+  s.kind = mmkd::SaliencyKind(7);
+  CHECK_THROWS_WITH(mmkd::ModalitySaliency<double>(s),
+                    "ModalitySaliency: option kind holds no valid value (7)");
+  mmkd::ModalityWeighting<double>::Options w;
+  w.scheme = mmkd::WeightScheme(7);
+  CHECK_THROWS_WITH(mmkd::ModalityWeighting<double>(w),
+                    "ModalityWeighting: option scheme holds no valid value (7)");
+  w = {};
+  w.normalization = mmkd::WeightNormalization(7);
+  CHECK_THROWS_WITH(mmkd::ModalityWeighting<double>(w),
+                    "ModalityWeighting: option normalization holds no valid value (7)");
+}
+
+TEST_CASE("ModalityGramKD value() throws instead of returning inf", "[multimodal][gram][errors]") {
+  // Raw Grams of embeddings of size 1e3 are about 1e5; their squared differences (finite) times
+  // a weight of 1e30 are not.
+  const Tensor3<float> s = random_stack<float>(3, 4, 5, 1, 1e3),
+                       t = random_stack<float>(3, 4, 6, 2, 1e3);
+  mmkd::ModalityGramKD<float>::Options o;
+  o.normalization = mmkd::GramNormalization::Raw;
+  mmkd::ModalityGramKD<float> gram(o);
+  REQUIRE(gram.value(s, t) > 1e8f);
+  gram.options().weight = 1e30f;
+  CHECK_THROWS_WITH(gram.value(s, t), Catch::Contains("the loss overflows"));
+}

@@ -158,3 +158,22 @@ TEST_CASE("HCL errors and non-finite input", "[review][hcl]") {
   CHECK(bit_identical(flat(g), g0));
   CHECK_THROWS_WITH(hcl.value_and_grad({s}, {s}, {}), Catch::Contains("grad has 0 entries"));
 }
+
+TEST_CASE("HCL throws instead of writing an overflowing gradient", "[review][hcl][errors]") {
+  // weight 2e38 in float: the value (weight · a small MSE) is finite, but the gradient
+  // 2·weight/tot · d / numel is not (and s = t would make it 0·inf = NaN).
+  const mmkd::Tensor4<float> s = random_map<double>(1, 2, 4, 4, 1).cast<float>(),
+                             t = random_map<double>(1, 2, 4, 4, 2).cast<float>();
+  mmkd::HierarchicalContextLoss<float>::Options o;
+  o.weight = 2e38f;
+  mmkd::HierarchicalContextLoss<float> hcl(o);
+  mmkd::Tensor4<float> g(1, 2, 4, 4);
+  g.setConstant(1.0f);
+  const Matrix<float> g0 = flat(g);
+  CHECK(std::isfinite(hcl.value({s}, {t}) / 2e38f));
+  for (const auto* teacher : {&t, &s}) {
+    CHECK_THROWS_WITH(hcl.value_and_grad({s}, {*teacher}, {g}),
+                      Catch::Contains("the gradient of stage 0 overflows"));
+    CHECK(bit_identical(flat(g), g0));
+  }
+}

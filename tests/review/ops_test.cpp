@@ -150,6 +150,15 @@ TEST_CASE(
     }
 }
 
+TEST_CASE("conv2d_3x3 rejects an algorithm out of range", "[review][ops][conv][errors]") {
+  const Matrix<double> x = random_matrix<double>(2, 9, 1), w = random_matrix<double>(1, 18, 2);
+  Matrix<double> y = Matrix<double>::Zero(1, 9), ws;
+  CHECK_THROWS_WITH(mmkd::conv2d_3x3<double>(map4(x, 1, 2, 3, 3), w, out4(y, 1, 1, 3, 3), ws,
+                                             mmkd::Conv3x3Algorithm(7)),
+                    "conv2d_3x3: option algorithm holds no valid value (7)");
+  CHECK(y.isZero(0));
+}
+
 TEST_CASE("nearest_resize and adaptive_avg_pool2d backward match finite differences",
           "[review][ops][resize]") {
   const std::pair<Index, Index> sizes[] = {{1, 4}, {3, 7}, {4, 8}, {7, 4}, {14, 4}, {5, 2}, {6, 6}};

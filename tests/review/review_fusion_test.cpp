@@ -2,6 +2,8 @@
 // chain through HCL for every feature and parameter, stage-naming errors and the strong
 // guarantee.
 
+#include <memory>
+
 #include "support.hpp"
 
 using namespace mmkd_test;
@@ -236,3 +238,25 @@ TEST_CASE("ReviewFusion + HCL give bit-identical results with 1 and 2 threads",
   for (std::size_t k = 0; k < one.size(); ++k) CHECK(bit_identical(one[k], two[k]));
 }
 #endif
+
+TEST_CASE("A copied ReviewFusion's outputs are its own", "[review][fusion]") {
+  auto original = std::make_unique<Review>(Review::Options{{4, 8}, {4, 8}, {8, 4}, {}, 8, 0});
+  const Chain c = make_chain(original->options(), 2, 3);
+  original->forward(Views(c.feats.begin(), c.feats.end()));
+  std::vector<Matrix<double>> expect;
+  for (const auto& o : original->outputs())
+    expect.push_back(Eigen::Map<const Matrix<double>>(o.data(), 1, o.size()));
+  Review copy(*original);
+  Review assigned({{4, 8}, {4, 8}, {8, 4}, {}, 8, 0});
+  assigned = *original;
+  original.reset();  // the copies must not view its freed buffers (ASan checks the reads)
+  for (const Review* r : {&copy, &assigned}) {
+    REQUIRE(r->outputs().size() == expect.size());
+    for (std::size_t k = 0; k < expect.size(); ++k) {
+      const auto& o = r->outputs()[k];
+      CHECK(o.data() == r->stage(Index(k)).output().data());
+      CHECK(bit_identical(Matrix<double>(Eigen::Map<const Matrix<double>>(o.data(), 1, o.size())),
+                          expect[k]));
+    }
+  }
+}

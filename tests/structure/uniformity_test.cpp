@@ -164,3 +164,42 @@ TEST_CASE("Uniformity on zero rows is lunif on F.normalize'd points", "[structur
   CHECK(close<double>(tokens.value(ConstTensor4Ref<double>(f.data(), n, c, h, w)), double(ref),
                       1e-12));
 }
+
+TEST_CASE("Structure enum options out of range are rejected; value() ignores stale gradients",
+          "[structure][errors]") {
+  mmkd::Uniformity<double>::Options u;
+  u.mode = UniformityMode(7);
+  CHECK_THROWS_WITH(mmkd::Uniformity<double>(u),
+                    "Uniformity: option mode holds no valid value (7)");
+  mmkd::ChannelDecorrelation<double>::Options c;
+  c.statistic = mmkd::ChannelStatistic(7);
+  CHECK_THROWS_WITH(mmkd::ChannelDecorrelation<double>(c),
+                    "ChannelDecorrelation: option statistic holds no valid value (7)");
+  c = {};
+  c.target = mmkd::DecorrelationTarget(7);
+  CHECK_THROWS_WITH(mmkd::ChannelDecorrelation<double>(c),
+                    "ChannelDecorrelation: option target holds no valid value (7)");
+  // A gradient that overflows makes value_and_grad throw; a later value() of the same object
+  // must not consult that call's gradient.
+  mmkd::Uniformity<float> unif;
+  unif.options().weight = 3e38f;
+  Matrix<float> x = random_matrix<float>(5, 3, 1);
+  Matrix<float> g = Matrix<float>::Zero(5, 3);
+  CHECK_THROWS_AS(unif.value_and_grad(x, g), mmkd::NumericalError);
+  CHECK(g.isZero(0));
+  unif.options().weight = 1;
+  const float v = unif.value(x);
+  CHECK(std::isfinite(v));
+  CHECK(v == Approx(double(ref_uniformity(x.cast<double>(), 2))).epsilon(1e-5));
+}
+
+TEST_CASE("ChannelDecorrelation value() throws instead of returning inf", "[structure][errors]") {
+  // Covariances of features of size 1e4 are about 1e7; their squares (1e14, finite) times a
+  // weight of 1e30 are not.
+  const Matrix<float> z = random_matrix<float>(8, 4, 3, 1e4);
+  mmkd::ChannelDecorrelation<float> decor;
+  decor.options().statistic = mmkd::ChannelStatistic::Covariance;
+  REQUIRE(decor.value(z) > 1e8f);
+  decor.options().weight = 1e30f;
+  CHECK_THROWS_WITH(decor.value(z), Catch::Contains("the loss overflows"));
+}

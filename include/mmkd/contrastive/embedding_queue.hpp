@@ -31,7 +31,8 @@ class EmbeddingQueue : detail::FloatingScalar<Scalar> {
   }
 
   //! Appends the rows of `embeddings` (B x dim), overwriting the oldest; with B > capacity only
-  //! the last `capacity` rows are kept.
+  //! the last `capacity` rows are kept. `embeddings` may be a view of this queue's own rows
+  //! (`q.push(q.embeddings())`): they are then copied first (into a buffer kept for such calls).
   void push(const ConstMatrixRef<Scalar>& embeddings) {
     if (embeddings.cols() != dim()) {
       detail::throw_invalid(kName, "embeddings has width " + std::to_string(embeddings.cols()) +
@@ -39,11 +40,14 @@ class EmbeddingQueue : detail::FloatingScalar<Scalar> {
     }
     if (!detail::all_finite(embeddings))
       detail::throw_invalid(kName, "embeddings hold a non-finite value");
-    const Index b = embeddings.rows(), first = b > capacity() ? b - capacity() : 0;
-    for (Index r = first; r < b; ++r) {
-      rows_.row(head_) = embeddings.row(r);
-      head_ = (head_ + 1) % capacity();
-      if (size_ < capacity()) ++size_;
+    const Scalar* first_in = embeddings.data();
+    const Scalar* last_in =
+        first_in + (embeddings.rows() - 1) * embeddings.outerStride() + embeddings.cols();
+    if (embeddings.size() > 0 && first_in < rows_.data() + rows_.size() && last_in > rows_.data()) {
+      alias_ = embeddings;
+      push_rows(alias_);
+    } else {
+      push_rows(embeddings);
     }
   }
 
@@ -59,7 +63,18 @@ class EmbeddingQueue : detail::FloatingScalar<Scalar> {
 
  private:
   static constexpr const char* kName = "EmbeddingQueue";
-  Matrix<Scalar> rows_;
+
+  template <class M>
+  void push_rows(const M& embeddings) {
+    const Index b = embeddings.rows(), first = b > capacity() ? b - capacity() : 0;
+    for (Index r = first; r < b; ++r) {
+      rows_.row(head_) = embeddings.row(r);
+      head_ = (head_ + 1) % capacity();
+      if (size_ < capacity()) ++size_;
+    }
+  }
+
+  Matrix<Scalar> rows_, alias_;
   Index size_ = 0, head_ = 0;
 };
 

@@ -163,11 +163,13 @@ class InfoNCE : detail::FloatingScalar<Scalar> {
     }
     if (dq) detail::check_shape(kName, "d_queries", *dq, n, d, "same as queries");
     if (dk) detail::check_shape(kName, "d_keys", *dk, kk, d, "same as keys");
-    if (options_.learn_temperature) {
-      log_scale_(0, 0) = std::min(std::max(log_scale_(0, 0), Scalar(0)), std::log(Scalar(100)));
-    }
+    // θ clamped for this call; stored back only when the call succeeds (strong guarantee).
+    const Scalar theta =
+        options_.learn_temperature
+            ? std::min(std::max(log_scale_(0, 0), Scalar(0)), std::log(Scalar(100)))
+            : Scalar(0);
     const Scalar scale =
-        options_.learn_temperature ? std::exp(log_scale_(0, 0)) : Scalar(1) / options_.temperature;
+        options_.learn_temperature ? std::exp(theta) : Scalar(1) / options_.temperature;
 
     // Normalised (or copied) inputs: rows of u_ and v_.
     qn_.resize(n);
@@ -227,7 +229,10 @@ class InfoNCE : detail::FloatingScalar<Scalar> {
     const Scalar c_col = sym ? c_row : Scalar(0);
     const Scalar value = c_row * row_raw + c_col * col_raw;
     if (!std::isfinite(value)) diagnose(q, k);
-    if (!dq && !dk && !options_.learn_temperature) return value;
+    if (!dq && !dk) {  // value(): no gradient of any kind, θ's included
+      if (options_.learn_temperature) log_scale_(0, 0) = theta;
+      return value;
+    }
 
     // Backward, block by block (the last block's S is still in s_ when there is one block).
     if (dq) du_.setZero(n, d);
@@ -275,7 +280,10 @@ class InfoNCE : detail::FloatingScalar<Scalar> {
     }
     if (dq) *dq += gq;
     if (dk) *dk += gk;
-    if (options_.learn_temperature) log_scale_grad_(0, 0) += d_log_scale;
+    if (options_.learn_temperature) {
+      log_scale_(0, 0) = theta;
+      log_scale_grad_(0, 0) += d_log_scale;
+    }
     return value;
   }
 

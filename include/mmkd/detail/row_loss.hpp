@@ -23,14 +23,19 @@ struct RowSelect {
   bool operator()(Index i) const { return mask == nullptr || mask[i] != 0; }
 };
 
-/// Whether sample i has modality m; no mask means every modality is present.
+/// Whether sample i has modality m; no mask means every modality is present. `stride` is the
+/// mask's row stride, so a strided view (`wide.leftCols(M)`) reads its own entries.
 struct PresenceSelect {
   const std::uint8_t* mask = nullptr;
-  Index modalities = 1;
-  bool operator()(Index i, Index m) const {
-    return mask == nullptr || mask[i * modalities + m] != 0;
-  }
+  Index stride = 1;
+  bool operator()(Index i, Index m) const { return mask == nullptr || mask[i * stride + m] != 0; }
 };
+
+/// The PresenceSelect of an optional N x M presence mask.
+template <class Mask>
+PresenceSelect presence(const Mask* mask) {
+  return mask ? PresenceSelect{mask->data(), Index(mask->outerStride())} : PresenceSelect{};
+}
 
 /// Checks a row mask (length n, values 0 or 1) and returns how many rows take part.
 inline Index count_rows(const char* cls, const ConstRowMaskRef& mask, Index n) {
@@ -174,9 +179,11 @@ template <class T>
 T scaled_value(const char* cls, T factor, T raw, T grad_bound) {
   const T value = factor * raw;
   if (!std::isfinite(value) || !std::isfinite(grad_bound)) {
-    throw_numerical(cls,
-                    "the loss overflows: the weight and temperature scale it beyond the range of "
-                    "the scalar type");
+    throw_numerical(cls, !std::isfinite(value)
+                             ? "the loss overflows: the options' scale (weight, temperature, "
+                               "reduction) takes it beyond the range of the scalar type"
+                             : "the gradient overflows: the options' scale (weight, temperature, "
+                               "reduction) takes it beyond the range of the scalar type");
   }
   return value;
 }

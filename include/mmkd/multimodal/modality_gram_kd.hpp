@@ -121,6 +121,8 @@ class ModalityGramKD : detail::FloatingScalar<Scalar> {
   };
 
   void validate() const {
+    detail::check_enum(kName, "normalization", options_.normalization, 3);
+    detail::check_enum(kName, "scope", options_.scope, 2);
     detail::check_positive(kName, "eps", options_.eps);
     detail::check_nonnegative(kName, "weight", options_.weight);
   }
@@ -236,7 +238,7 @@ class ModalityGramKD : detail::FloatingScalar<Scalar> {
     if (mask) detail::check_presence(kName, *mask, n, m);
     if (ds) detail::check_shape3(kName, "d_student", *ds, m, n, dsw, "same as student");
     if (dt) detail::check_shape3(kName, "d_teacher", *dt, m, n, dtw, "same as teacher");
-    const detail::PresenceSelect present{mask ? mask->data() : nullptr, m};
+    const auto present = detail::presence(mask);
     const auto fs = detail::as_matrix(st);
     const auto ft = detail::as_matrix(tt);
     const bool fro = options_.normalization == GramNormalization::Frobenius;
@@ -336,6 +338,7 @@ class ModalityGramKD : detail::FloatingScalar<Scalar> {
 
     const Scalar raw = per_sample_.sum();
     if (!std::isfinite(raw)) diagnose(fs, ft, n, present);
+    const Scalar value = detail::scaled_value(kName, factor, raw, Scalar(0));
     if ((ds && !detail::all_finite(s_.df)) || (dt && !detail::all_finite(t_.df))) {
       detail::throw_numerical(kName,
                               "the gradient overflows (embeddings too large for the scalar type)");
@@ -343,7 +346,7 @@ class ModalityGramKD : detail::FloatingScalar<Scalar> {
     auto rows = [&](Index k) { return present(k % n, k / n); };
     if (ds) commit(s_.df, *ds, rows);
     if (dt) commit(t_.df, *dt, rows);
-    return factor * raw;
+    return value;
   }
 
   template <class Rows>

@@ -93,7 +93,10 @@ class ModalitySaliency : detail::FloatingScalar<Scalar> {
  private:
   static constexpr const char* kName = "ModalitySaliency";
 
-  void validate() const { detail::check_positive(kName, "temperature", options_.temperature); }
+  void validate() const {
+    detail::check_enum(kName, "kind", options_.kind, 3);
+    detail::check_positive(kName, "temperature", options_.temperature);
+  }
 
   const Matrix<Scalar>& run(const ConstMatrixRef<Scalar>& t, const ConstTensor3Ref<Scalar>& stack,
                             const ConstLabelsRef* labels, const ConstPresenceMaskRef* mask,
@@ -105,7 +108,7 @@ class ModalitySaliency : detail::FloatingScalar<Scalar> {
     detail::check_shape3(kName, drop_one_given ? "teacher_drop_one" : "teacher_modal", stack,
                          m_count, n, c, "modalities x samples x classes of teacher");
     if (mask) detail::check_presence(kName, *mask, n, m_count);
-    const detail::PresenceSelect present{mask ? mask->data() : nullptr, m_count};
+    const auto present = detail::presence(mask);
     const SaliencyKind kind = options_.kind;
     if (drop_one_given && kind != SaliencyKind::RemovalKL) {
       detail::throw_invalid(kName, "compute_removal() is for SaliencyKind::RemovalKL");

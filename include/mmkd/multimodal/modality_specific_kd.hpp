@@ -158,7 +158,7 @@ class ModalitySpecificKD : detail::FloatingScalar<Scalar> {
                                      const ConstPresenceMaskRef* mask) {
     validate();
     const Index m = check_modal(zs, zt, -1, -1, mask), n = zs.dimension(1), c = zs.dimension(2);
-    const detail::PresenceSelect present{mask ? mask->data() : nullptr, m};
+    const auto present = detail::presence(mask);
     auto rows = [&](Index k) { return present(k % n, k / n); };
     modal_.prepare(m * n, c, 0, 2);
     detail::kd_rows(detail::as_matrix(zs), detail::as_matrix(zt), Scalar(1) / options_.temperature,
@@ -180,7 +180,7 @@ class ModalitySpecificKD : detail::FloatingScalar<Scalar> {
     detail::check_shape(kName, "weights", *w, n, m, "samples x modalities");
     if (ds) detail::check_shape(kName, "d_student", *ds, n, c, "same as student");
     if (dzs) detail::check_shape3(kName, "d_student_modal", *dzs, m, n, c, "same as student_modal");
-    const detail::PresenceSelect present{mask ? mask->data() : nullptr, m};
+    const auto present = detail::presence(mask);
     for (Index i = 0; i < n; ++i) {
       for (Index k = 0; k < m; ++k) {
         const Scalar v = (*w)(i, k);

@@ -79,6 +79,8 @@ class ModalityWeighting : detail::FloatingScalar<Scalar> {
   static constexpr const char* kName = "ModalityWeighting";
 
   void validate() const {
+    detail::check_enum(kName, "scheme", options_.scheme, 3);
+    detail::check_enum(kName, "normalization", options_.normalization, 3);
     detail::check_nonnegative(kName, "lambda", options_.lambda);
     detail::check_nonnegative(kName, "softmax_temperature", options_.softmax_temperature);
     detail::check_positive(kName, "eps", options_.eps);
@@ -107,7 +109,7 @@ class ModalityWeighting : detail::FloatingScalar<Scalar> {
     const Index n = s.rows(), m = s.cols();
     detail::check_nonempty(kName, "scores", n, m);
     if (mask) detail::check_presence(kName, *mask, n, m);
-    const detail::PresenceSelect present{mask ? mask->data() : nullptr, m};
+    const auto present = detail::presence(mask);
     const Scalar lambda = options_.lambda;
     const WeightNormalization norm = options_.normalization;
     if (options_.scheme == WeightScheme::Fixed) check_vector(options_.fixed, m, "fixed", false);
@@ -209,7 +211,7 @@ class SaliencyRunningMean : detail::FloatingScalar<Scalar> {
     }
     if (mask) detail::check_presence(kName, *mask, n, m);
     if (!detail::all_finite(s)) detail::throw_invalid(kName, "scores hold a non-finite value");
-    const detail::PresenceSelect present{mask ? mask->data() : nullptr, m};
+    const auto present = detail::presence(mask);
     if (sum_.size() == 0) {
       sum_.setZero(m);
       count_.setZero(m);

@@ -56,11 +56,15 @@ void attention_backward(const S* x, const S* y, Index n, Index c, Index hw,
     db.setZero();
   }
   const Index sum_size = 4 * c + 2;  // a group's dW (2 x 2C), then its db (1 x 2)
-  grow(ws, max_threads() * 2 * hw + sample_groups(n) * sum_size);
+  // Each thread's dA starts a multiple of 64 bytes from the first: Eigen peels unaligned heads
+  // with scalar code, so equal alignment keeps a sample's column sums independent of the thread
+  // (and of the thread count) at every H·W.
+  const Index pad = Index(64 / sizeof(S)), da_stride = (2 * hw + pad - 1) / pad * pad;
+  grow(ws, max_threads() * da_stride + sample_groups(n) * sum_size);
   sum_over_sample_groups(
-      n, sum_size, ws.data() + max_threads() * 2 * hw,
+      n, sum_size, ws.data() + max_threads() * da_stride,
       [&](Index i, int thread, S* sum) {
-        SampleMap<S> da(ws.data() + thread * 2 * hw, 2, hw);
+        SampleMap<S> da(ws.data() + thread * da_stride, 2, hw);
         SampleMap<S> gw(sum, 2, 2 * c), gb(sum + 4 * c, 1, 2);
         const ConstSampleMap<S> xi(x + i * c * hw, c, hw), yi(y + i * c * hw, c, hw);
         const ConstSampleMap<S> zi(z + i * 2 * hw, 2, hw), g(df + i * c * hw, c, hw);

@@ -607,6 +607,7 @@ void conv2d_3x3(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
                 Tensor4Ref<detail::NonDeduced<S>> y, Matrix<detail::NonDeduced<S>>& workspace,
                 Conv3x3Algorithm algorithm = Conv3x3Algorithm::Auto) {
   static constexpr const char* op = "conv2d_3x3";
+  detail::check_enum(op, "algorithm", algorithm, 3);
   detail::check_conv_args<S>(op, x, weight, 9);
   detail::check_shape4(op, "y", y, x.dimension(0), weight.rows(), x.dimension(2), x.dimension(3),
                        "N x out_channels x H x W");
@@ -625,6 +626,7 @@ void conv2d_3x3_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
                          Matrix<detail::NonDeduced<S>>& workspace,
                          Conv3x3Algorithm algorithm = Conv3x3Algorithm::Auto) {
   static constexpr const char* op = "conv2d_3x3_backward";
+  detail::check_enum(op, "algorithm", algorithm, 3);
   detail::check_conv_args<S>(op, x, weight, 9);
   const Index n = x.dimension(0), h = x.dimension(2), w = x.dimension(3);
   detail::check_shape4(op, "dy", dy, n, weight.rows(), h, w, "N x out_channels x H x W");

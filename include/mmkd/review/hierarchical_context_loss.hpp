@@ -119,8 +119,10 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
                                          ")");
       }
       detail::check_shape4(
-          kName, "stage " + std::to_string(k) + ": teacher[" + std::to_string(k) + "]", teacher[k],
-          s.dimension(0), s.dimension(1), s.dimension(2), s.dimension(3), "same as student");
+          kName,
+          [&] { return "stage " + std::to_string(k) + ": teacher[" + std::to_string(k) + "]"; },
+          teacher[k], s.dimension(0), s.dimension(1), s.dimension(2), s.dimension(3),
+          "same as student");
     }
   }
 
@@ -141,6 +143,8 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
     if (diff_.rows() < threads || diff_.cols() < max_hw)
       diff_.resize(std::max(threads, diff_.rows()), std::max(max_hw, diff_.cols()));
     if (plane_sq_.size() < max_planes) plane_sq_.resize(max_planes);
+    if (grad && plane_max_.size() < max_planes) plane_max_.resize(max_planes);
+    if (grad) stage_max_.resize(ns);
     double total = 0;
     for (std::size_t k = 0; k < ns; ++k) {
       const auto& s = student[k];
@@ -156,6 +160,7 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
         OutArr d(diff_.row(thread).data(), hw);
         d = Arr(sp + p * hw, hw) - Arr(tp + p * hw, hw);
         plane_sq_(p) = double(d.square().sum());
+        if (grad) plane_max_(p) = d.abs().maxCoeff();
         for (std::size_t j = 0; j < nl; ++j) {
           const Index l = options_.levels[j];
           if (l >= h) continue;
@@ -163,6 +168,7 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
         }
       });
       double stage = plane_sq_.head(planes).sum() / double(planes * hw);
+      if (grad) stage_max_(k) = plane_max_.head(planes).maxCoeff();
       Scalar wgt(1);
       for (std::size_t j = 0; j < nl; ++j) {
         const Index l = options_.levels[j];
@@ -174,8 +180,33 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
     }
     const Scalar loss = options_.weight * Scalar(total);
     if (!std::isfinite(loss)) diagnose(student, teacher);
-    if (grad) add_gradient(student, teacher, *grad);
+    if (grad) {
+      check_gradient_bound(student);
+      add_gradient(student, teacher, *grad);
+    }
     return loss;
+  }
+
+  // O(1) per stage, before anything is written: every gradient element is at most
+  // max|d| · (c0 + 4 Σ_j scale·w_j / (planes·l_j²)) (a pooled mean is at most max|d|, and an
+  // element lies in at most 2 x 2 adaptive bins), so a finite bound means a finite gradient.
+  void check_gradient_bound(const std::vector<ConstTensor4Ref<Scalar>>& student) const {
+    for (std::size_t k = 0; k < student.size(); ++k) {
+      const auto& s = student[k];
+      const Index planes = s.dimension(0) * s.dimension(1), h = s.dimension(2);
+      const Scalar scale = Scalar(2) * options_.weight / total_weight(h);
+      Scalar factor = scale / Scalar(planes * s.dimension(2) * s.dimension(3)), wgt(1);
+      for (Index l : options_.levels) {
+        if (l >= h) continue;
+        wgt /= Scalar(2);
+        factor += Scalar(4) * (scale * wgt / Scalar(planes * l * l));
+      }
+      if (!std::isfinite(factor * stage_max_(k))) {
+        detail::throw_numerical(kName, "the gradient of stage " + std::to_string(k) +
+                                           " overflows: the weight scales it beyond the range "
+                                           "of the scalar type");
+      }
+    }
   }
 
   void add_gradient(const std::vector<ConstTensor4Ref<Scalar>>& student,
@@ -225,6 +256,7 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
   std::vector<Eigen::Array<Scalar, Eigen::Dynamic, 1>> pooled_;
   Matrix<Scalar> diff_;                               // one difference plane per thread
   Eigen::Array<double, Eigen::Dynamic, 1> plane_sq_;  // Σ d² of each plane of a stage
+  Eigen::Array<Scalar, Eigen::Dynamic, 1> plane_max_, stage_max_;  // max |d|, for the bound
 };
 
 }  // namespace mmkd

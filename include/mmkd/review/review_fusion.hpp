@@ -99,6 +99,24 @@ class ReviewFusion : detail::FloatingScalar<Scalar> {
     }
   }
 
+  //! Copies are deep: the copy's outputs() view its own stages' outputs, never the original's.
+  //! Moves keep the stages' buffers, so the views stay valid.
+  ReviewFusion(const ReviewFusion& other)
+      : options_(other.options_), stages_(other.stages_), has_forward_(other.has_forward_) {
+    rebuild_outputs(other.outputs_.size());
+  }
+  ReviewFusion& operator=(const ReviewFusion& other) {
+    if (this != &other) {
+      options_ = other.options_;
+      stages_ = other.stages_;
+      has_forward_ = other.has_forward_;
+      rebuild_outputs(other.outputs_.size());
+    }
+    return *this;
+  }
+  ReviewFusion(ReviewFusion&&) noexcept = default;
+  ReviewFusion& operator=(ReviewFusion&&) noexcept = default;
+
   const Options& options() const { return options_; }  //!< with the defaults filled in
   Index stages() const { return Index(stages_.size()); }
   //! Stage k, shallow → deep (stage S − 1 is the deepest, non-fusing one).
@@ -228,6 +246,12 @@ class ReviewFusion : detail::FloatingScalar<Scalar> {
                 (has_shape ? ", shapes[" + std::to_string(k) + "]" : std::string()) + ")");
       }
     }
+  }
+
+  // outputs_ viewing this object's stages (empty before the first forward).
+  void rebuild_outputs(std::size_t count) {
+    outputs_.clear();
+    for (std::size_t k = 0; k < count; ++k) outputs_.emplace_back(stages_[k].output());
   }
 
   std::vector<ParameterView<Scalar>> collect(std::vector<ParameterView<Scalar>> (Stage::*get)()) {

@@ -85,6 +85,8 @@ class ChannelDecorrelation : detail::FloatingScalar<Scalar> {
   static constexpr const char* kName = "ChannelDecorrelation";
 
   void validate() const {
+    detail::check_enum(kName, "statistic", options_.statistic, 2);
+    detail::check_enum(kName, "target", options_.target, 2);
     detail::check_positive(kName, "eps", options_.eps);
     detail::check_nonnegative(kName, "weight", options_.weight);
   }
@@ -138,7 +140,7 @@ class ChannelDecorrelation : detail::FloatingScalar<Scalar> {
                              : Scalar(1);
     const Scalar raw = 2 * r_.squaredNorm();  // both triangles
     if (!std::isfinite(raw)) diagnose(z, teacher);
-    const Scalar value = options_.weight * scale * raw;
+    const Scalar value = detail::scaled_value(kName, options_.weight * scale, raw, Scalar(0));
     if (!dz) return value;
 
     // G_R = 2 s (R − T) off-diagonal; G_H = (2/N) H G_R.

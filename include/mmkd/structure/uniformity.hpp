@@ -95,6 +95,7 @@ class Uniformity : detail::FloatingScalar<Scalar> {
   static constexpr const char* kName = "Uniformity";
 
   void validate() const {
+    detail::check_enum(kName, "mode", options_.mode, 3);
     detail::check_positive(kName, "t", options_.t);
     detail::check_positive(kName, "spatial_temperature", options_.spatial_temperature);
     detail::check_positive(kName, "eps", options_.eps);
@@ -163,7 +164,7 @@ class Uniformity : detail::FloatingScalar<Scalar> {
       detail::throw_invalid(kName, "x has 1 row; uniformity needs at least 2 samples");
     if (dx) detail::check_shape(kName, "dx", *dx, x.rows(), x.cols(), "same as x");
     const Scalar v = points(x, dx != nullptr, options_.weight);
-    check(v, x);
+    check(v, x, dx != nullptr);
     const Scalar value = detail::scaled_value(kName, options_.weight, v, Scalar(0));
     if (dx) *dx += dx_;
     return value;
@@ -187,7 +188,7 @@ class Uniformity : detail::FloatingScalar<Scalar> {
           detail::throw_invalid(kName, "feature maps have 1 sample; uniformity needs at least 2");
         const Eigen::Map<const Matrix<Scalar>> flat(f.data(), n, c * hw);
         value = points(flat, df != nullptr, w);
-        check(value, flat);
+        check(value, flat, df != nullptr);
         const Scalar scaled = detail::scaled_value(kName, w, value, Scalar(0));
         if (df) Eigen::Map<Matrix<Scalar>>(df->data(), n, c * hw) += dx_;
         return scaled;
@@ -204,7 +205,7 @@ class Uniformity : detail::FloatingScalar<Scalar> {
           if (df && std::isfinite(v)) grad_.middleRows(i * c, c) = dx_.transpose();
         }
         value /= Scalar(n);
-        check(value, rows);
+        check(value, rows, false);  // the gradient is checked below
         if (df && !detail::all_finite(grad_))
           detail::throw_numerical(kName, "the gradient overflows");
         const Scalar scaled = detail::scaled_value(kName, w, value, Scalar(0));
@@ -223,7 +224,7 @@ class Uniformity : detail::FloatingScalar<Scalar> {
             uniform, rows, inv_t, [](Index) { return true; }, ws_, -1, df ? 0 : -1,
             [g](Index) { return g; });
         value = ws_.row_value.sum() / (Scalar(n) * Scalar(c));
-        check(value, rows);
+        check(value, rows, false);  // the gradient is checked below
         if (df && !detail::all_finite(ws_.grad_matrix(0)))
           detail::throw_numerical(kName, "the gradient overflows");
         const Scalar scaled = detail::scaled_value(kName, w, value, Scalar(0));
@@ -238,12 +239,14 @@ class Uniformity : detail::FloatingScalar<Scalar> {
     return value;
   }
 
+  // The value, and the gradient dx_ of this call when it computed one (never a stale one).
   template <class X>
-  void check(Scalar v, const X& x) const {
-    if (std::isfinite(v) && detail::all_finite(dx_)) return;
+  void check(Scalar v, const X& x, bool grad) const {
+    if (std::isfinite(v) && (!grad || detail::all_finite(dx_))) return;
     const std::string why = detail::bad_element("x", x, false);
     if (!why.empty()) detail::throw_numerical(kName, why);
-    detail::throw_numerical(kName, "the loss overflows");
+    detail::throw_numerical(kName,
+                            std::isfinite(v) ? "the gradient overflows" : "the loss overflows");
   }
 
   Options options_;
