@@ -41,16 +41,48 @@ struct NoMalloc {
 
 }  // namespace mmkd_test
 
-// Counting replacements of the global allocation functions (the nothrow and array forms call
-// these by default).
+// Counting replacements of every global allocation function, so that each new/delete pair goes
+// through the same allocator (the sanitizers report a pair split between ours and theirs).
+namespace mmkd_test {
+inline void* counted_alloc(std::size_t n) noexcept {
+  ++operator_new_calls;
+  return std::malloc(n ? n : 1);
+}
+inline void* counted_aligned_alloc(std::size_t n, std::align_val_t a) noexcept {
+  ++operator_new_calls;
+  const std::size_t align = static_cast<std::size_t>(a);
+  const std::size_t size = ((n ? n : 1) + align - 1) / align * align;  // aligned_alloc's rule
+  return std::aligned_alloc(align, size);
+}
+}  // namespace mmkd_test
+
 void* operator new(std::size_t n) {
-  ++mmkd_test::operator_new_calls;
-  if (void* p = std::malloc(n ? n : 1)) return p;
+  if (void* p = mmkd_test::counted_alloc(n)) return p;
   throw std::bad_alloc();
 }
 void* operator new[](std::size_t n) {
   return ::operator new(n);
 }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+  return mmkd_test::counted_alloc(n);
+}
+void* operator new[](std::size_t n, const std::nothrow_t&) noexcept {
+  return mmkd_test::counted_alloc(n);
+}
+void* operator new(std::size_t n, std::align_val_t a) {
+  if (void* p = mmkd_test::counted_aligned_alloc(n, a)) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t n, std::align_val_t a) {
+  return ::operator new(n, a);
+}
+void* operator new(std::size_t n, std::align_val_t a, const std::nothrow_t&) noexcept {
+  return mmkd_test::counted_aligned_alloc(n, a);
+}
+void* operator new[](std::size_t n, std::align_val_t a, const std::nothrow_t&) noexcept {
+  return mmkd_test::counted_aligned_alloc(n, a);
+}
+// malloc and aligned_alloc memory are both released by free.
 void operator delete(void* p) noexcept {
   std::free(p);
 }
@@ -61,6 +93,30 @@ void operator delete(void* p, std::size_t) noexcept {
   std::free(p);
 }
 void operator delete[](void* p, std::size_t) noexcept {
+  std::free(p);
+}
+void operator delete(void* p, const std::nothrow_t&) noexcept {
+  std::free(p);
+}
+void operator delete[](void* p, const std::nothrow_t&) noexcept {
+  std::free(p);
+}
+void operator delete(void* p, std::align_val_t) noexcept {
+  std::free(p);
+}
+void operator delete[](void* p, std::align_val_t) noexcept {
+  std::free(p);
+}
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept {
+  std::free(p);
+}
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept {
+  std::free(p);
+}
+void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept {
+  std::free(p);
+}
+void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept {
   std::free(p);
 }
 
