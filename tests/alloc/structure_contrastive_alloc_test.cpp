@@ -46,3 +46,27 @@ TEMPLATE_TEST_CASE("structure and contrastive losses allocate nothing in steady 
     CHECK_NOTHROW(queue.push(z.topRows(3)));
   }
 }
+
+// A one-row last block: Eigen's matrix product of a one-row left operand slices the row out of
+// alpha · lhs and copies it to the heap, unless mmkd's tiled product makes it a matrix-vector one.
+TEST_CASE("streaming InfoNCE with a one-row last block allocates nothing in steady state",
+          "[contrastive][alloc]") {
+  const Index n = 5, d = 4, kk = 28;
+  const Matrix<double> q = random_matrix<double>(n, d, 1), k = random_matrix<double>(kk, d, 2);
+  Matrix<double> dq = Matrix<double>::Zero(n, d), dk = Matrix<double>::Zero(kk, d);
+  for (bool sym : {false, true}) {
+    mmkd::InfoNCE<double>::Options o;
+    o.symmetric = sym;
+    o.offset = sym ? 0 : 7;
+    o.stream = true;
+    o.block_rows = 4;  // blocks of 4 and 1 rows
+    o.learn_temperature = true;
+    mmkd::InfoNCE<double> nce(o);
+    for (int warm = 0; warm < 2; ++warm) {
+      std::unique_ptr<NoMalloc> guard;
+      if (warm == 1) guard = std::make_unique<NoMalloc>();
+      CHECK_NOTHROW(nce.value_and_grad(q, k, dq, dk));
+      CHECK_NOTHROW(nce.value(q, k));
+    }
+  }
+}

@@ -113,6 +113,10 @@ TEST_CASE("InfoNCE learnable temperature: gradient and the CLIP clamp", "[contra
   CHECK_THROWS_AS(nce.value_and_grad(bad, k, dq), mmkd::NumericalError);
   CHECK(nce.parameters()[0].value(0, 0) == 9);
   CHECK(nce.gradients()[0].value(0, 0) == 0);
+  nce.parameters()[0].value(0, 0) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(nce.value_and_grad(q, k, dq), "InfoNCE: parameter log_scale[0,0] is NaN");
+  CHECK(std::isnan(nce.parameters()[0].value(0, 0)));
+  CHECK(nce.gradients()[0].value(0, 0) == 0);
 }
 
 TEST_CASE("InfoNCE invariants and extremes", "[contrastive][infonce]") {

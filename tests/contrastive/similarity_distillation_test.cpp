@@ -175,6 +175,10 @@ TEST_CASE("SimilarityDistillation rejects bad input and writes nothing",
   Matrix<double> bad = t;
   bad(1, 1) = std::numeric_limits<double>::infinity();
   CHECK_THROWS_WITH(seed.value_and_grad(s, bad, g), "SimilarityDistillation: teacher[1,1] is +Inf");
+  Matrix<double> extra = random_matrix<double>(3, 3, 6);
+  extra(2, 0) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(seed.value_and_grad(s, t, extra, g),
+                    "SimilarityDistillation: extra[2,0] is NaN");
   CHECK(bit_identical(g, g0));
 }
 

@@ -8,6 +8,12 @@ using namespace mmkd_fuzz;
 namespace {
 
 template <class S>
+mmkd::Matrix<S> flat(const mmkd::Tensor3<S>& x) {
+  return Eigen::Map<const mmkd::Matrix<S>>(x.data(), x.dimension(0) * x.dimension(1),
+                                           x.dimension(2));
+}
+
+template <class S>
 void run(Reader& r) {
   const Index n = r.dim(5), c = r.dim(5), m = r.dim(4);
   const bool same = r.byte() < 220;
@@ -30,11 +36,35 @@ void run(Reader& r) {
       o.temperature = S(r.option(1));
       o.beta = S(r.option(1));
       o.weight = S(r.option(1));
-      b.check("ModalitySpecificKD", [&] {
+      // The weights and the mask as strided views (left columns of wider matrices whose other
+      // entries are NaN and 7), checked against the dense call when it succeeds.
+      const bool strided = r.flag();
+      const Index pad = kAlignedPad * (1 + r.pick(2));
+      const mmkd::Matrix<S> w_wide = widened(w, pad, std::numeric_limits<S>::quiet_NaN());
+      const mmkd::PresenceMask mask_wide = widened(mask, pad, std::uint8_t(7));
+      const mmkd::ConstMatrixRef<S> wv =
+          strided ? mmkd::ConstMatrixRef<S>(w_wide.leftCols(w.cols())) : mmkd::ConstMatrixRef<S>(w);
+      const mmkd::ConstPresenceMaskRef mv =
+          strided ? mmkd::ConstPresenceMaskRef(mask_wide.leftCols(mask.cols()))
+                  : mmkd::ConstPresenceMaskRef(mask);
+      if (strided && (wv.data() != w_wide.data() || mv.data() != mask_wide.data()))
+        die("a strided view was copied on binding");
+      auto call = [&](const auto& w_, const auto& mask_, mmkd::Matrix<S>& ds_,
+                      mmkd::Tensor3<S>& dzs_) {
         mmkd::ModalitySpecificKD<S> msd(o);
-        return masked ? msd.value_and_grad(s, t, zs, zt, w, mask, ds, dzs)
-                      : msd.value_and_grad(s, t, zs, zt, w, ds, dzs);
-      });
+        return masked ? msd.value_and_grad(s, t, zs, zt, w_, mask_, ds_, dzs_)
+                      : msd.value_and_grad(s, t, zs, zt, w_, ds_, dzs_);
+      };
+      double v = 0;
+      if (b.check("ModalitySpecificKD", [&] { return v = double(call(wv, mv, ds, dzs)); }) &&
+          strided) {
+        mmkd::Matrix<S> ds2 = mmkd::Matrix<S>::Zero(n, c);
+        mmkd::Tensor3<S> dzs2(mm, n, c);
+        dzs2.setZero();
+        const double v2 = double(call(w, mask, ds2, dzs2));
+        const mmkd::Matrix<S> f1 = flat(dzs), f2 = flat(dzs2);
+        same_bits<mmkd::Matrix<S>>("ModalitySpecificKD", v, v2, {&ds, &f1}, {&ds2, &f2});
+      }
       break;
     }
     case 1: {

@@ -56,6 +56,10 @@ class Reader {
                                    100.0,
                                    1e6,
                                    1e-30,
+                                   1e30,
+                                   -1e30,
+                                   3e38,
+                                   1e300,
                                    std::numeric_limits<double>::quiet_NaN(),
                                    std::numeric_limits<double>::infinity()};
     const std::uint8_t b = byte();
@@ -136,6 +140,33 @@ class Reader {
   const std::uint8_t* data_;
   std::size_t size_, pos_ = 0;
 };
+
+/// `m` as the left columns of a matrix `pad` columns wider whose other entries are `fill` (NaN, an
+/// invalid mask value): its `leftCols(m.cols())` is a strided view that must give the same result
+/// as `m`, bit for bit when `pad` is a multiple of kAlignedPad (every row then has the alignment
+/// of the dense copy's row, so the vectorised reductions round alike).
+inline constexpr Index kAlignedPad = 16;
+template <class M>
+M widened(const M& m, Index pad, typename M::Scalar fill) {
+  M wide(m.rows(), m.cols() + pad);
+  wide.setConstant(fill);
+  wide.leftCols(m.cols()) = m;
+  return wide;
+}
+
+/// Dies unless two results (value, then the buffers) are bit-for-bit equal.
+template <class M>
+void same_bits(const char* what, double a, double b, const std::vector<const M*>& x,
+               const std::vector<const M*>& y) {
+  if (std::memcmp(&a, &b, sizeof a) != 0)
+    die(std::string(what) + ": a strided view gives another value than its dense copy");
+  for (std::size_t k = 0; k < x.size(); ++k) {
+    if (x[k]->size() != y[k]->size() ||
+        (x[k]->size() > 0 &&
+         std::memcmp(x[k]->data(), y[k]->data(), sizeof(*x[k]->data()) * x[k]->size()) != 0))
+      die(std::string(what) + ": a strided view gives another gradient than its dense copy");
+  }
+}
 
 /// A module output's stand-in for a loss value: 0 when every value is finite, NaN otherwise (a
 /// sum could overflow on its own).

@@ -57,6 +57,10 @@ TEST_CASE("ModalityWeightLearner: seeded init, shapes, parameter gradients",
       CHECK(r.passed);
     }
   }
+  // A NaN parameter is named, not blamed on the features.
+  net.parameters()[0].value(2, 1) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(net.forward(feats), "ModalityWeightLearner: parameter fc1.weight[2,1] is NaN");
+  net.parameters()[0].value(2, 1) = 0.1;
   const Matrix<double> before = net.gradients()[0].value;
   CHECK_THROWS_AS(net.backward(Matrix<double>::Ones(3, 1)), mmkd::InvalidArgument);
   CHECK(bit_identical(Matrix<double>(net.gradients()[0].value), before));

@@ -183,6 +183,21 @@ TEST_CASE("AttentionFusion: errors name the problem and a failed call changes no
                     Catch::Contains("backward called before forward"));
   w2 = w2_saved;
   same(snapshot());
+  // A non-finite parameter, or a negative running variance in eval mode, is named.
+  w2(1, 4) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(abf.forward(map4(x, 2, 2, 2, 2), map4(r, 2, 3, 1, 1)),
+                    Catch::Contains("parameter conv2.0.weight[1,4] is NaN"));
+  w2 = w2_saved;
+  auto running_var = abf.buffers()[4].value;  // conv2.1.running_var
+  REQUIRE(std::string(abf.buffers()[4].name) == "conv2.1.running_var");
+  const Matrix<double> var_saved = running_var;
+  running_var(0, 1) = -2;
+  abf.eval();
+  CHECK_THROWS_WITH(abf.forward(map4(x, 2, 2, 2, 2), map4(r, 2, 3, 1, 1)),
+                    Catch::Contains("buffer conv2.1.running_var[0,1] is negative (-2"));
+  running_var = var_saved;
+  abf.train();
+  same(snapshot());
 }
 
 TEST_CASE("AttentionFusion in float agrees with double", "[review][abf]") {
@@ -194,4 +209,54 @@ TEST_CASE("AttentionFusion in float agrees with double", "[review][abf]") {
   const auto& yd = ad.forward(map4(x, 2, 3, 4, 4), map4(r, 2, 4, 2, 2));
   const auto& yf = af.forward(map4(xf, 2, 3, 4, 4), map4(rf, 2, 4, 2, 2));
   CHECK((flat(yd) - flat(yf).cast<double>()).cwiseAbs().maxCoeff() < 1e-4);
+}
+
+TEST_CASE("Copies and moves of AttentionFusion and BatchNorm2d are deep", "[review][abf]") {
+  const Matrix<double> x = random_matrix<double>(2 * 2, 4, 1),
+                       r = random_matrix<double>(2 * 3, 1, 2);
+  const Matrix<double> u = random_matrix<double>(2 * 2, 4, 3);
+  const Matrix<double> none;
+  // Forward, then backward: the output, dx and every gradient and buffer.
+  auto backward = [&](Abf& abf) {
+    Matrix<double> dx = Matrix<double>::Zero(4, 4), dr = Matrix<double>::Zero(6, 1);
+    abf.backward(map4(u, 2, 2, 2, 2), map4(none, 0, 0, 0, 0), out4(dx, 2, 2, 2, 2),
+                 out4(dr, 2, 3, 1, 1));
+    std::vector<Matrix<double>> s = {flat(abf.output()), dx, dr};
+    for (auto& v : abf.gradients()) s.emplace_back(v.value);
+    for (auto& v : abf.buffers()) s.emplace_back(v.value);
+    return s;
+  };
+  Abf reference({2, 3, 2, true, 7});
+  reference.forward(map4(x, 2, 2, 2, 2), map4(r, 2, 3, 1, 1));
+  const auto expect = backward(reference);
+
+  auto original = std::make_unique<Abf>(Abf::Options{2, 3, 2, true, 7});
+  original->forward(map4(x, 2, 2, 2, 2), map4(r, 2, 3, 1, 1));
+  Abf copy(*original);
+  Abf assigned({2, 3, 2, true, 8});
+  assigned = *original;
+  Abf temporary(*original);
+  Abf moved(std::move(temporary));
+  original->parameters()[0].value.setConstant(5);  // must not reach the copies
+  original.reset();
+  for (Abf* a : {&copy, &assigned, &moved}) {
+    const auto got = backward(*a);
+    REQUIRE(got.size() == expect.size());
+    for (std::size_t k = 0; k < got.size(); ++k) CHECK(bit_identical(got[k], expect[k]));
+  }
+
+  mmkd::BatchNorm2d<double> bn({2}), bn_reference({2});
+  bn.forward(map4(x, 2, 2, 2, 2));
+  bn_reference.forward(map4(x, 2, 2, 2, 2));
+  mmkd::BatchNorm2d<double> bn_copy(bn);
+  bn.buffers()[1].value.setConstant(9);
+  bn.parameters()[0].value.setConstant(9);
+  bn.forward(map4(u, 2, 2, 2, 2));  // the original's next forward must not reach the copy either
+  Matrix<double> dx = Matrix<double>::Zero(4, 4), dx_reference = Matrix<double>::Zero(4, 4);
+  bn_copy.backward(map4(u, 2, 2, 2, 2), out4(dx, 2, 2, 2, 2));
+  bn_reference.backward(map4(u, 2, 2, 2, 2), out4(dx_reference, 2, 2, 2, 2));
+  CHECK(bit_identical(dx, dx_reference));
+  CHECK(bit_identical(flat(bn_copy.output()), flat(bn_reference.output())));
+  CHECK(bit_identical(Matrix<double>(bn_copy.buffers()[1].value),
+                      Matrix<double>(bn_reference.buffers()[1].value)));
 }

@@ -92,6 +92,18 @@ TEST_CASE("BatchNorm2d errors leave the module unchanged", "[review][batchnorm]"
   CHECK_THROWS_WITH(bn.forward(map4(x2, 2, 2, 1, 3)), Catch::Contains("x[1,1,0,1] is NaN"));
   CHECK(bit_identical(Matrix<double>(bn.buffers()[0].value), rm));
   CHECK(bit_identical(Matrix<double>(bn.buffers()[1].value), rv));
+  // A negative running variance (eval mode reads it) and a NaN weight are named, not blamed on
+  // the values' scale.
+  const Matrix<double> x3 = random_matrix<double>(4, 3, 7);
+  bn.eval();
+  bn.buffers()[1].value(0, 1) = -0.5;
+  CHECK_THROWS_WITH(bn.forward(map4(x3, 2, 2, 1, 3)),
+                    "BatchNorm2d: buffer running_var[0,1] is negative (-0.500000)");
+  bn.buffers()[1].value = rv;
+  bn.parameters()[0].value(0, 0) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(bn.forward(map4(x3, 2, 2, 1, 3)), "BatchNorm2d: parameter weight[0,0] is NaN");
+  bn.parameters()[0].value(0, 0) = 1;
+  bn.train();
   CHECK_THROWS_WITH(mmkd::BatchNorm2d<double>({0}), Catch::Contains("channels must be >= 1"));
   CHECK_THROWS_WITH(bn.forward(map4(x2, 3, 4, 1, 1)),
                     Catch::Contains("x has 4 channels, expected 2"));

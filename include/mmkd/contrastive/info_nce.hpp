@@ -163,6 +163,8 @@ class InfoNCE : detail::FloatingScalar<Scalar> {
     }
     if (dq) detail::check_shape(kName, "d_queries", *dq, n, d, "same as queries");
     if (dk) detail::check_shape(kName, "d_keys", *dk, kk, d, "same as keys");
+    if (options_.learn_temperature && !std::isfinite(log_scale_(0, 0)))
+      detail::throw_numerical(kName, detail::bad_entry("parameter", "log_scale", log_scale_));
     // θ clamped for this call; stored back only when the call succeeds (strong guarantee).
     const Scalar theta =
         options_.learn_temperature

@@ -73,22 +73,22 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
   const Options& options() const { return options_; }
 
   Scalar value(const ConstMatrixRef<Scalar>& student, const ConstMatrixRef<Scalar>& teacher) {
-    return run(student, teacher, nullptr, nullptr);
+    return run(student, teacher, nullptr, "", nullptr);
   }
   Scalar value(const ConstMatrixRef<Scalar>& student, const ConstMatrixRef<Scalar>& teacher,
                const EmbeddingQueue<Scalar>& queue) {
     const QueueView q = view(queue);
-    return run(student, teacher, &q, nullptr);
+    return run(student, teacher, &q, "queue", nullptr);
   }
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& student,
                         const ConstMatrixRef<Scalar>& teacher, MatrixRef<Scalar> d_student) {
-    return run(student, teacher, nullptr, &d_student);
+    return run(student, teacher, nullptr, "", &d_student);
   }
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& student,
                         const ConstMatrixRef<Scalar>& teacher, const EmbeddingQueue<Scalar>& queue,
                         MatrixRef<Scalar> d_student) {
     const QueueView q = view(queue);
-    return run(student, teacher, &q, &d_student);
+    return run(student, teacher, &q, "queue", &d_student);
   }
   //! With any K x D matrix of extra dictionary rows.
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& student,
@@ -96,7 +96,7 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
                         MatrixRef<Scalar> d_student) {
     const QueueView q(extra.data(), extra.rows(), extra.cols(),
                       Eigen::OuterStride<>(extra.outerStride()));
-    return run(student, teacher, &q, &d_student);
+    return run(student, teacher, &q, "extra", &d_student);
   }
 
   //! weight · CE_i of each sample of the last call.
@@ -126,7 +126,7 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
   }
 
   Scalar run(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
-             const QueueView* queue, MatrixRef<Scalar>* ds) {
+             const QueueView* queue, const char* queue_name, MatrixRef<Scalar>* ds) {
     validate();
     const Index n = s.rows(), d = s.cols(), kq = queue ? queue->rows() : 0;
     const bool positive = options_.dictionary == SimilarityDictionary::PositiveAndQueue;
@@ -185,7 +185,7 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
       if (ds) eb = eb * (c / sb.sum) - ea * (c / sa.sum);  // c (softmax(B_i) − P_i)
     });
     const Scalar raw = ws_.row_value.sum();
-    if (!std::isfinite(raw)) diagnose(s, t);
+    if (!std::isfinite(raw)) diagnose(s, t, queue, queue_name);
     const Scalar value = detail::scaled_value(kName, c, raw, Scalar(0));
     ws_.row_value *= options_.weight;
     if (ds) {
@@ -210,14 +210,15 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
     return value;
   }
 
-  [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& s,
-                             const ConstMatrixRef<Scalar>& t) const {
+  [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
+                             const QueueView* queue, const char* queue_name) const {
     std::string why = detail::bad_element("student", s, false);
     if (why.empty()) why = detail::bad_element("teacher", t, false);
+    if (why.empty() && queue) why = detail::bad_element(queue_name, *queue, false);
     if (!why.empty()) detail::throw_numerical(kName, why);
     detail::throw_numerical(kName,
-                            "the loss overflows (a temperature too small for the scalar type, or a "
-                            "non-finite queue row)");
+                            "the loss overflows (a temperature too small for the scalar type, or "
+                            "unnormalised embeddings too large)");
   }
 
   Options options_;

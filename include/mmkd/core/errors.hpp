@@ -100,5 +100,24 @@ inline std::string element_str(const char* name, Index i, Index j, double v) {
   return std::string(name) + "[" + std::to_string(i) + "," + std::to_string(j) + "] is " + what;
 }
 
+/// "<kind> name[i,j] is NaN" (or +Inf, -Inf) for the first non-finite entry of a module's
+/// parameter or buffer `m`, or, with `nonnegative`, "... is negative (v)" for its first negative
+/// one; "" if there is none. Failure paths only: it allocates.
+template <class M>
+std::string bad_entry(const char* kind, const std::string& name, const M& m,
+                      bool nonnegative = false) {
+  for (Index i = 0; i < m.rows(); ++i) {
+    for (Index j = 0; j < m.cols(); ++j) {
+      const double v = double(m(i, j));
+      if (!std::isfinite(v)) return std::string(kind) + " " + element_str(name.c_str(), i, j, v);
+      if (nonnegative && v < 0) {
+        return std::string(kind) + " " + name + "[" + std::to_string(i) + "," + std::to_string(j) +
+               "] is negative (" + std::to_string(v) + ")";
+      }
+    }
+  }
+  return "";
+}
+
 }  // namespace detail
 }  // namespace mmkd

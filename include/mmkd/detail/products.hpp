@@ -52,7 +52,17 @@ void tiled_product(Dst&& dst, const Lhs& lhs, const Rhs& rhs, S alpha, bool add)
     const Index r0 = (t / cols) * tm, c0 = (t % cols) * tn;
     const Index rb = std::min(tm, m - r0), cb = std::min(tn, n - c0);
     auto d = dst.block(r0, c0, rb, cb);
-    if (add) {
+    if (rb == 1) {
+      // A one-row tile as the matrix-vector product dᵀ = rhsᵀ lhsᵀ: as a matrix product, Eigen
+      // would slice the row out of alpha · lhs and copy it to the heap.
+      auto dv = d.row(0).transpose();
+      const auto prod = rhs.middleCols(c0, cb).transpose() * lhs.row(r0).transpose();
+      if (add) {
+        dv.noalias() += alpha * prod;
+      } else {
+        dv.noalias() = alpha * prod;
+      }
+    } else if (add) {
       d.noalias() += alpha * (lhs.middleRows(r0, rb) * rhs.middleCols(c0, cb));
     } else {
       d.noalias() = alpha * (lhs.middleRows(r0, rb) * rhs.middleCols(c0, cb));

@@ -116,6 +116,16 @@ class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
     }
     if (!detail::all_finite(features))
       detail::throw_invalid(kName, "features hold a non-finite value");
+    // Checked first: the relu could hide a NaN weight (max(NaN, 0) may be 0).
+    if (!detail::all_finite(w1_) || !detail::all_finite(b1_) || !detail::all_finite(w2_) ||
+        !detail::all_finite(b2_)) {
+      out_.resize(0, 1);
+      std::string why = detail::bad_entry("parameter", "fc1.weight", w1_);
+      if (why.empty()) why = detail::bad_entry("parameter", "fc1.bias", b1_);
+      if (why.empty()) why = detail::bad_entry("parameter", "fc2.weight", w2_);
+      if (why.empty()) why = detail::bad_entry("parameter", "fc2.bias", b2_);
+      detail::throw_numerical(kName, why);
+    }
     const Index k = features.rows(), hid = options_.hidden;
     x_ = features;
     w1t_ = w1_.transpose();  // F x H: each feature's weights contiguous

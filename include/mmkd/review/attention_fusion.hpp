@@ -363,7 +363,7 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
     const Matrix<Scalar>* params[] = {&w1_,          &w2_,        &watt_,        &batt_,
                                       &bn1_.weight_, &bn1_.bias_, &bn2_.weight_, &bn2_.bias_};
     for (const auto* p : params) {
-      if (!detail::all_finite(*p)) throw_here("a parameter holds a non-finite value");
+      if (!detail::all_finite(*p)) throw_here(bad_state());
     }
   }
 
@@ -412,8 +412,25 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
     bn2_.forward_pending(c2_.data(), n, oh_, ow_);
   }
 
+  // The first non-finite parameter or buffer (or negative running variance), by its parameters()
+  // or buffers() name; "" if none. Failure paths only.
+  std::string bad_state() const {
+    const Matrix<Scalar>* own[] = {&w1_, &w2_, &watt_, &batt_};
+    const int own_name[] = {0, 3, 6, 7};
+    for (int k = 0; k < 4; ++k) {
+      std::string why = detail::bad_entry("parameter", names_[std::size_t(own_name[k])], *own[k]);
+      if (!why.empty()) return why;
+    }
+    const std::string& w1 = names_[0];  // "<prefix>conv1.0.weight"
+    const std::string prefix = w1.substr(0, w1.size() - std::string("conv1.0.weight").size());
+    std::string why = bn1_.bad_state(prefix + "conv1.1.");
+    return why.empty() ? bn2_.bad_state(prefix + "conv2.1.") : why;
+  }
+
   void check_output() const {
     if (!bn2_.output_finite() || !bn1_.pending_finite() || !bn2_.pending_finite()) {
+      const std::string why = bad_state();
+      if (!why.empty()) detail::throw_numerical(label_.c_str(), why);
       detail::throw_numerical(label_.c_str(),
                               "output or running statistics overflowed to a non-finite value "
                               "(input and parameters are finite; check their scale)");
@@ -499,6 +516,8 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
   }
   void check_pending() const {
     if (!pending_finite()) {
+      const std::string why = bad_state();
+      if (!why.empty()) detail::throw_numerical(label_.c_str(), why);
       detail::throw_numerical(label_.c_str(),
                               "a gradient overflowed to a non-finite value (the cotangents are "
                               "finite; check their scale)");

@@ -87,6 +87,8 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
     if (!output_finite() || !pending_finite()) {
       has_forward_ = false;  // refuse a backward through this failed forward
       if (!detail::all_finite4(x)) detail::throw_numerical(kName, detail::bad_element4("x", x));
+      const std::string why = bad_state("");
+      if (!why.empty()) detail::throw_numerical(kName, why);
       detail::throw_numerical(kName,
                               "the output or the running statistics overflow (values too large "
                               "or eps too small for the scalar type)");
@@ -107,10 +109,13 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
       write_dx(dy.data(), dx_.data(), false);
     }
     if ((!bounded && !detail::all_finite4(dx_)) || !(grad_weight_ + pending_weight_).allFinite() ||
-        !(grad_bias_ + pending_bias_).allFinite())
+        !(grad_bias_ + pending_bias_).allFinite()) {
+      const std::string why = bad_state("");
+      if (!why.empty()) detail::throw_numerical(kName, why);
       detail::throw_numerical(kName,
                               "a gradient overflows (the cotangents are finite; check "
                               "their scale and eps)");
+    }
     if (bounded) {
       write_dx(dy.data(), dx.data(), true);
     } else {
@@ -218,6 +223,16 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
 
   // Whether the last output is finite: O(C) through |y| ≤ |γ|·max|x̂| + |β|, a scan only when
   // that bound is not finite (NaN input, overflow, or a bound that is merely loose).
+  // The first non-finite parameter or buffer, or negative running variance, named under `prefix`
+  // as parameters() and buffers() name it; "" if none. Failure paths only.
+  std::string bad_state(const std::string& prefix) const {
+    std::string why = detail::bad_entry("parameter", prefix + "weight", weight_);
+    if (why.empty()) why = detail::bad_entry("parameter", prefix + "bias", bias_);
+    if (why.empty()) why = detail::bad_entry("buffer", prefix + "running_mean", running_mean_);
+    if (why.empty()) why = detail::bad_entry("buffer", prefix + "running_var", running_var_, true);
+    return why;
+  }
+
   bool output_finite() const {
     for (Index k = 0; k < options_.channels; ++k) {
       const double bound =
