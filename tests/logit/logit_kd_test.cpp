@@ -377,3 +377,33 @@ TEST_CASE("LogitKD: the README's overflow example throws", "[logit][kd][errors]"
   CHECK_THROWS_WITH(kd.value_and_grad(s, t, g), Catch::Contains("the loss overflows"));
   CHECK(g.isZero(0));
 }
+
+TEST_CASE("LogitKD: the README's quick example trains on the gradient of its loss", "[logit][kd]") {
+  const Index n = 5, c = 4;
+  const Matrix<double> student0 = random_matrix<double>(n, c, 1, 2),
+                       teacher = random_matrix<double>(n, c, 2, 2);
+  const mmkd::Labels labels = random_labels(n, c, 3);
+  // The README's lines, in double.
+  auto example = [&](const Matrix<double>& student, Matrix<double>& grad) {
+    mmkd::LogitKD<double> kd;
+    kd.options().weight = 0.9;
+    mmkd::CrossEntropy<double> ce;
+    double loss =
+        kd.value_and_grad(student, teacher, grad) + ce.value_and_grad(student, labels, grad);
+    return loss;
+  };
+  Matrix<double> grad = Matrix<double>::Zero(n, c);
+  example(student0, grad);
+  auto loss = [&](const Matrix<double>& s) {
+    Matrix<double> scratch = Matrix<double>::Zero(n, c);
+    return example(s, scratch);
+  };
+  const auto r = mmkd::check_gradient(loss, student0, grad, tight());
+  INFO(r.message());
+  CHECK(r.passed);
+  // Independently: the weight really is 0.9 of the default loss.
+  mmkd::LogitKD<double> plain;
+  mmkd::CrossEntropy<double> ce;
+  CHECK(loss(student0) ==
+        Approx(0.9 * plain.value(student0, teacher) + ce.value(student0, labels)).epsilon(1e-14));
+}
