@@ -198,3 +198,31 @@ TEST_CASE("EmbeddingQueue::push of its own rows", "[contrastive][queue]") {
   expect << 5, 6, 7, 8;
   CHECK(bit_identical(Matrix<double>(queue.embeddings()), expect));
 }
+
+TEST_CASE("Copies of EmbeddingQueue and of a learnable-temperature InfoNCE are deep",
+          "[contrastive][queue]") {
+  mmkd::EmbeddingQueue<double> queue(3, 1);
+  Matrix<double> a(2, 1), b(2, 1);
+  a << 1, 2;
+  b << 3, 4;
+  queue.push(a);
+  mmkd::EmbeddingQueue<double> copy(queue);
+  queue.push(b);  // the original wraps: 4 2 3; the copy still holds 1 2
+  copy.push(b.topRows(1));
+  Matrix<double> expect(3, 1);
+  expect << 1, 2, 3;
+  CHECK(bit_identical(Matrix<double>(copy.embeddings()), expect));
+
+  mmkd::InfoNCE<double>::Options o;
+  o.learn_temperature = true;
+  mmkd::InfoNCE<double> nce(o);
+  const Matrix<double> q = random_matrix<double>(4, 3, 1), k = random_matrix<double>(4, 3, 2);
+  Matrix<double> dq = Matrix<double>::Zero(4, 3);
+  nce.value_and_grad(q, k, dq);
+  mmkd::InfoNCE<double> nce_copy(nce);
+  const double theta = nce.parameters()[0].value(0, 0), grad = nce.gradients()[0].value(0, 0);
+  nce.parameters()[0].value(0, 0) = 2;
+  nce.zero_grad();
+  CHECK(nce_copy.parameters()[0].value(0, 0) == theta);
+  CHECK(nce_copy.gradients()[0].value(0, 0) == grad);
+}

@@ -124,3 +124,26 @@ TEST_CASE("hypergradient_linear equals finite differences of the real look-ahead
   mmkd::ModalityWeightLearner<double>::hypergradient(dots, lr, b, hyper2);
   CHECK(hyper2.isApprox(hyper, 1e-12));
 }
+
+TEST_CASE("A copied ModalityWeightLearner has its own parameters and forward cache",
+          "[multimodal][learner]") {
+  mmkd::ModalityWeightLearner<double>::Options o;
+  o.hidden = 5;
+  mmkd::ModalityWeightLearner<double> net(o), reference(o);
+  const Matrix<double> feats = random_matrix<double>(6, net.feature_dim(), 1).cwiseAbs(),
+                       other = random_matrix<double>(6, net.feature_dim(), 2).cwiseAbs(),
+                       dw = random_matrix<double>(6, 1, 3);
+  net.forward(feats);
+  reference.forward(feats);
+  mmkd::ModalityWeightLearner<double> copy(net);
+  net.parameters()[0].value.setConstant(7);
+  net.forward(other);  // the original's next forward must not reach the copy's cache
+  copy.backward(dw);
+  reference.backward(dw);
+  for (std::size_t p = 0; p < 4; ++p) {
+    CHECK(bit_identical(Matrix<double>(copy.parameters()[p].value),
+                        Matrix<double>(reference.parameters()[p].value)));
+    CHECK(bit_identical(Matrix<double>(copy.gradients()[p].value),
+                        Matrix<double>(reference.gradients()[p].value)));
+  }
+}
