@@ -197,6 +197,9 @@ TEST_CASE("EmbeddingQueue::push of its own rows", "[contrastive][queue]") {
   queue.push(queue.embeddings());
   expect << 5, 6, 7, 8;
   CHECK(bit_identical(Matrix<double>(queue.embeddings()), expect));
+  // An empty batch (its data() may be null) changes nothing.
+  queue.push(Matrix<double>(0, 1));
+  CHECK(bit_identical(Matrix<double>(queue.embeddings()), expect));
 }
 
 TEST_CASE("Copies of EmbeddingQueue and of a learnable-temperature InfoNCE are deep",

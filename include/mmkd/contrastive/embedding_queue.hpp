@@ -40,10 +40,11 @@ class EmbeddingQueue : detail::FloatingScalar<Scalar> {
     }
     if (!detail::all_finite(embeddings))
       detail::throw_invalid(kName, "embeddings hold a non-finite value");
+    if (embeddings.size() == 0) return;  // (and its data() may be null: no pointer arithmetic)
     const Scalar* first_in = embeddings.data();
     const Scalar* last_in =
         first_in + (embeddings.rows() - 1) * embeddings.outerStride() + embeddings.cols();
-    if (embeddings.size() > 0 && first_in < rows_.data() + rows_.size() && last_in > rows_.data()) {
+    if (first_in < rows_.data() + rows_.size() && last_in > rows_.data()) {
       alias_ = embeddings;
       push_rows(alias_);
     } else {
