@@ -251,3 +251,43 @@ TEST_CASE("ModalityGramKD value() throws instead of returning inf", "[multimodal
   gram.options().weight = 1e30f;
   CHECK_THROWS_WITH(gram.value(s, t), Catch::Contains("the loss overflows"));
 }
+
+TEST_CASE("ModalitySpecificKD: a huge beta times T² overflows, its gradient scale does not",
+          "[multimodal][msd][errors]") {
+  // fuzz_multimodal input cbdbb5cc…: N = 1, C = 1, M = 2, both modalities missing, T = 1e6,
+  // beta = 1e300. weight·T²·beta = 1e312 is out of range, but the gradient's scale
+  // weight·beta·T/N = 1e306 is not; with one class both softmaxes are 1, so the loss and its
+  // gradient are exactly 0 (it used to write NaN).
+  mmkd::ModalitySpecificKD<double>::Options o;
+  o.temperature = 1e6;
+  o.beta = 1e300;
+  mmkd::ModalitySpecificKD<double> msd(o);
+  Matrix<double> s(1, 1), t(1, 1), w(1, 2);
+  s << -1.125;
+  t << 3968.75;
+  w << -1000, 3750;  // unused: both modalities are missing
+  Tensor3<double> zs(2, 1, 1), zt(2, 1, 1), dzs(2, 1, 1);
+  zs.setConstant(3968.75);
+  zt.setConstant(3968.75);
+  dzs.setZero();
+  const mmkd::PresenceMask mask = mmkd::PresenceMask::Zero(1, 2);
+  Matrix<double> ds = Matrix<double>::Zero(1, 1);
+  CHECK(msd.value_and_grad(s, t, zs, zt, w, mask, ds, dzs) == 0.0);
+  CHECK(ds(0, 0) == 0.0);
+  CHECK(dzs(0, 0, 0) == 0.0);
+  CHECK(dzs(1, 0, 0) == 0.0);
+
+  // Two classes: dL/ds = beta·(T/N)·(p_s − p_t), p = softmax(x/T), by hand from the sigmoid.
+  Matrix<double> s2(1, 2), t2(1, 2), ds2 = Matrix<double>::Zero(1, 2);
+  s2 << 0, -1000;
+  t2 << 0, 1000;
+  const double ps0 = 1 / (1 + std::exp(-1000 / 1e6)), pt0 = 1 / (1 + std::exp(1000 / 1e6));
+  Tensor3<double> z2(2, 1, 2), dz2(2, 1, 2);
+  z2.setZero();
+  dz2.setZero();
+  const Matrix<double> w2 = Matrix<double>::Zero(1, 2);
+  msd.value_and_grad(s2, t2, z2, z2, w2, mask, ds2, dz2);
+  const double expected = 1e300 * 1e6 * (ps0 - pt0);  // about 2e303
+  CHECK(ds2(0, 0) == Approx(expected).epsilon(1e-9));
+  CHECK(ds2(0, 1) == Approx(-expected).epsilon(1e-9));
+}

@@ -194,7 +194,10 @@ class ModalitySpecificKD : detail::FloatingScalar<Scalar> {
 
     const Scalar temp = options_.temperature, inv_t = Scalar(1) / temp;
     const Scalar base = options_.weight * temp * temp / Scalar(n);  // T²/N
-    const Scalar full_scale = base * options_.beta * inv_t;
+    // The gradient's scale weight·T/N is formed before β or w_im multiplies it, as in the bound
+    // below: base·β alone can overflow where the gradient does not (T = 1e6, β = 1e300).
+    const Scalar grad_base = base * inv_t;
+    const Scalar full_scale = grad_base * options_.beta;
     auto all_rows = [](Index) { return true; };
     auto modal_rows = [&](Index k) { return present(k % n, k / n); };
     full_.prepare(n, c, ds ? 1 : 0, 2);
@@ -202,7 +205,7 @@ class ModalitySpecificKD : detail::FloatingScalar<Scalar> {
     detail::kd_rows(s, t, inv_t, all_rows, full_, ds ? 0 : -1, -1,
                     [full_scale](Index) { return full_scale; });
     detail::kd_rows(detail::as_matrix(zs), detail::as_matrix(zt), inv_t, modal_rows, modal_,
-                    dzs ? 0 : -1, -1, [&](Index k) { return base * inv_t * (*w)(k % n, k / n); });
+                    dzs ? 0 : -1, -1, [&](Index k) { return grad_base * (*w)(k % n, k / n); });
 
     const Scalar full_raw = full_.row_value.sum();
     Scalar modal_raw = 0;
@@ -218,7 +221,7 @@ class ModalitySpecificKD : detail::FloatingScalar<Scalar> {
       if (modal_rows(k)) w_max = std::max(w_max, (*w)(k % n, k / n));
     }
     const Scalar value = detail::scaled_value(kName, base, options_.beta * full_raw + modal_raw,
-                                              (ds || dzs) ? 2 * base * inv_t * w_max : Scalar(0));
+                                              (ds || dzs) ? 2 * grad_base * w_max : Scalar(0));
     store_aux(n, m);
     if (ds) full_.commit(0, *ds, all_rows);
     if (dzs) {
