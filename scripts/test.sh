@@ -11,11 +11,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=2
+source scripts/build_env.sh
 
 if [[ "${1:-}" == "--quick" ]]; then
   family="${2:?usage: scripts/test.sh --quick FAMILY}"
   cmake -S . -B build-quick -DCMAKE_BUILD_TYPE=Release -DMMKD_OPENMP=ON -DMMKD_WITH_TORCH=OFF \
-    -DMMKD_BUILD_BENCHMARKS=OFF -DMMKD_BUILD_EXAMPLES=OFF -DMMKD_INSTALL=OFF >/dev/null
+    -DMMKD_BUILD_BENCHMARKS=OFF -DMMKD_BUILD_EXAMPLES=OFF -DMMKD_INSTALL=OFF \
+    "$(mmkd_launcher_option)" >/dev/null
   cmake --build build-quick --target "mmkd_check_$family" -j "$jobs"
   exec ctest --test-dir build-quick -L "^$family\$" -j "$jobs" --output-on-failure
 fi
@@ -23,7 +25,9 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq cmake g++ make libeigen3-dev catch2 libbenchmark-dev libtorch-dev \
-  libopenblas0-openmp libopenblas-openmp-dev openmpi-bin libopenmpi-dev >/dev/null
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DMMKD_OPENMP=ON
+  libopenblas0-openmp libopenblas-openmp-dev openmpi-bin libopenmpi-dev ccache time >/dev/null
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DMMKD_OPENMP=ON "$(mmkd_launcher_option)"
+mmkd_ccache_zero
 cmake --build build -j "$jobs"
+mmkd_ccache_report
 ctest --test-dir build -j "$jobs" --output-on-failure
