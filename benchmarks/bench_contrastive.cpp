@@ -4,6 +4,12 @@
 // benchmark reports FLOPS, the floating-point operations of its matrix products per second, and
 // GEMM_share, that rate over the plain GEMM's in the same run.
 
+#include <mmkd/contrastive/embedding_queue.hpp>
+#include <mmkd/contrastive/info_nce.hpp>
+#include <mmkd/contrastive/similarity_distillation.hpp>
+#include <mmkd/structure/channel_decorrelation.hpp>
+#include <mmkd/structure/uniformity.hpp>
+
 #include "bench_common.hpp"
 
 namespace {

@@ -5,6 +5,10 @@
 // the same bytes, and exp_share: the time of the row softmaxes' exponentials alone (2 per element
 // for the KD losses, 1 for cross-entropy) over the call's time.
 
+#include <mmkd/logit/cross_entropy.hpp>
+#include <mmkd/logit/decoupled_kd.hpp>
+#include <mmkd/logit/logit_kd.hpp>
+
 #include "bench_common.hpp"
 
 namespace {

@@ -4,6 +4,12 @@
 // touch and BW_share against a plain pass over the same bytes; the softmax-based ones also
 // exp_share (see bench_logit.cpp).
 
+#include <mmkd/multimodal/modality_gram_kd.hpp>
+#include <mmkd/multimodal/modality_saliency.hpp>
+#include <mmkd/multimodal/modality_specific_kd.hpp>
+#include <mmkd/multimodal/modality_weight_learner.hpp>
+#include <mmkd/multimodal/modality_weighting.hpp>
+
 #include "bench_common.hpp"
 
 namespace {

@@ -6,6 +6,11 @@
 // convolutions, an effective rate since Winograd does fewer; GEMM_share compares it with a plain
 // GEMM of the largest convolution's im2col product, so it can exceed 100%.
 
+#include <mmkd/review/attention_fusion.hpp>
+#include <mmkd/review/batch_norm.hpp>
+#include <mmkd/review/hierarchical_context_loss.hpp>
+#include <mmkd/review/review_fusion.hpp>
+
 #include <array>
 #include <vector>
 

@@ -1,5 +1,9 @@
 #include "alloc/alloc_support.hpp"
 
+#include <mmkd/logit/cross_entropy.hpp>
+#include <mmkd/logit/decoupled_kd.hpp>
+#include <mmkd/logit/logit_kd.hpp>
+
 using namespace mmkd_test;
 
 TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][alloc]", float,

@@ -1,5 +1,11 @@
 #include "alloc/alloc_support.hpp"
 
+#include <mmkd/multimodal/modality_gram_kd.hpp>
+#include <mmkd/multimodal/modality_saliency.hpp>
+#include <mmkd/multimodal/modality_specific_kd.hpp>
+#include <mmkd/multimodal/modality_weight_learner.hpp>
+#include <mmkd/multimodal/modality_weighting.hpp>
+
 using namespace mmkd_test;
 
 TEMPLATE_TEST_CASE("multimodal losses allocate nothing in steady state", "[multimodal][alloc]",

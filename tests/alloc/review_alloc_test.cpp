@@ -1,5 +1,11 @@
 #include "alloc/alloc_support.hpp"
 
+#include <mmkd/review/attention_fusion.hpp>
+#include <mmkd/review/batch_norm.hpp>
+#include <mmkd/review/conv2d.hpp>
+#include <mmkd/review/hierarchical_context_loss.hpp>
+#include <mmkd/review/review_fusion.hpp>
+
 #include <vector>
 
 using namespace mmkd_test;

@@ -1,5 +1,11 @@
 #include "alloc/alloc_support.hpp"
 
+#include <mmkd/contrastive/embedding_queue.hpp>
+#include <mmkd/contrastive/info_nce.hpp>
+#include <mmkd/contrastive/similarity_distillation.hpp>
+#include <mmkd/structure/channel_decorrelation.hpp>
+#include <mmkd/structure/uniformity.hpp>
+
 using namespace mmkd_test;
 
 TEMPLATE_TEST_CASE("structure and contrastive losses allocate nothing in steady state",

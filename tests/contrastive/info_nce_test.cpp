@@ -1,3 +1,5 @@
+#include <mmkd/contrastive/info_nce.hpp>
+
 #include "support.hpp"
 
 using namespace mmkd_test;

@@ -1,3 +1,7 @@
+#include <mmkd/contrastive/embedding_queue.hpp>
+#include <mmkd/contrastive/info_nce.hpp>
+#include <mmkd/contrastive/similarity_distillation.hpp>
+
 #include <vector>
 
 #include "support.hpp"

@@ -1,3 +1,19 @@
+#include <mmkd/contrastive/info_nce.hpp>
+#include <mmkd/contrastive/similarity_distillation.hpp>
+#include <mmkd/logit/cross_entropy.hpp>
+#include <mmkd/logit/decoupled_kd.hpp>
+#include <mmkd/logit/logit_kd.hpp>
+#include <mmkd/multimodal/modality_gram_kd.hpp>
+#include <mmkd/multimodal/modality_saliency.hpp>
+#include <mmkd/multimodal/modality_specific_kd.hpp>
+#include <mmkd/multimodal/modality_weight_learner.hpp>
+#include <mmkd/multimodal/modality_weighting.hpp>
+#include <mmkd/review/attention_fusion.hpp>
+#include <mmkd/review/batch_norm.hpp>
+#include <mmkd/review/hierarchical_context_loss.hpp>
+#include <mmkd/structure/channel_decorrelation.hpp>
+#include <mmkd/structure/uniformity.hpp>
+
 #include "support.hpp"
 
 #include <vector>

@@ -1,3 +1,5 @@
+#include <mmkd/logit/cross_entropy.hpp>
+
 #include "support.hpp"
 
 using namespace mmkd_test;

@@ -2,6 +2,12 @@
 // InfoNCE (incl. learned temperature, sharding options, streaming) and SimilarityDistillation with
 // an EmbeddingQueue (see fuzz_support.hpp for the contract checked).
 
+#include <mmkd/contrastive/embedding_queue.hpp>
+#include <mmkd/contrastive/info_nce.hpp>
+#include <mmkd/contrastive/similarity_distillation.hpp>
+#include <mmkd/structure/channel_decorrelation.hpp>
+#include <mmkd/structure/uniformity.hpp>
+
 #include "fuzz_support.hpp"
 
 using namespace mmkd_fuzz;

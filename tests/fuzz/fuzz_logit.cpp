@@ -2,6 +2,10 @@
 // weights) with shapes, options, labels, masks and values decoded from the input (see
 // fuzz_support.hpp for the contract checked).
 
+#include <mmkd/logit/cross_entropy.hpp>
+#include <mmkd/logit/decoupled_kd.hpp>
+#include <mmkd/logit/logit_kd.hpp>
+
 #include "fuzz_support.hpp"
 
 using namespace mmkd_fuzz;

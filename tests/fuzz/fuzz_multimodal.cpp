@@ -1,6 +1,12 @@
 // libFuzzer target: ModalitySpecificKD, ModalitySaliency + ModalityWeighting, SaliencyRunningMean,
 // ModalityGramKD and ModalityWeightLearner (see fuzz_support.hpp for the contract checked).
 
+#include <mmkd/multimodal/modality_gram_kd.hpp>
+#include <mmkd/multimodal/modality_saliency.hpp>
+#include <mmkd/multimodal/modality_specific_kd.hpp>
+#include <mmkd/multimodal/modality_weight_learner.hpp>
+#include <mmkd/multimodal/modality_weighting.hpp>
+
 #include "fuzz_support.hpp"
 
 using namespace mmkd_fuzz;

@@ -2,6 +2,12 @@
 // adaptive_avg_pool2d, with their backward passes), BatchNorm2d, AttentionFusion, ReviewFusion
 // and HierarchicalContextLoss (see fuzz_support.hpp for the contract checked).
 
+#include <mmkd/review/attention_fusion.hpp>
+#include <mmkd/review/batch_norm.hpp>
+#include <mmkd/review/conv2d.hpp>
+#include <mmkd/review/hierarchical_context_loss.hpp>
+#include <mmkd/review/review_fusion.hpp>
+
 #include <memory>
 
 #include "fuzz_support.hpp"

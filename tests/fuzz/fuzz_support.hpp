@@ -9,7 +9,19 @@
 //     in (gradients, module parameters, gradients and running statistics) is bit-for-bit as before.
 // Anything else (another exception, a crash, a sanitizer report) aborts the run.
 
-#include <mmkd/mmkd.hpp>
+// The core only: each file includes the headers of the losses it uses, so a change to one
+// family's header recompiles only the objects that use that family.
+#include <mmkd/core/errors.hpp>
+#include <mmkd/core/module.hpp>
+#include <mmkd/core/normalize.hpp>
+#include <mmkd/core/parallel.hpp>
+#include <mmkd/core/random.hpp>
+#include <mmkd/core/reduction.hpp>
+#include <mmkd/core/softmax.hpp>
+#include <mmkd/core/tensor.hpp>
+#include <mmkd/core/types.hpp>
+#include <mmkd/core/version.hpp>
+#include <mmkd/gradcheck.hpp>
 
 #include <cmath>
 #include <cstdint>

@@ -1,3 +1,6 @@
+#include <mmkd/logit/decoupled_kd.hpp>
+#include <mmkd/logit/logit_kd.hpp>
+
 #include "support.hpp"
 
 #include <vector>

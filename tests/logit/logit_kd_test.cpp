@@ -1,3 +1,7 @@
+#include <mmkd/logit/cross_entropy.hpp>
+#include <mmkd/logit/decoupled_kd.hpp>
+#include <mmkd/logit/logit_kd.hpp>
+
 #include "support.hpp"
 
 using namespace mmkd_test;

@@ -1,3 +1,5 @@
+#include <mmkd/multimodal/modality_gram_kd.hpp>
+
 #include "support.hpp"
 
 #include <vector>

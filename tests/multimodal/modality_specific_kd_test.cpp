@@ -1,3 +1,9 @@
+#include <mmkd/logit/logit_kd.hpp>
+#include <mmkd/multimodal/modality_gram_kd.hpp>
+#include <mmkd/multimodal/modality_saliency.hpp>
+#include <mmkd/multimodal/modality_specific_kd.hpp>
+#include <mmkd/multimodal/modality_weighting.hpp>
+
 #include "support.hpp"
 
 using namespace mmkd_test;

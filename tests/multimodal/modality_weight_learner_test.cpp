@@ -1,3 +1,7 @@
+#include <mmkd/logit/cross_entropy.hpp>
+#include <mmkd/logit/logit_kd.hpp>
+#include <mmkd/multimodal/modality_weight_learner.hpp>
+
 #include "support.hpp"
 
 using namespace mmkd_test;

@@ -1,3 +1,6 @@
+#include <mmkd/multimodal/modality_saliency.hpp>
+#include <mmkd/multimodal/modality_weighting.hpp>
+
 #include "support.hpp"
 
 using namespace mmkd_test;

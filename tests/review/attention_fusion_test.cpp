@@ -2,6 +2,9 @@
 // eval mode, with and without fusion and resize), the initialisation, errors and the strong
 // guarantee.
 
+#include <mmkd/review/attention_fusion.hpp>
+#include <mmkd/review/batch_norm.hpp>
+
 #include "support.hpp"
 
 using namespace mmkd_test;

@@ -1,6 +1,8 @@
 // BatchNorm2d: a hand-computed example, finite differences in train and eval mode, errors and the
 // strong guarantee.
 
+#include <mmkd/review/batch_norm.hpp>
+
 #include "support.hpp"
 
 using namespace mmkd_test;

@@ -1,6 +1,8 @@
 // HierarchicalContextLoss: the weight table, the value against a direct implementation of the
 // reference loops, finite differences, invariants and errors.
 
+#include <mmkd/review/hierarchical_context_loss.hpp>
+
 #include "support.hpp"
 
 using namespace mmkd_test;

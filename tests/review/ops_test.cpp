@@ -2,6 +2,10 @@
 // tables from the reference note, and every backward against central differences (random
 // cotangents).
 
+#include <mmkd/review/attention_fusion.hpp>
+#include <mmkd/review/conv2d.hpp>
+#include <mmkd/review/resize.hpp>
+
 #include "support.hpp"
 
 using namespace mmkd_test;

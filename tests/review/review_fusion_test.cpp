@@ -2,6 +2,9 @@
 // chain through HCL for every feature and parameter, stage-naming errors and the strong
 // guarantee.
 
+#include <mmkd/review/hierarchical_context_loss.hpp>
+#include <mmkd/review/review_fusion.hpp>
+
 #include <memory>
 
 #include "support.hpp"

@@ -1,3 +1,5 @@
+#include <mmkd/structure/channel_decorrelation.hpp>
+
 #include "support.hpp"
 
 using namespace mmkd_test;

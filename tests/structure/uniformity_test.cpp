@@ -1,3 +1,6 @@
+#include <mmkd/structure/channel_decorrelation.hpp>
+#include <mmkd/structure/uniformity.hpp>
+
 #include "support.hpp"
 
 using namespace mmkd_test;

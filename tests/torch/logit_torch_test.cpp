@@ -1,6 +1,10 @@
 // Cross-checks of the logit losses against the same losses written with libtorch ops and
 // differentiated by libtorch's autograd, on random shapes.
 
+#include <mmkd/logit/cross_entropy.hpp>
+#include <mmkd/logit/decoupled_kd.hpp>
+#include <mmkd/logit/logit_kd.hpp>
+
 #include <array>
 #include <cstdio>
 #include <cstdlib>

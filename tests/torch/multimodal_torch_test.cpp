@@ -1,6 +1,11 @@
 // Cross-checks of the multimodal losses against the same losses written with libtorch ops and
 // differentiated by libtorch's autograd, on random shapes and masks.
 
+#include <mmkd/multimodal/modality_gram_kd.hpp>
+#include <mmkd/multimodal/modality_saliency.hpp>
+#include <mmkd/multimodal/modality_specific_kd.hpp>
+#include <mmkd/multimodal/modality_weight_learner.hpp>
+
 #include "torch/torch_losses.hpp"
 #include "torch/torch_support.hpp"
 

@@ -4,13 +4,27 @@
 // adaptive_avg_pool2d, sigmoid), following the official CIFAR code; the parameters are copied
 // from an mmkd::ReviewFusion by name. Used by the cross-check tests and the benchmarks.
 
+#include <mmkd/review/review_fusion.hpp>
+
 #include <map>
 #include <string>
 #include <vector>
 
 #include <torch/torch.h>
 
-#include <mmkd/mmkd.hpp>
+// The core only: each file includes the headers of the losses it uses, so a change to one
+// family's header recompiles only the objects that use that family.
+#include <mmkd/core/errors.hpp>
+#include <mmkd/core/module.hpp>
+#include <mmkd/core/normalize.hpp>
+#include <mmkd/core/parallel.hpp>
+#include <mmkd/core/random.hpp>
+#include <mmkd/core/reduction.hpp>
+#include <mmkd/core/softmax.hpp>
+#include <mmkd/core/tensor.hpp>
+#include <mmkd/core/types.hpp>
+#include <mmkd/core/version.hpp>
+#include <mmkd/gradcheck.hpp>
 
 namespace mmkd_torch {
 

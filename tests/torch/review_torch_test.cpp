@@ -3,6 +3,11 @@
 // parameters copied in: outputs, loss, feature gradients, parameter gradients and the running
 // statistics, in train and eval mode.
 
+#include <mmkd/review/batch_norm.hpp>
+#include <mmkd/review/conv2d.hpp>
+#include <mmkd/review/hierarchical_context_loss.hpp>
+#include <mmkd/review/review_fusion.hpp>
+
 #include "torch/review_reference.hpp"
 #include "torch/torch_support.hpp"
 

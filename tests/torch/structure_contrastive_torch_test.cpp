@@ -1,6 +1,12 @@
 // Cross-checks of the dimensional-structure and contrastive losses against the same losses
 // written with libtorch ops and differentiated by libtorch's autograd.
 
+#include <mmkd/contrastive/embedding_queue.hpp>
+#include <mmkd/contrastive/info_nce.hpp>
+#include <mmkd/contrastive/similarity_distillation.hpp>
+#include <mmkd/structure/channel_decorrelation.hpp>
+#include <mmkd/structure/uniformity.hpp>
+
 #include <cstdio>
 #include <cstdlib>
 
