@@ -9,4 +9,4 @@ args=("$@")
 for ((k = 0; k < ${#args[@]} - 1; ++k)); do
   if [[ "${args[k]}" == "-o" ]]; then object="${args[k + 1]}"; fi
 done
-exec /usr/bin/time -a -o "$MMKD_TU_LOG" -f "%e %M $PWD/$object" "$@"
+exec /usr/bin/time -q -a -o "$MMKD_TU_LOG" -f "%e %M $PWD/$object" "$@"
