@@ -25,19 +25,28 @@ TEST_CASE("LogitKD gives bit-identical results with 1 and 2 threads", "[core][pa
   CHECK(bit_identical(g1, g2));
 }
 
-TEST_CASE("logit losses give bit-identical results with 1 and 2 threads", "[core][parallel]") {
-  // Sizes large enough for mmkd's loops to run in parallel (rows x work >= 2^15).
-  const Index n = 512, c = 96;
-  const Matrix<double> s = random_matrix<double>(n, c, 1, 3), t = random_matrix<double>(n, c, 2, 3);
+namespace {
+
+// LogitKD, DecoupledKD and CrossEntropy on one n x c batch, with 1 and then 2 threads.
+template <class T>
+void logit_losses_same_with_1_and_2_threads(Index n, Index c) {
+  const Matrix<T> s = random_matrix<T>(n, c, 1, 3), t = random_matrix<T>(n, c, 2, 3);
   const mmkd::Labels y = random_labels(n, c, 3);
-  same_with_1_and_2_threads([&](std::vector<Matrix<double>>& g) {
-    g.assign(3, Matrix<double>::Zero(n, c));
-    mmkd::LogitKD<double> kd;
-    mmkd::DecoupledKD<double> dkd;
-    mmkd::CrossEntropy<double> ce({0.1});
+  same_with_1_and_2_threads<T>([&](std::vector<Matrix<T>>& g) {
+    g.assign(3, Matrix<T>::Zero(n, c));
+    mmkd::LogitKD<T> kd;
+    mmkd::DecoupledKD<T> dkd;
+    mmkd::CrossEntropy<T> ce({T(0.1)});
     return kd.value_and_grad(s, t, g[0], g[1]) + dkd.value_and_grad(s, t, y, g[2]) +
            ce.value_and_grad(s, y, g[2]);
   });
+}
+
+}  // namespace
+
+TEST_CASE("logit losses give bit-identical results with 1 and 2 threads", "[core][parallel]") {
+  // Sizes large enough for mmkd's loops to run in parallel (rows x work >= 2^15).
+  logit_losses_same_with_1_and_2_threads<double>(512, 96);
 }
 
 TEST_CASE("float logit losses are bit-identical with 1 and 2 threads at odd widths",
@@ -46,17 +55,7 @@ TEST_CASE("float logit losses are bit-identical with 1 and 2 threads at odd widt
   // reduction would round differently unless the scratch is padded.
   for (Index c : {97, 1001}) {
     INFO(c << " columns");
-    const Index n = 300;
-    const Matrix<float> s = random_matrix<float>(n, c, 1, 3), t = random_matrix<float>(n, c, 2, 3);
-    const mmkd::Labels y = random_labels(n, c, 3);
-    same_with_1_and_2_threads<float>([&](std::vector<Matrix<float>>& g) {
-      g.assign(3, Matrix<float>::Zero(n, c));
-      mmkd::LogitKD<float> kd;
-      mmkd::DecoupledKD<float> dkd;
-      mmkd::CrossEntropy<float> ce({0.1f});
-      return kd.value_and_grad(s, t, g[0], g[1]) + dkd.value_and_grad(s, t, y, g[2]) +
-             ce.value_and_grad(s, y, g[2]);
-    });
+    logit_losses_same_with_1_and_2_threads<float>(300, c);
   }
 }
 #endif
