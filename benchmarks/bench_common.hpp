@@ -10,9 +10,16 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <csignal>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
+#include <string>
 #include <vector>
+
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 // The core only: each file includes the headers of the losses it uses, so a change to one
 // family's header recompiles only the objects that use that family.
@@ -234,4 +241,45 @@ void torch_loop(benchmark::State& st, F&& step) {
 }
 #endif
 
+/// Competing load: MMKD_BENCH_BUSY=N starts N processes that spin until this one exits, as a
+/// trainer's own threads or other jobs keep the cores busy (scripts/bench.sh --busy runs every
+/// mmkd benchmark so, on 1 and on 2 threads).
+class BusyProcesses {
+ public:
+  BusyProcesses() {
+    const char* env = std::getenv("MMKD_BENCH_BUSY");
+    const int n = env ? std::atoi(env) : 0;
+    for (int k = 0; k < n; ++k) {
+      const pid_t pid = fork();
+      if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        for (volatile std::uint64_t spin = 0;; spin = spin + 1) {
+        }
+      }
+      if (pid > 0) pids_.push_back(pid);
+    }
+    benchmark::AddCustomContext("busy", std::to_string(pids_.size()));
+  }
+  ~BusyProcesses() {
+    for (pid_t pid : pids_) kill(pid, SIGKILL);
+    for (pid_t pid : pids_) waitpid(pid, nullptr, 0);
+  }
+  BusyProcesses(const BusyProcesses&) = delete;
+  BusyProcesses& operator=(const BusyProcesses&) = delete;
+
+ private:
+  std::vector<pid_t> pids_;
+};
+
 }  // namespace bench
+
+// Google Benchmark's main, with the competing load of MMKD_BENCH_BUSY running throughout.
+#define MMKD_BENCHMARK_MAIN()                                         \
+  int main(int argc, char** argv) {                                   \
+    benchmark::Initialize(&argc, argv);                               \
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1; \
+    const bench::BusyProcesses busy;                                  \
+    benchmark::RunSpecifiedBenchmarks();                              \
+    benchmark::Shutdown();                                            \
+    return 0;                                                         \
+  }

@@ -196,4 +196,4 @@ BENCHMARK(torch_Uniformity_value_and_grad)->Apply(unif_shapes);
 BENCHMARK(torch_SimilarityDistillation_value_and_grad)->Apply(seed_shapes);
 #endif
 
-BENCHMARK_MAIN();
+MMKD_BENCHMARK_MAIN()

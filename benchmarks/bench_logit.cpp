@@ -150,4 +150,4 @@ BENCHMARK(torch_DecoupledKD_value_and_grad)->Apply(one_shape);
 BENCHMARK(torch_CrossEntropy_value_and_grad)->Apply(one_shape);
 #endif
 
-BENCHMARK_MAIN();
+MMKD_BENCHMARK_MAIN()

@@ -172,4 +172,4 @@ BENCHMARK(torch_ModalityWeightLearner_forward_backward)->Apply(learner_shapes);
 BENCHMARK(torch_ModalityGramKD_value_and_grad)->Apply(gram_shapes);
 #endif
 
-BENCHMARK_MAIN();
+MMKD_BENCHMARK_MAIN()

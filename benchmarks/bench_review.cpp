@@ -293,4 +293,4 @@ BENCHMARK(torch_HierarchicalContextLoss_value_and_grad)
     ->Apply(hcl_shapes);
 #endif
 
-BENCHMARK_MAIN();
+MMKD_BENCHMARK_MAIN()

@@ -91,7 +91,31 @@ def table(rows, mine, gemm, t1, t2, title):
               f"{ratio(r1, r2)} |".replace("**—**", "—"))
 
 
+def load_table(rows, t1, t2):
+    """mmkd's calls under competing load (scripts/bench.sh --busy): the t2-thread time over the
+    t1-thread time, measured while every core also runs a busy process."""
+    print(f"| class / call | shape | {t1} thread | {t2} threads | {t2} threads / {t1} thread |")
+    print("|---|---|---|---|---|")
+    worst = 0.0
+    for (call, args), impls in rows.items():
+        for mine in ("mmkd", "mmkd-blas"):
+            m1, m2 = impls.get((mine, t1)), impls.get((mine, t2))
+            if not (m1 and m2):
+                continue
+            r = m2["us"] / m1["us"]
+            worst = max(worst, r)
+            label = call.replace("_", " ") + (" (OpenBLAS)" if mine == "mmkd-blas" else "")
+            print(f"| {label} | {fmt_shape(args)} | {fmt_time(m1['us'])} | {fmt_time(m2['us'])} | "
+                  f"{r:.2f} |")
+    print(f"\nworst {t2}-thread / {t1}-thread ratio under load: {worst:.2f}")
+
+
 def main():
+    if sys.argv[1] == "--load":
+        rows = load(sys.argv[2:])
+        threads = sorted({t for impls in rows.values() for (_, t) in impls})
+        load_table(rows, threads[0], threads[-1])
+        return
     rows = load(sys.argv[1:])
     threads = sorted({t for impls in rows.values() for (_, t) in impls})
     t1, t2 = threads[0], threads[-1]

@@ -7,7 +7,7 @@
 
 #include <memory>
 
-#include "support.hpp"
+#include "core/parallel_support.hpp"
 
 using namespace mmkd_test;
 
@@ -235,10 +235,23 @@ TEST_CASE("ReviewFusion + HCL give bit-identical results with 1 and 2 threads",
     for (auto& b : review.buffers()) out.emplace_back(b.value);
     return out;
   };
-  const auto one = run(1), two = run(2);
-  omp_set_num_threads(2);
+  using Mode = mmkd::detail::ContentionGuard::Mode;
+  const auto one = run(1);
+  std::vector<Matrix<float>> two, serial;
+  {
+    const mmkd_test::GuardMode guard(Mode::Parallel);
+    two = run(2);
+  }
+  {
+    const mmkd_test::GuardMode guard(Mode::Serial);  // the contention guard backing off
+    serial = run(2);
+  }
   REQUIRE(one.size() == two.size());
-  for (std::size_t k = 0; k < one.size(); ++k) CHECK(bit_identical(one[k], two[k]));
+  REQUIRE(one.size() == serial.size());
+  for (std::size_t k = 0; k < one.size(); ++k) {
+    CHECK(bit_identical(one[k], two[k]));
+    CHECK(bit_identical(one[k], serial[k]));
+  }
 }
 #endif
 

@@ -24,16 +24,24 @@ inline Index product_tile(Index dim, bool split) {
 }
 
 /// Calls f(t, thread) for t in [0, count), items dealt round-robin (the triangle tiles of a rank
-/// update differ in cost); thread < max_threads() indexes per-thread scratch. With more than one
-/// thread this always runs inside an OpenMP parallel region (even for one item), where Eigen's
-/// products are single-threaded, so every product in f has the same blocking for any number of
-/// threads.
+/// update differ in cost); thread < max_threads() indexes per-thread scratch. Every product in f
+/// runs single-threaded, inside a parallel region or (one tile, or cores contended) on the
+/// calling thread with OpenMP's thread count set to 1, so it has the same blocking for any number
+/// of threads.
 template <class F>
 void parallel_tiles(Index count, F&& f) {
 #if MMKD_HAS_OPENMP
   if (omp_get_max_threads() > 1 && !omp_in_parallel()) {
-#pragma omp parallel for schedule(static, 1)
-    for (Index t = 0; t < count; ++t) f(t, omp_get_thread_num());
+    if (count > 1 && !ContentionGuard::backing_off()) {
+      timed_region([&](int thread) {
+#pragma omp for schedule(static, 1) nowait
+        for (Index t = 0; t < count; ++t) f(t, thread);
+      });
+    } else {
+      one_thread([&] {
+        for (Index t = 0; t < count; ++t) f(t, 0);
+      });
+    }
     return;
   }
 #endif
