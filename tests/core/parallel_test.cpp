@@ -57,10 +57,8 @@ TEST_CASE("The contention guard backs off after a slow region and not after a fa
   CHECK_FALSE(Guard::backing_off());
 }
 
-TEST_CASE(
-    "A parallel region's threads run with Eigen single-threaded, and one tile runs on the "
-    "caller",
-    "[core][parallel]") {
+TEST_CASE("A one-tile product runs on the calling thread with one OpenMP thread",
+          "[core][parallel]") {
   omp_set_num_threads(2);
   const GuardMode guard(mmkd::detail::ContentionGuard::Mode::Parallel);
   int in_parallel = -1, max_inside = -1;

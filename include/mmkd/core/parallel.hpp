@@ -113,6 +113,27 @@ void timed_region(Body&& body) {
   ContentionGuard::record(ContentionGuard::now_ns() - t0, busy.load(std::memory_order_relaxed));
 }
 
+/// Calls f(i, thread) for i in [0, n) in a timed region, in contiguous blocks per thread or
+/// dealt round-robin; on the calling thread (with one OpenMP thread) while the guard backs off.
+template <class F>
+void guarded_loop(Index n, bool round_robin, F&& f) {
+  if (ContentionGuard::backing_off()) {
+    one_thread([&] {
+      for (Index i = 0; i < n; ++i) f(i, 0);
+    });
+    return;
+  }
+  timed_region([&](int thread) {
+    if (round_robin) {
+#pragma omp for schedule(static, 1) nowait
+      for (Index i = 0; i < n; ++i) f(i, thread);
+    } else {
+#pragma omp for schedule(static) nowait
+      for (Index i = 0; i < n; ++i) f(i, thread);
+    }
+  });
+}
+
 #endif
 
 /// Calls f(i, thread) for i in [0, n). `thread` < max_threads() indexes per-thread scratch.
@@ -122,16 +143,7 @@ void parallel_for(Index n, Index work_per_item, F&& f) {
 #if MMKD_HAS_OPENMP
   if (n > 1 && n * work_per_item >= kParallelGrain && omp_get_max_threads() > 1 &&
       !omp_in_parallel()) {
-    if (!ContentionGuard::backing_off()) {
-      timed_region([&](int thread) {
-#pragma omp for schedule(static) nowait
-        for (Index i = 0; i < n; ++i) f(i, thread);
-      });
-    } else {
-      one_thread([&] {
-        for (Index i = 0; i < n; ++i) f(i, 0);
-      });
-    }
+    guarded_loop(n, false, f);
     return;
   }
 #else

@@ -32,14 +32,11 @@ template <class F>
 void parallel_tiles(Index count, F&& f) {
 #if MMKD_HAS_OPENMP
   if (omp_get_max_threads() > 1 && !omp_in_parallel()) {
-    if (count > 1 && !ContentionGuard::backing_off()) {
-      timed_region([&](int thread) {
-#pragma omp for schedule(static, 1) nowait
-        for (Index t = 0; t < count; ++t) f(t, thread);
-      });
+    if (count > 1) {
+      guarded_loop(count, true, f);
     } else {
       one_thread([&] {
-        for (Index t = 0; t < count; ++t) f(t, 0);
+        if (count == 1) f(0, 0);
       });
     }
     return;
