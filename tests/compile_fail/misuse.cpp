@@ -1,6 +1,9 @@
 // Misuse the types must reject at compile time. Built once as is (it must compile: the control),
 // and once per MMKD_MISUSE case, whose build must fail with the error named in CMakeLists.txt.
 
+#if MMKD_MISUSE == 7
+#define MMKD_STRICT_VIEWS
+#endif
 #include <mmkd/mmkd.hpp>
 
 int main() {
@@ -34,6 +37,10 @@ int main() {
   const mmkd::Matrix<float> w = mmkd::Matrix<float>::Ones(4, 2);
   mmkd::ModalitySpecificKD<float> msd;
   v += msd.value_and_grad(s, t, stack, stack, w, grad, frozen_stack);
+#elif MMKD_MISUSE == 7
+  // Under MMKD_STRICT_VIEWS, a column-major input (Eigen would copy it into a temporary).
+  const Eigen::MatrixXf col_major = Eigen::MatrixXf::Zero(4, 3);
+  v += kd.value(col_major, t);
 #endif
   return v > 0 ? 0 : 1;
 }

@@ -1,8 +1,9 @@
-// ReviewKD: batch norm, the hierarchical context loss and attention fusion give bit-identical
-// values and gradients with 1 and 2 OpenMP threads.
+// ReviewKD: the convolutions, batch norm, the hierarchical context loss and attention fusion
+// give bit-identical values and gradients with 1 and 2 OpenMP threads.
 
 #include <mmkd/review/attention_fusion.hpp>
 #include <mmkd/review/batch_norm.hpp>
+#include <mmkd/review/conv2d.hpp>
 #include <mmkd/review/hierarchical_context_loss.hpp>
 
 #include "core/parallel_support.hpp"
@@ -32,7 +33,42 @@ T batch_norm_and_hcl(Index n, Index c, Index h, std::uint64_t seed, std::vector<
   return v;
 }
 
+// conv2d_1x1 and conv2d_3x3 (one algorithm) forward and backward on N x C x H x W float maps.
+std::vector<Matrix<float>> convolutions(Index n, Index c, Index o, Index h, Index w,
+                                        mmkd::Conv3x3Algorithm algo) {
+  const mmkd::Tensor4<float> x = random_map<float>(n, c, h, w, 21),
+                             dy = random_map<float>(n, o, h, w, 22);
+  const Matrix<float> w1 = random_matrix<float>(o, c, 23), b1 = random_matrix<float>(1, o, 24),
+                      w3 = random_matrix<float>(o, 9 * c, 25);
+  mmkd::Tensor4<float> y1(n, o, h, w), y3(n, o, h, w), dx1(n, c, h, w), dx3(n, c, h, w);
+  dx1.setZero();
+  dx3.setZero();
+  Matrix<float> dw1 = Matrix<float>::Zero(o, c), db1 = Matrix<float>::Zero(1, o),
+                dw3 = Matrix<float>::Zero(o, 9 * c), ws;
+  mmkd::conv2d_1x1<float>(x, w1, b1, y1);
+  mmkd::conv2d_1x1_backward<float>(x, w1, dy, dx1, dw1, db1);
+  mmkd::conv2d_3x3<float>(x, w3, y3, ws, algo);
+  mmkd::conv2d_3x3_backward<float>(x, w3, dy, dx3, dw3, ws, algo);
+  return {flat(y1), flat(dx1), dw1, db1, flat(y3), flat(dx3), dw3};
+}
+
 }  // namespace
+
+TEST_CASE("the convolutions in float are bit-identical with 1 and 2 threads at odd sizes",
+          "[core][parallel][review]") {
+  // Odd H·W and channel counts put each thread's im2col and Winograd buffers at another
+  // alignment than the single thread's.
+  using Algo = mmkd::Conv3x3Algorithm;
+  for (Algo algo : {Algo::Im2col, Algo::Winograd})
+    for (Index h : {7, 15})
+      for (Index c : {3, 5}) {
+        INFO("algorithm " << int(algo) << ", H = " << h << ", W = " << h + 2 << ", C = " << c);
+        same_with_1_and_2_threads<float>([&](std::vector<Matrix<float>>& g) {
+          g = convolutions(6, c, 7, h, h + 2, algo);
+          return 0.0f;
+        });
+      }
+}
 
 TEST_CASE("batch norm and HCL give bit-identical results with 1 and 2 threads",
           "[core][parallel][review]") {

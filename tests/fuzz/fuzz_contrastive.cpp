@@ -21,8 +21,15 @@ void run(Reader& r) {
   const Index nt = r.dim(7), dt = same ? d : r.dim(6);
   const mmkd::Matrix<S> x = r.matrix<S>(n, d), t = r.matrix<S>(nt, dt);
   mmkd::Matrix<S> dx = mmkd::Matrix<S>::Zero(n, d), ddt = mmkd::Matrix<S>::Zero(nt, dt);
+  // Both embeddings and both gradients dense, or strided views of wider matrices.
+  const bool strided = r.flag();
+  const Index pad = kAlignedPad * (1 + r.pick(2));
   Buffers b;
-  b.add(dx);
+  using CRef = mmkd::ConstMatrixRef<S>;
+  using Ref = mmkd::MatrixRef<S>;
+  auto check = [&](const char* what, auto&& call) {
+    dense_or_strided<S>(what, b, strided, pad, call, x, t, dx, ddt);
+  };
   switch (r.pick(4)) {
     case 0: {
       typename mmkd::ChannelDecorrelation<S>::Options o;
@@ -32,9 +39,9 @@ void run(Reader& r) {
       o.eps = S(r.option(1e-5));
       o.weight = S(r.option(1));
       const bool with_teacher = r.flag();
-      b.check("ChannelDecorrelation", [&] {
+      check("ChannelDecorrelation", [&](const CRef& xv, const CRef& tv, Ref dxv, Ref) {
         mmkd::ChannelDecorrelation<S> decor(o);
-        return with_teacher ? decor.value_and_grad(x, t, dx) : decor.value_and_grad(x, dx);
+        return with_teacher ? decor.value_and_grad(xv, tv, dxv) : decor.value_and_grad(xv, dxv);
       });
       break;
     }
@@ -49,11 +56,14 @@ void run(Reader& r) {
       const mmkd::Tensor4<S> maps = r.tensor4<S>(n, c, h, w);
       mmkd::Tensor4<S> dmaps(n, c, h, w);
       dmaps.setZero();
-      b.add_tensor(dmaps);
       const bool on_maps = r.flag();
-      b.check("Uniformity", [&] {
-        mmkd::Uniformity<S> unif(o);
-        return on_maps ? unif.value_and_grad(maps, dmaps) : unif.value_and_grad(x, dx);
+      if (on_maps) {  // a TensorMap is always dense
+        b.add_tensor(dmaps);
+        b.check("Uniformity", [&] { return mmkd::Uniformity<S>(o).value_and_grad(maps, dmaps); });
+        break;
+      }
+      check("Uniformity", [&](const CRef& xv, const CRef&, Ref dxv, Ref) {
+        return mmkd::Uniformity<S>(o).value_and_grad(xv, dxv);
       });
       break;
     }
@@ -70,10 +80,10 @@ void run(Reader& r) {
       o.eps = S(r.option(1e-12));
       o.weight = S(r.option(1));
       const bool key_grad = r.flag();
-      b.add(ddt);
-      b.check("InfoNCE", [&] {
+      check("InfoNCE", [&](const CRef& xv, const CRef& tv, Ref dxv, Ref dtv) {
         mmkd::InfoNCE<S> nce(o);
-        const S v = key_grad ? nce.value_and_grad(x, t, dx, ddt) : nce.value_and_grad(x, t, dx);
+        const S v =
+            key_grad ? nce.value_and_grad(xv, tv, dxv, dtv) : nce.value_and_grad(xv, tv, dxv);
         for (const auto& p : nce.gradients())
           if (!p.value.allFinite()) die("InfoNCE: non-finite temperature gradient");
         return v;
@@ -90,15 +100,20 @@ void run(Reader& r) {
       o.dictionary = mmkd::SimilarityDictionary(r.pick(3));  // 2 is not a valid dictionary
       const Index capacity = r.dim(6);
       const mmkd::Matrix<S> past = r.matrix<S>(r.dim(6), dt);
+      // The extra dictionary rows too: dense, or a strided view.
+      const mmkd::Matrix<S> past_wide = widened(past, pad, std::numeric_limits<S>::quiet_NaN());
+      const CRef past_view = strided ? CRef(past_wide.leftCols(dt)) : CRef(past);
       const int variant = int(r.pick(3));
-      b.check("SimilarityDistillation + EmbeddingQueue", [&] {
-        mmkd::SimilarityDistillation<S> seed(o);
-        mmkd::EmbeddingQueue<S> queue(capacity, dt);
-        queue.push(past);
-        if (variant == 0) return seed.value_and_grad(x, t, queue, dx);
-        if (variant == 1) return seed.value_and_grad(x, t, past, dx);
-        return seed.value_and_grad(x, t, dx);
-      });
+      check("SimilarityDistillation + EmbeddingQueue",
+            [&](const CRef& xv, const CRef& tv, Ref dxv, Ref) {
+              mmkd::SimilarityDistillation<S> seed(o);
+              mmkd::EmbeddingQueue<S> queue(capacity, dt);
+              const CRef pv = xv.data() == x.data() ? CRef(past) : past_view;  // the dense rerun
+              queue.push(pv);
+              if (variant == 0) return seed.value_and_grad(xv, tv, queue, dxv);
+              if (variant == 1) return seed.value_and_grad(xv, tv, pv, dxv);
+              return seed.value_and_grad(xv, tv, dxv);
+            });
     }
   }
 }

@@ -12,21 +12,6 @@ using namespace mmkd_fuzz;
 
 namespace {
 
-// The contract for call(sv, tv, ds, dt); when the views are strided and the call succeeds, the
-// same call on the dense copies must give the same bits.
-template <class S, class F>
-void twin(const char* what, Buffers& b, F& call, const mmkd::ConstMatrixRef<S>& sv,
-          const mmkd::ConstMatrixRef<S>& tv, const mmkd::Matrix<S>& s, const mmkd::Matrix<S>& t,
-          mmkd::Matrix<S>& ds, mmkd::Matrix<S>& dt) {
-  double v = 0;
-  if (!b.check(what, [&] { return v = double(call(sv, tv, ds, dt)); })) return;
-  if (sv.data() == s.data()) return;  // dense already
-  mmkd::Matrix<S> ds2 = mmkd::Matrix<S>::Zero(ds.rows(), ds.cols()),
-                  dt2 = mmkd::Matrix<S>::Zero(dt.rows(), dt.cols());
-  const double v2 = double(call(s, t, ds2, dt2));
-  same_bits<mmkd::Matrix<S>>(what, v, v2, {&ds, &dt}, {&ds2, &dt2});
-}
-
 template <class S>
 void run(Reader& r) {
   const Index n = r.dim(6), c = r.dim(6);
@@ -36,22 +21,16 @@ void run(Reader& r) {
   const mmkd::Labels y = r.labels(r.byte() < 240 ? n : r.dim(6), c);
   const mmkd::RowMask mask = r.mask<mmkd::RowMask>(r.byte() < 240 ? n : r.dim(6), 1);
   const bool masked = r.flag();
-  // Student and teacher passed as strided views (left columns of wider matrices), or dense.
+  // Student, teacher and both gradients dense, or strided views of wider matrices.
   const bool strided = r.flag();
   const Index pad = kAlignedPad * (1 + r.pick(2));
-  const mmkd::Matrix<S> s_wide = widened(s, pad, std::numeric_limits<S>::quiet_NaN()),
-                        t_wide = widened(t, pad, std::numeric_limits<S>::quiet_NaN());
-  const mmkd::ConstMatrixRef<S> sv =
-      strided ? mmkd::ConstMatrixRef<S>(s_wide.leftCols(c)) : mmkd::ConstMatrixRef<S>(s);
-  const mmkd::ConstMatrixRef<S> tv =
-      strided ? mmkd::ConstMatrixRef<S>(t_wide.leftCols(ct)) : mmkd::ConstMatrixRef<S>(t);
-  if (strided && (sv.data() != s_wide.data() || tv.data() != t_wide.data()))
-    die("a strided view was copied on binding");
   const auto reduction = mmkd::Reduction(r.pick(4));  // 3 is not a valid reduction
   mmkd::Matrix<S> ds = mmkd::Matrix<S>::Zero(n, c), dt = mmkd::Matrix<S>::Zero(nt, ct);
-  Buffers b;
-  b.add(ds);
-  b.add(dt);
+  using CRef = mmkd::ConstMatrixRef<S>;
+  using Ref = mmkd::MatrixRef<S>;
+  auto check = [&](const char* what, auto&& call) {
+    dense_or_strided<S>(what, Buffers(), strided, pad, call, s, t, ds, dt);
+  };
   switch (r.pick(3)) {
     case 0: {
       typename mmkd::LogitKD<S>::Options o;
@@ -60,13 +39,12 @@ void run(Reader& r) {
       o.reduction = reduction;
       o.weight = S(r.option(1));
       const bool teacher_grad = r.flag();
-      auto call = [&](const auto& s, const auto& t, mmkd::Matrix<S>& ds, mmkd::Matrix<S>& dt) {
+      check("LogitKD", [&](const CRef& s, const CRef& t, Ref ds, Ref dt) {
         mmkd::LogitKD<S> kd(o);
         if (teacher_grad)
           return masked ? kd.value_and_grad(s, t, mask, ds, dt) : kd.value_and_grad(s, t, ds, dt);
         return masked ? kd.value_and_grad(s, t, mask, ds) : kd.value_and_grad(s, t, ds);
-      };
-      twin("LogitKD", b, call, sv, tv, s, t, ds, dt);
+      });
       break;
     }
     case 1: {
@@ -76,11 +54,10 @@ void run(Reader& r) {
       o.temperature = S(r.option(4));
       o.reduction = reduction;
       o.weight = S(r.option(1));
-      auto call = [&](const auto& s, const auto& t, mmkd::Matrix<S>& ds, mmkd::Matrix<S>&) {
+      check("DecoupledKD", [&](const CRef& s, const CRef& t, Ref ds, Ref) {
         mmkd::DecoupledKD<S> dkd(o);
         return masked ? dkd.value_and_grad(s, t, y, mask, ds) : dkd.value_and_grad(s, t, y, ds);
-      };
-      twin("DecoupledKD", b, call, sv, tv, s, t, ds, dt);
+      });
       break;
     }
     default: {
@@ -90,13 +67,12 @@ void run(Reader& r) {
       o.weight = S(r.option(1));
       if (r.flag()) o.class_weights = r.matrix<S>(r.byte() < 220 ? c : r.dim(6), 1);
       const int target = int(r.pick(2));  // hard labels, or the teacher matrix as soft targets
-      auto call = [&](const auto& s, const auto& t, mmkd::Matrix<S>& ds, mmkd::Matrix<S>&) {
+      check("CrossEntropy", [&](const CRef& s, const CRef& t, Ref ds, Ref) {
         mmkd::CrossEntropy<S> ce(o);
         if (target == 1)
           return masked ? ce.value_and_grad(s, t, mask, ds) : ce.value_and_grad(s, t, ds);
         return masked ? ce.value_and_grad(s, y, mask, ds) : ce.value_and_grad(s, y, ds);
-      };
-      twin("CrossEntropy", b, call, sv, tv, s, t, ds, dt);
+      });
     }
   }
 }

@@ -55,20 +55,22 @@ void run(Reader& r) {
                       dbias = mmkd::Matrix<S>::Zero(bias.rows(), bias.cols()), ws;
       b.add_tensor(y);
       b.add_tensor(dx);
-      b.add(dweight);
-      b.add(dbias);
-      b.check(
-          "conv2d",
-          [&] {
-            if (three) {
-              mmkd::conv2d_3x3<S>(x, weight, y, ws, algo);
-              mmkd::conv2d_3x3_backward<S>(x, weight, dy, dx, dweight, ws, algo);
-            } else {
-              mmkd::conv2d_1x1<S>(x, weight, bias, y);
-              mmkd::conv2d_1x1_backward<S>(x, weight, dy, dx, dweight, dbias);
-            }
-          },
-          false);
+      // The weight, the bias and their gradients dense, or strided views of wider matrices.
+      const bool strided = r.flag();
+      const Index pad = kAlignedPad * (1 + r.pick(2));
+      auto conv = [&](const mmkd::ConstMatrixRef<S>& wv, const mmkd::ConstMatrixRef<S>& bv,
+                      mmkd::MatrixRef<S> dwv, mmkd::MatrixRef<S> dbv) {
+        dx.setZero();  // each run from zero: a rerun must give the same bits
+        if (three) {
+          mmkd::conv2d_3x3<S>(x, wv, y, ws, algo);
+          mmkd::conv2d_3x3_backward<S>(x, wv, dy, dx, dwv, ws, algo);
+        } else {
+          mmkd::conv2d_1x1<S>(x, wv, bv, y);
+          mmkd::conv2d_1x1_backward<S>(x, wv, dy, dx, dwv, dbv);
+        }
+        return fingerprint(y, dx);
+      };
+      dense_or_strided<S>("conv2d", b, strided, pad, conv, weight, bias, dweight, dbias, false);
       break;
     }
     case 1: {  // resampling

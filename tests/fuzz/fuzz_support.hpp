@@ -28,6 +28,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -180,6 +181,20 @@ void same_bits(const char* what, double a, double b, const std::vector<const M*>
   }
 }
 
+/// The bits of some buffers as a double (FNV-1a, 52 bits: exact and finite), for a call whose
+/// outputs must match another's bit for bit but that returns no value of its own.
+template <class... T>
+double fingerprint(const T&... buffers) {
+  std::uint64_t h = 14695981039346656037ull;
+  auto mix = [&h](const auto& t) {
+    const auto* p = reinterpret_cast<const unsigned char*>(t.data());
+    for (std::size_t k = 0; k < sizeof(*t.data()) * std::size_t(t.size()); ++k)
+      h = (h ^ p[k]) * 1099511628211ull;
+  };
+  (mix(buffers), ...);
+  return double(h >> 12);
+}
+
 /// A module output's stand-in for a loss value: 0 when every value is finite, NaN otherwise (a
 /// sum could overflow on its own).
 template <class T>
@@ -274,6 +289,48 @@ class Buffers {
 
   std::vector<Entry> entries_;
 };
+
+/// Runs call(x, t, dx, dt) — x and t read, gradients added to dx and dt — under the contract of
+/// `b` plus dx and dt, either on the matrices themselves or, when `strided`, on the left columns
+/// of copies `pad` columns wider: the inputs' other entries NaN, the gradients' 0.5. A strided
+/// call that succeeds must leave those entries alone and give the bits of the dense call.
+/// `require_finite` as for Buffers::check.
+template <class S, class F>
+void dense_or_strided(const char* what, Buffers b, bool strided, Index pad, F&& call,
+                      const mmkd::Matrix<S>& x, const mmkd::Matrix<S>& t, mmkd::Matrix<S>& dx,
+                      mmkd::Matrix<S>& dt, bool require_finite = true) {
+  if (!strided) {
+    b.add(dx);
+    b.add(dt);
+    b.check(
+        what, [&] { return call(x, t, dx, dt); }, require_finite);
+    return;
+  }
+  const S nan = std::numeric_limits<S>::quiet_NaN(), half = S(0.5);
+  const mmkd::Matrix<S> x_wide = widened(x, pad, nan), t_wide = widened(t, pad, nan);
+  mmkd::Matrix<S> dx_wide = widened(dx, pad, half), dt_wide = widened(dt, pad, half);
+  const mmkd::ConstMatrixRef<S> xv(x_wide.leftCols(x.cols())), tv(t_wide.leftCols(t.cols()));
+  mmkd::MatrixRef<S> dxv(dx_wide.leftCols(dx.cols())), dtv(dt_wide.leftCols(dt.cols()));
+  if (xv.data() != x_wide.data() || tv.data() != t_wide.data())
+    die(std::string(what) + ": a strided view was copied on binding");
+  b.add(dx_wide);
+  b.add(dt_wide);
+  double v = 0;
+  if (!b.check(
+          what, [&] { return v = double(call(xv, tv, dxv, dtv)); }, require_finite))
+    return;
+  for (const mmkd::Matrix<S>* g : {&dx_wide, &dt_wide})
+    if (g->rows() > 0 && !(g->rightCols(pad).array() == half).all())  // no block of null data
+      die(std::string(what) + ": wrote outside a strided gradient view");
+  double v2 = 0;
+  try {
+    v2 = double(call(x, t, dx, dt));
+  } catch (const std::exception& e) {
+    die(std::string(what) + ": the dense call threw where the strided one did not: " + e.what());
+  }
+  const mmkd::Matrix<S> dx1 = dx_wide.leftCols(dx.cols()), dt1 = dt_wide.leftCols(dt.cols());
+  same_bits<mmkd::Matrix<S>>(what, v, v2, {&dx1, &dt1}, {&dx, &dt});
+}
 
 }  // namespace mmkd_fuzz
 

@@ -246,6 +246,101 @@ TEST_CASE("attention_fuse matches its definition; backward matches finite differ
                         b, tight()));
 }
 
+namespace {
+
+// `m` as the left columns of a matrix 3 columns wider, the others holding `pad`.
+Matrix<double> widened(const Matrix<double>& m, double pad) {
+  Matrix<double> wide = Matrix<double>::Constant(m.rows(), m.cols() + 3, pad);
+  wide.leftCols(m.cols()) = m;
+  return wide;
+}
+
+}  // namespace
+
+TEST_CASE("ops read strided weights and write strided weight gradients in place",
+          "[review][ops][strided]") {
+  // Each op runs twice: weight and dweight dense, then both as the left columns of wider
+  // matrices (a block of a caller's parameter store). The gradients must be the same bits and
+  // the columns beside the views untouched.
+  const double pad = -7.25;
+  auto same = [&](const Matrix<double>& dense, const Matrix<double>& wide) {
+    CHECK(wide.leftCols(dense.cols()) == dense);
+    CHECK((wide.rightCols(3).array() == pad).all());
+  };
+  using Algo = mmkd::Conv3x3Algorithm;
+  for (Shape s : {Shape{2, 3, 4, 5}, Shape{3, 2, 1, 1}, Shape{2, 2, 7, 7}}) {
+    INFO("N " << s.n << " C " << s.c << " H " << s.h << " W " << s.w);
+    const Index o = 4, hw = s.h * s.w;
+    const Matrix<double> x = random_matrix<double>(s.n * s.c, hw, 11);
+    const Matrix<double> dy = random_matrix<double>(s.n * o, hw, 12);
+    {  // conv2d_1x1: weight O x C, bias 1 x O
+      const Matrix<double> w = random_matrix<double>(o, s.c, 13),
+                           b = random_matrix<double>(1, o, 14);
+      const Matrix<double> w_wide = widened(w, pad);
+      Matrix<double> y1(s.n * o, hw), y2(s.n * o, hw), dx = Matrix<double>::Zero(s.n * s.c, hw);
+      mmkd::conv2d_1x1<double>(map4(x, s.n, s.c, s.h, s.w), w, b, out4(y1, s.n, o, s.h, s.w));
+      mmkd::conv2d_1x1<double>(map4(x, s.n, s.c, s.h, s.w), w_wide.leftCols(s.c), b,
+                               out4(y2, s.n, o, s.h, s.w));
+      CHECK(y1 == y2);
+      Matrix<double> dw = Matrix<double>::Ones(o, s.c), dw_wide = widened(dw, pad);
+      Matrix<double> db = Matrix<double>::Zero(1, o), db2 = db;
+      mmkd::conv2d_1x1_backward<double>(map4(x, s.n, s.c, s.h, s.w), w, map4(dy, s.n, o, s.h, s.w),
+                                        out4(dx, s.n, s.c, s.h, s.w), dw, db);
+      dx.setZero();
+      mmkd::conv2d_1x1_backward<double>(map4(x, s.n, s.c, s.h, s.w), w_wide.leftCols(s.c),
+                                        map4(dy, s.n, o, s.h, s.w), out4(dx, s.n, s.c, s.h, s.w),
+                                        dw_wide.leftCols(s.c), db2);
+      same(dw, dw_wide);
+      CHECK(db == db2);
+    }
+    for (Algo algo : {Algo::Im2col, Algo::Winograd}) {  // conv2d_3x3: weight O x 9C
+      INFO("algorithm " << int(algo));
+      const Matrix<double> w = random_matrix<double>(o, 9 * s.c, 15), w_wide = widened(w, pad);
+      Matrix<double> y1(s.n * o, hw), y2(s.n * o, hw), ws;
+      mmkd::conv2d_3x3<double>(map4(x, s.n, s.c, s.h, s.w), w, out4(y1, s.n, o, s.h, s.w), ws,
+                               algo);
+      mmkd::conv2d_3x3<double>(map4(x, s.n, s.c, s.h, s.w), w_wide.leftCols(9 * s.c),
+                               out4(y2, s.n, o, s.h, s.w), ws, algo);
+      CHECK(y1 == y2);
+      Matrix<double> dw = Matrix<double>::Ones(o, 9 * s.c), dw_wide = widened(dw, pad);
+      Matrix<double> dx1 = Matrix<double>::Zero(s.n * s.c, hw), dx2 = dx1;
+      mmkd::conv2d_3x3_backward<double>(map4(x, s.n, s.c, s.h, s.w), w, map4(dy, s.n, o, s.h, s.w),
+                                        out4(dx1, s.n, s.c, s.h, s.w), dw, ws, algo);
+      mmkd::conv2d_3x3_backward<double>(map4(x, s.n, s.c, s.h, s.w), w_wide.leftCols(9 * s.c),
+                                        map4(dy, s.n, o, s.h, s.w), out4(dx2, s.n, s.c, s.h, s.w),
+                                        dw_wide.leftCols(9 * s.c), ws, algo);
+      same(dw, dw_wide);
+      CHECK(dx1 == dx2);
+    }
+    {  // attention_fuse: weight 2 x 2C
+      const Matrix<double> y = random_matrix<double>(s.n * s.c, hw, 16);
+      const Matrix<double> w = random_matrix<double>(2, 2 * s.c, 17), w_wide = widened(w, pad);
+      const Matrix<double> b = random_matrix<double>(1, 2, 18);
+      const Matrix<double> df = random_matrix<double>(s.n * s.c, hw, 19);
+      Matrix<double> z(s.n * 2, hw), f1(s.n * s.c, hw), f2(s.n * s.c, hw), ws;
+      mmkd::attention_fuse<double>(map4(x, s.n, s.c, s.h, s.w), map4(y, s.n, s.c, s.h, s.w),
+                                   w_wide.leftCols(2 * s.c), b, out4(z, s.n, 2, s.h, s.w),
+                                   out4(f2, s.n, s.c, s.h, s.w));
+      mmkd::attention_fuse<double>(map4(x, s.n, s.c, s.h, s.w), map4(y, s.n, s.c, s.h, s.w), w, b,
+                                   out4(z, s.n, 2, s.h, s.w), out4(f1, s.n, s.c, s.h, s.w));
+      CHECK(f1 == f2);
+      Matrix<double> dw = Matrix<double>::Ones(2, 2 * s.c), dw_wide = widened(dw, pad);
+      Matrix<double> db1 = Matrix<double>::Zero(1, 2), db2 = db1;
+      Matrix<double> dx = Matrix<double>::Zero(s.n * s.c, hw), dyy = dx;
+      mmkd::attention_fuse_backward<double>(
+          map4(x, s.n, s.c, s.h, s.w), map4(y, s.n, s.c, s.h, s.w), w, map4(z, s.n, 2, s.h, s.w),
+          map4(df, s.n, s.c, s.h, s.w), out4(dx, s.n, s.c, s.h, s.w), out4(dyy, s.n, s.c, s.h, s.w),
+          dw, db1, ws);
+      mmkd::attention_fuse_backward<double>(
+          map4(x, s.n, s.c, s.h, s.w), map4(y, s.n, s.c, s.h, s.w), w_wide.leftCols(2 * s.c),
+          map4(z, s.n, 2, s.h, s.w), map4(df, s.n, s.c, s.h, s.w), out4(dx, s.n, s.c, s.h, s.w),
+          out4(dyy, s.n, s.c, s.h, s.w), dw_wide.leftCols(2 * s.c), db2, ws);
+      same(dw, dw_wide);
+      CHECK(db1 == db2);
+    }
+  }
+}
+
 TEST_CASE("ops reject mismatched shapes with a message naming the argument", "[review][ops]") {
   Matrix<double> x = Matrix<double>::Zero(6, 4), y(6, 4), ws;
   const Matrix<double> w = Matrix<double>::Zero(2, 3), w3 = Matrix<double>::Zero(2, 27), none(0, 0);

@@ -36,7 +36,7 @@ using Tensor4Ref = Eigen::TensorMap<Tensor4<Scalar>>;
 
 /// N x M presence mask of a multimodal batch: 1 = sample i has modality m, 0 = it is missing.
 using PresenceMask = Eigen::Matrix<std::uint8_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using ConstPresenceMaskRef = Eigen::Ref<const PresenceMask>;
+using ConstPresenceMaskRef = detail::ConstRef<PresenceMask>;
 
 namespace detail {
 

@@ -49,8 +49,8 @@ void attention_forward(const S* x, const S* y, Index n, Index c, Index hw,
 template <class S>
 void attention_backward(const S* x, const S* y, Index n, Index c, Index hw,
                         const ConstMatrixRef<S>& weight, const S* z, const S* df, S* dx, S* dy,
-                        S* dweight, S* dbias, bool assign, Matrix<S>& ws) {
-  SampleMap<S> dw(dweight, 2, 2 * c), db(dbias, 1, 2);
+                        OutMap<S> dw, S* dbias, bool assign, Matrix<S>& ws) {
+  SampleMap<S> db(dbias, 1, 2);
   if (assign) {
     dw.setZero();
     db.setZero();
@@ -142,7 +142,7 @@ void attention_fuse_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
   detail::check_shape(op, "dweight", dweight, 2, 2 * c, "2 x 2C");
   detail::check_shape(op, "dbias", dbias, 1, 2, "1 x 2");
   detail::attention_backward<S>(x.data(), y.data(), n, c, h * w, weight, z.data(), df.data(),
-                                dx.data(), dy.data(), dweight.data(), dbias.data(), false,
+                                dx.data(), dy.data(), detail::out_map(dweight), dbias.data(), false,
                                 workspace);
 }
 
@@ -477,7 +477,7 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
     bn2_.backward_pending(d_output.data());
     dr_.resize(n, mid, oh_, ow_);
     detail::conv3x3_backward<Scalar>(residual().data(), n, mid, oh_, ow_, w2_, bn2_.dx_.data(),
-                                     pending_w2_.data(), dr_.data(), true, dcol_);
+                                     detail::out_map(pending_w2_), dr_.data(), true, dcol_);
     if (d_residual) {
       detail::parallel_add(dr_.data(), d_residual, dr_.size());
     }
@@ -494,7 +494,8 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
       dup_.resize(n, mid, h, w);
       detail::attention_backward<Scalar>(bn1_.output_.data(), up_.data(), n, mid, h * w, watt_,
                                          z_.data(), dfused->data(), da1_.data(), dup_.data(),
-                                         pending_watt_.data(), pending_batt_.data(), true, datt_);
+                                         detail::out_map(pending_watt_), pending_batt_.data(), true,
+                                         datt_);
       dres_in_.resize(res_dims_[0], res_dims_[1], res_dims_[2], res_dims_[3]);
       detail::parallel_assign<Scalar>(dres_in_.data(), nullptr, dres_in_.size());
       detail::nearest_backward(dup_.data(), n * mid, res_dims_[2], res_dims_[3], dres_in_.data(), h,
@@ -504,7 +505,7 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
     bn1_.backward_pending(da1->data());
     dx_.resize(n, in, h, w);
     detail::conv1x1_backward<Scalar>(x_.data(), n, in, h * w, w1_, bn1_.dx_.data(),
-                                     pending_w1_.data(), nullptr, dx_.data(), true);
+                                     detail::out_map(pending_w1_), nullptr, dx_.data(), true);
   }
 
   bool pending_finite() const {

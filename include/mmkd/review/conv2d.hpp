@@ -35,6 +35,20 @@ using SampleMap = Eigen::Map<Matrix<S>>;
 template <class S>
 using ConstSampleMap = Eigen::Map<const Matrix<S>>;
 
+/// A kernel's optional matrix output (skipped when data() is null) with rows outerStride() apart,
+/// so that a caller's strided view (a block of a wider gradient matrix) is written in place.
+template <class S>
+using OutMap = Eigen::Map<Matrix<S>, 0, Eigen::OuterStride<>>;
+template <class M>
+OutMap<typename M::Scalar> out_map(M& m) {
+  return {m.size() ? m.data() : nullptr, m.rows(), m.cols(), Eigen::OuterStride<>(m.outerStride())};
+}
+/// No output: the kernel skips it.
+template <class S>
+OutMap<S> no_out() {
+  return {nullptr, 0, 0, Eigen::OuterStride<>(0)};
+}
+
 /// im2col for a 3x3 kernel, stride 1, padding 1: x (C x H x W) → col (9C x HW) with
 /// col[c·9 + 3a + b, h·W + w] = x[c, h + a − 1, w + b − 1] (0 outside the image).
 template <class S>
@@ -135,17 +149,17 @@ void conv3x3_forward_im2col(const S* x, Index n, Index c, Index h, Index w,
 /// run in parallel. `ws`: two 9C x HW buffers per thread, then an O x 9C sum per group.
 template <class S>
 void conv3x3_backward_im2col(const S* x, Index n, Index c, Index h, Index w,
-                             const ConstMatrixRef<S>& weight, const S* dy, S* dweight, S* dx,
+                             const ConstMatrixRef<S>& weight, const S* dy, OutMap<S> dweight, S* dx,
                              S* ws) {
   const Index o = weight.rows(), hw = h * w, per_thread = 18 * c * hw;
-  const Index sum_size = dweight ? o * 9 * c : 0;
+  const Index sum_size = dweight.data() ? o * 9 * c : 0;
   sum_over_sample_groups(
       n, sum_size, ws + max_threads() * per_thread,
       [&](Index i, int thread, S* sum) {
         S* col_data = ws + thread * per_thread;
         S* dcol_data = col_data + 9 * c * hw;
         const ConstSampleMap<S> g(dy + i * o * hw, o, hw);
-        if (dweight) {
+        if (dweight.data()) {
           im2col3x3(x + i * c * hw, c, h, w, col_data);
           SampleMap<S>(sum, o, 9 * c).noalias() +=
               g * ConstSampleMap<S>(col_data, 9 * c, hw).transpose();
@@ -156,7 +170,7 @@ void conv3x3_backward_im2col(const S* x, Index n, Index c, Index h, Index w,
         }
       },
       [&](const S* sum) {
-        if (dweight) SampleMap<S>(dweight, o, 9 * c) += ConstSampleMap<S>(sum, o, 9 * c);
+        if (dweight.data()) dweight += ConstSampleMap<S>(sum, o, 9 * c);
       });
 }
 
@@ -242,7 +256,7 @@ void wino_filter(const ConstMatrixRef<S>& weight, Index c_in, S* u) {
 
 /// dW[o, c·9 + ·] += Gᵀ dU Gᵀᵀ for dU_ξ (16 x O x C).
 template <class S>
-void wino_filter_adjoint(const S* du, Index o, Index c_in, S* dweight) {
+void wino_filter_adjoint(const S* du, Index o, Index c_in, OutMap<S>& dweight) {
   const Index oc = o * c_in;
   parallel_for(o, 16 * c_in, [&](Index q, int) {
     S r[16], t[12], g[9];
@@ -250,7 +264,7 @@ void wino_filter_adjoint(const S* du, Index o, Index c_in, S* dweight) {
       for (Index k = 0; k < 16; ++k) r[k] = du[k * oc + q * c_in + c];
       for (Index i = 0; i < 4; ++i) wino_gt(r + 4 * i, 1, t + 3 * i, 1);  // rows: 4x3
       for (Index j = 0; j < 3; ++j) wino_gt(t + j, 3, g + j, 3);          // columns: 3x3
-      S* dw = dweight + q * 9 * c_in + c * 9;
+      S* dw = dweight.data() + q * dweight.outerStride() + c * 9;
       for (Index k = 0; k < 9; ++k) dw[k] += g[k];
     }
   });
@@ -369,16 +383,16 @@ inline constexpr Index kConv1x1RowBlock = 16;
 /// `assign` overwrites dW, db and dx instead of adding.
 template <class S>
 void conv1x1_backward(const S* x, Index n, Index c, Index hw, const ConstMatrixRef<S>& weight,
-                      const S* dy, S* dweight, S* dbias, S* dx, bool assign) {
+                      const S* dy, OutMap<S> dweight, S* dbias, S* dx, bool assign) {
   const Index o = weight.rows();
   if (n == 0 || hw == 0) {  // empty sums
-    if (assign && dweight) std::fill(dweight, dweight + o * c, S(0));
+    if (assign && dweight.data()) dweight.setZero();
     if (assign && dbias) std::fill(dbias, dbias + o, S(0));
     return;
   }
   if (hw == 1) {
     const ConstSampleMap<S> g(dy, n, o), xx(x, n, c);
-    if (dweight) tiled_product(SampleMap<S>(dweight, o, c), g.transpose(), xx, S(1), !assign);
+    if (dweight.data()) tiled_product(dweight, g.transpose(), xx, S(1), !assign);
     if (dbias) {
       Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> db(dbias, o);
       if (assign)
@@ -389,18 +403,18 @@ void conv1x1_backward(const S* x, Index n, Index c, Index hw, const ConstMatrixR
     if (dx) tiled_product(SampleMap<S>(dx, n, c), g, weight, S(1), !assign);
     return;
   }
-  if (dweight || dbias) {
+  if (dweight.data() || dbias) {
     const Index blocks = (o + kConv1x1RowBlock - 1) / kConv1x1RowBlock;
     parallel_tiles(blocks, [&](Index b, int) {
       const Index r0 = b * kConv1x1RowBlock, rows = std::min(kConv1x1RowBlock, o - r0);
       if (assign) {
-        if (dweight) SampleMap<S>(dweight + r0 * c, rows, c).setZero();
+        if (dweight.data()) dweight.middleRows(r0, rows).setZero();
         if (dbias) SampleMap<S>(dbias + r0, rows, 1).setZero();
       }
       for (Index i = 0; i < n; ++i) {
         const ConstSampleMap<S> g(dy + (i * o + r0) * hw, rows, hw);
-        if (dweight) {
-          SampleMap<S>(dweight + r0 * c, rows, c).noalias() +=
+        if (dweight.data()) {
+          dweight.middleRows(r0, rows).noalias() +=
               g * ConstSampleMap<S>(x + i * c * hw, c, hw).transpose();
         }
         if (dbias) SampleMap<S>(dbias + r0, rows, 1) += g.rowwise().sum();
@@ -486,20 +500,20 @@ void conv3x3_forward(const S* x, Index n, Index c, Index h, Index w,
 /// and dx. `ws` is a workspace reused across calls.
 template <class S>
 void conv3x3_backward(const S* x, Index n, Index c, Index h, Index w,
-                      const ConstMatrixRef<S>& weight, const S* dy, S* dweight, S* dx, bool assign,
-                      Matrix<S>& ws, Conv3x3Algorithm algorithm = Conv3x3Algorithm::Auto) {
+                      const ConstMatrixRef<S>& weight, const S* dy, OutMap<S> dweight, S* dx,
+                      bool assign, Matrix<S>& ws,
+                      Conv3x3Algorithm algorithm = Conv3x3Algorithm::Auto) {
   const Index o = weight.rows(), hw = h * w;
   if (assign) {
-    if (dweight) SampleMap<S>(dweight, o, 9 * c).setZero();
+    if (dweight.data()) dweight.setZero();
     if (dx) std::fill(dx, dx + n * c * hw, S(0));
   }
   if (n == 0 || hw == 0) return;  // nothing to add
   if (hw == 1) {
     const ConstSampleMap<S> g(dy, n, o);
-    if (dweight) {
-      SampleMap<S> dw(dweight, o, 9 * c);
-      tiled_product(centre_taps<S>(dw, c), g.transpose(), ConstSampleMap<S>(x, n, c), S(1), true);
-    }
+    if (dweight.data())
+      tiled_product(centre_taps<S>(dweight, c), g.transpose(), ConstSampleMap<S>(x, n, c), S(1),
+                    true);
     if (dx) tiled_product(SampleMap<S>(dx, n, c), g, centre_taps<S>(weight, c), S(1), true);
     return;
   }
@@ -521,7 +535,7 @@ void conv3x3_backward(const S* x, Index n, Index c, Index h, Index w,
   for (Index s0 = 0; s0 < n; s0 += p.chunk) {
     const Index ns = std::min(p.chunk, n - s0), t = p.tiles(ns);
     wino_output_adjoint(dy, p, s0, ns, m);
-    if (dweight) {
+    if (dweight.data()) {
       wino_input(x, p, s0, ns, v);
       parallel_tiles(16, [&](Index k, int) {
         SampleMap<S>(du + k * o * c, o, c).noalias() +=
@@ -538,7 +552,7 @@ void conv3x3_backward(const S* x, Index n, Index c, Index h, Index w,
       wino_input_adjoint(dv, p, s0, ns, dx);
     }
   }
-  if (dweight) wino_filter_adjoint(du, o, c, dweight);
+  if (dweight.data()) wino_filter_adjoint(du, o, c, dweight);
 }
 
 template <class S>
@@ -590,8 +604,7 @@ void conv2d_1x1_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
     detail::check_shape(op, "dweight", dweight, weight.rows(), weight.cols(), "same as weight");
   if (dbias.size()) detail::check_shape(op, "dbias", dbias, 1, weight.rows(), "1 x out_channels");
   detail::conv1x1_backward<S>(x.data(), n, x.dimension(1), h * w, weight, dy.data(),
-                              dweight.size() ? dweight.data() : nullptr,
-                              dbias.size() ? dbias.data() : nullptr,
+                              detail::out_map(dweight), dbias.size() ? dbias.data() : nullptr,
                               dx.size() ? dx.data() : nullptr, false);
 }
 
@@ -634,8 +647,8 @@ void conv2d_3x3_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
   if (dweight.size())
     detail::check_shape(op, "dweight", dweight, weight.rows(), weight.cols(), "same as weight");
   detail::conv3x3_backward<S>(x.data(), n, x.dimension(1), h, w, weight, dy.data(),
-                              dweight.size() ? dweight.data() : nullptr,
-                              dx.size() ? dx.data() : nullptr, false, workspace, algorithm);
+                              detail::out_map(dweight), dx.size() ? dx.data() : nullptr, false,
+                              workspace, algorithm);
 }
 
 }  // namespace mmkd
