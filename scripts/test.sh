@@ -25,7 +25,8 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq cmake g++ make libeigen3-dev catch2 libbenchmark-dev libtorch-dev \
-  libopenblas0-openmp libopenblas-openmp-dev openmpi-bin libopenmpi-dev ccache time >/dev/null
+  libopenblas0-openmp libopenblas-openmp-dev openmpi-bin libopenmpi-dev ccache time pkg-config \
+  >/dev/null
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DMMKD_OPENMP=ON "$(mmkd_launcher_option)"
 mmkd_ccache_zero
 cmake --build build -j "$jobs"

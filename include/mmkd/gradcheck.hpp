@@ -65,7 +65,7 @@ inline GradcheckReport compare_gradients(const Matrix<double>& analytic,
     for (Index j = 0; j < analytic.cols(); ++j) {
       const double a = analytic(i, j), n = numeric(i, j);
       double ratio = std::abs(a - n) / (opt.atol + opt.rtol * std::abs(n));
-      if (std::isnan(ratio)) ratio = std::numeric_limits<double>::infinity();
+      if (detail::is_nan(ratio)) ratio = std::numeric_limits<double>::infinity();
       if (ratio > worst) {
         worst = ratio;
         r.worst_row = i;
@@ -79,7 +79,7 @@ inline GradcheckReport compare_gradients(const Matrix<double>& analytic,
   r.passed = r.worst_ratio <= 1.0;
   const double denom = analytic.norm() + numeric.norm();
   r.relative_error = denom > 0 ? (analytic - numeric).norm() / denom : 0.0;
-  if (std::isnan(r.relative_error)) r.relative_error = std::numeric_limits<double>::infinity();
+  if (detail::is_nan(r.relative_error)) r.relative_error = std::numeric_limits<double>::infinity();
   return r;
 }
 

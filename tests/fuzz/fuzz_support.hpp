@@ -175,8 +175,8 @@ void same_bits(const char* what, double a, double b, const std::vector<const M*>
     die(std::string(what) + ": a strided view gives another value than its dense copy");
   for (std::size_t k = 0; k < x.size(); ++k) {
     if (x[k]->size() != y[k]->size() ||
-        (x[k]->size() > 0 &&
-         std::memcmp(x[k]->data(), y[k]->data(), sizeof(*x[k]->data()) * x[k]->size()) != 0))
+        (x[k]->size() > 0 && std::memcmp(x[k]->data(), y[k]->data(),
+                                         sizeof(*x[k]->data()) * std::size_t(x[k]->size())) != 0))
       die(std::string(what) + ": a strided view gives another gradient than its dense copy");
   }
 }

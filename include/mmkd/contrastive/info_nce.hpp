@@ -163,7 +163,7 @@ class InfoNCE : detail::FloatingScalar<Scalar> {
     }
     if (dq) detail::check_shape(kName, "d_queries", *dq, n, d, "same as queries");
     if (dk) detail::check_shape(kName, "d_keys", *dk, kk, d, "same as keys");
-    if (options_.learn_temperature && !std::isfinite(log_scale_(0, 0)))
+    if (options_.learn_temperature && !detail::is_finite(log_scale_(0, 0)))
       detail::throw_numerical(kName, detail::bad_entry("parameter", "log_scale", log_scale_));
     // θ clamped for this call; stored back only when the call succeeds (strong guarantee).
     const Scalar theta =
@@ -230,7 +230,7 @@ class InfoNCE : detail::FloatingScalar<Scalar> {
     const Scalar c_row = options_.weight / g * (sym ? Scalar(0.5) : Scalar(1));
     const Scalar c_col = sym ? c_row : Scalar(0);
     const Scalar value = c_row * row_raw + c_col * col_raw;
-    if (!std::isfinite(value)) diagnose(q, k);
+    if (!detail::is_finite(value)) diagnose(q, k);
     if (!dq && !dk) {  // value(): no gradient of any kind, θ's included
       if (options_.learn_temperature) log_scale_(0, 0) = theta;
       return value;
@@ -277,7 +277,7 @@ class InfoNCE : detail::FloatingScalar<Scalar> {
     const Matrix<Scalar>& gq = options_.normalize ? dq_ : du_;
     const Matrix<Scalar>& gk = options_.normalize ? dk_ : dv_;
     if ((dq && !detail::all_finite(gq)) || (dk && !detail::all_finite(gk)) ||
-        !std::isfinite(d_log_scale)) {
+        !detail::is_finite(d_log_scale)) {
       detail::throw_numerical(kName, "the gradient overflows");
     }
     if (dq) *dq += gq;

@@ -185,7 +185,7 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
       if (ds) eb = eb * (c / sb.sum) - ea * (c / sa.sum);  // c (softmax(B_i) − P_i)
     });
     const Scalar raw = ws_.row_value.sum();
-    if (!std::isfinite(raw)) diagnose(s, t, queue, queue_name);
+    if (!detail::is_finite(raw)) diagnose(s, t, queue, queue_name);
     const Scalar value = detail::scaled_value(kName, c, raw, Scalar(0));
     ws_.row_value *= options_.weight;
     if (ds) {

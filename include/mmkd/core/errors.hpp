@@ -1,10 +1,14 @@
 #pragma once
 
+#include <atomic>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
 #include "mmkd/core/types.hpp"
+#include "mmkd/detail/finite.hpp"
 
 namespace mmkd {
 
@@ -22,12 +26,43 @@ class NumericalError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+/// The two kinds of error, for the handler of builds without exceptions.
+enum class ErrorKind { InvalidArgument, NumericalError };
+
+/// Receives an error in a build without exceptions (`-fno-exceptions`): the kind and the message
+/// the exception would have carried. It must not return (abort, exit, or leave by longjmp);
+/// nothing has been written when it is called. If it returns, mmkd calls std::abort().
+using ErrorHandler = void (*)(ErrorKind kind, const char* message);
+
+namespace detail {
+
+/// The default handler: "mmkd: <message>" on stderr, then std::abort().
+inline void print_and_abort(ErrorKind, const char* message) {
+  std::fprintf(stderr, "mmkd: %s\n", message);
+  std::abort();
+}
+
+inline std::atomic<ErrorHandler>& error_handler() {
+  static std::atomic<ErrorHandler> handler{&print_and_abort};
+  return handler;
+}
+
+}  // namespace detail
+
+/// Sets the handler called instead of throwing when exceptions are disabled, process-wide and
+/// thread-safe; returns the previous one. nullptr restores the default (print and abort). With
+/// exceptions enabled, errors are thrown and the handler is never called.
+inline ErrorHandler set_error_handler(ErrorHandler handler) noexcept {
+  return detail::error_handler().exchange(handler ? handler : &detail::print_and_abort);
+}
+
 namespace detail {
 
 inline std::string shape_str(Index rows, Index cols) {
   return std::to_string(rows) + "x" + std::to_string(cols);
 }
 
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS) || defined(_CPPUNWIND)
 [[noreturn]] inline void throw_invalid(const char* cls, const std::string& what) {
   throw InvalidArgument(std::string(cls) + ": " + what);
 }
@@ -35,6 +70,20 @@ inline std::string shape_str(Index rows, Index cols) {
 [[noreturn]] inline void throw_numerical(const char* cls, const std::string& what) {
   throw NumericalError(std::string(cls) + ": " + what);
 }
+#else
+[[noreturn]] inline void raise_error(ErrorKind kind, const char* cls, const std::string& what) {
+  error_handler().load()(kind, (std::string(cls) + ": " + what).c_str());
+  std::abort();  // a handler that returned
+}
+
+[[noreturn]] inline void throw_invalid(const char* cls, const std::string& what) {
+  raise_error(ErrorKind::InvalidArgument, cls, what);
+}
+
+[[noreturn]] inline void throw_numerical(const char* cls, const std::string& what) {
+  raise_error(ErrorKind::NumericalError, cls, what);
+}
+#endif
 
 /// Throws unless `m` is rows x cols: "<cls>: <name> has shape AxB, expected CxD (<why>)".
 template <class M>
@@ -72,7 +121,7 @@ void check_enum(const char* cls, const char* option, E v, int count) {
 
 template <class T>
 void check_positive(const char* cls, const char* option, T v) {
-  if (!(v > T(0)) || !std::isfinite(v)) {
+  if (!(v > T(0)) || !detail::is_finite(v)) {
     throw_invalid(
         cls, std::string("option ") + option + " must be finite and > 0, got " + std::to_string(v));
   }
@@ -80,23 +129,21 @@ void check_positive(const char* cls, const char* option, T v) {
 
 template <class T>
 void check_nonnegative(const char* cls, const char* option, T v) {
-  if (!(v >= T(0)) || !std::isfinite(v)) {
+  if (!(v >= T(0)) || !detail::is_finite(v)) {
     throw_invalid(cls, std::string("option ") + option + " must be finite and >= 0, got " +
                            std::to_string(v));
   }
 }
 
-/// Whether every entry is finite, vectorised: Σ x·0 is 0 unless some x is ±inf or NaN
-/// (Eigen's allFinite() compares x − x elementwise without vectorising).
-template <class Derived>
-bool all_finite(const Eigen::DenseBase<Derived>& x) {
-  using T = typename Derived::Scalar;
-  return (x.derived().array() * T(0)).sum() == T(0);
+/// "NaN" / "+Inf" / "-Inf" for a non-finite value.
+inline const char* nonfinite_str(double v) {
+  const FloatClass c = classify(v);
+  return c == FloatClass::NaN ? "NaN" : (c == FloatClass::PosInf ? "+Inf" : "-Inf");
 }
 
 /// "name[i,j] is NaN" / "+Inf" / "-Inf".
 inline std::string element_str(const char* name, Index i, Index j, double v) {
-  const char* what = std::isnan(v) ? "NaN" : (v > 0 ? "+Inf" : "-Inf");
+  const char* what = nonfinite_str(v);
   return std::string(name) + "[" + std::to_string(i) + "," + std::to_string(j) + "] is " + what;
 }
 
@@ -109,7 +156,8 @@ std::string bad_entry(const char* kind, const std::string& name, const M& m,
   for (Index i = 0; i < m.rows(); ++i) {
     for (Index j = 0; j < m.cols(); ++j) {
       const double v = double(m(i, j));
-      if (!std::isfinite(v)) return std::string(kind) + " " + element_str(name.c_str(), i, j, v);
+      if (!detail::is_finite(v))
+        return std::string(kind) + " " + element_str(name.c_str(), i, j, v);
       if (nonnegative && v < 0) {
         return std::string(kind) + " " + name + "[" + std::to_string(i) + "," + std::to_string(j) +
                "] is negative (" + std::to_string(v) + ")";

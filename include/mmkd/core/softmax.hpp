@@ -14,7 +14,7 @@ namespace mmkd {
 /// `x · log(y)` with `0 · log(y) = 0` for every y (including 0 and +inf), as PyTorch's `xlogy`.
 template <class T>
 T xlogy(T x, T y) {
-  if (x == T(0) && !std::isnan(y)) return T(0);
+  if (x == T(0) && !detail::is_nan(y)) return T(0);
   return x * std::log(y);
 }
 

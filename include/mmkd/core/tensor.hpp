@@ -126,10 +126,10 @@ std::string bad_element4(const std::string& name, const X& x) {
   const Index d1 = x.dimension(1), d2 = x.dimension(2), d3 = x.dimension(3);
   for (Index k = 0; k < x.size(); ++k) {
     const double v = double(x.data()[k]);
-    if (std::isfinite(v)) continue;
+    if (detail::is_finite(v)) continue;
     const Index w = k % d3, h = (k / d3) % d2, c = (k / (d3 * d2)) % d1, n = k / (d3 * d2 * d1);
     return name + "[" + std::to_string(n) + "," + std::to_string(c) + "," + std::to_string(h) +
-           "," + std::to_string(w) + "] is " + (std::isnan(v) ? "NaN" : (v > 0 ? "+Inf" : "-Inf"));
+           "," + std::to_string(w) + "] is " + nonfinite_str(v);
   }
   return "";
 }

@@ -38,7 +38,7 @@ KlRow<T> kl_row(const Eigen::ArrayBase<S>& s, const Eigen::ArrayBase<U>& t, T in
   const T ms = r.s.x_max, mt = r.t.x_max;
   // vectorised; non-finite only if some logit is ±inf
   T cross = (et * ((t - mt) - (s - ms))).sum() * inv_t;
-  if (!std::isfinite(cross)) {
+  if (!detail::is_finite(cross)) {
     constexpr T ninf = -std::numeric_limits<T>::infinity();
     cross = (t > ninf).select(et * ((t - mt) - (s - ms)), T(0)).sum() * inv_t;
   }
@@ -60,7 +60,7 @@ T soft_ce_row(const Eigen::ArrayBase<Z>& z, T inv_t, const Eigen::ArrayBase<W>& 
   sz = shifted_exp(z, inv_t, ez);
   const T m = sz.x_max;
   T cross = (w * (m - z)).sum() * inv_t;
-  if (!std::isfinite(cross)) cross = (w > T(0)).select(w * (m - z), T(0)).sum() * inv_t;
+  if (!detail::is_finite(cross)) cross = (w > T(0)).select(w * (m - z), T(0)).sum() * inv_t;
   return cross * w_scale + y_sum * std::log(sz.sum);
 }
 

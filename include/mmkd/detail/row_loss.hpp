@@ -135,8 +135,9 @@ template <class M>
 std::string bad_element_in_row(const char* name, const M& m, Index i, bool allow_neg_inf) {
   for (Index j = 0; j < m.cols(); ++j) {
     const double v = double(m(i, j));
-    if (std::isnan(v) || v == std::numeric_limits<double>::infinity() ||
-        (!allow_neg_inf && v == -std::numeric_limits<double>::infinity())) {
+    const FloatClass k = classify(v);
+    if (k == FloatClass::NaN || k == FloatClass::PosInf ||
+        (!allow_neg_inf && k == FloatClass::NegInf)) {
       return element_str(name, i, j, v);
     }
   }
@@ -167,7 +168,7 @@ std::string all_neg_inf_row(const char* name, const M& m, Index i) {
 template <class T, class Rows>
 Index first_nonfinite_row(const Vector<T>& row_value, Rows&& rows) {
   for (Index i = 0; i < row_value.size(); ++i) {
-    if (rows(i) && !std::isfinite(row_value(i))) return i;
+    if (rows(i) && !detail::is_finite(row_value(i))) return i;
   }
   return -1;
 }
@@ -178,8 +179,8 @@ Index first_nonfinite_row(const Vector<T>& row_value, Rows&& rows) {
 template <class T>
 T scaled_value(const char* cls, T factor, T raw, T grad_bound) {
   const T value = factor * raw;
-  if (!std::isfinite(value) || !std::isfinite(grad_bound)) {
-    throw_numerical(cls, !std::isfinite(value)
+  if (!detail::is_finite(value) || !detail::is_finite(grad_bound)) {
+    throw_numerical(cls, !detail::is_finite(value)
                              ? "the loss overflows: the options' scale (weight, temperature, "
                                "reduction) takes it beyond the range of the scalar type"
                              : "the gradient overflows: the options' scale (weight, temperature, "

@@ -10,6 +10,7 @@
 
 #include "mmkd/core/errors.hpp"
 #include "mmkd/core/types.hpp"
+#include "mmkd/detail/finite.hpp"
 
 namespace mmkd {
 namespace detail {
@@ -91,7 +92,7 @@ struct ShiftedExp {
 /// max(a, b) that returns NaN if either is NaN.
 template <class T>
 T max_nan(T a, T b) {
-  return (std::isnan(a) || std::isnan(b)) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+  return (detail::is_nan(a) || detail::is_nan(b)) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
 }
 
 /// max_k x_k (k ≠ exclude), NaN if any such entry is NaN, -inf over an empty set.
@@ -116,7 +117,7 @@ template <class X, class EOut, class T = typename X::Scalar>
 ShiftedExp<T> shifted_exp(const Eigen::ArrayBase<X>& x, T inv_t, EOut&& e, Index exclude = -1) {
   const T xm = row_max(x, exclude);
   const T m = xm * inv_t;  // max(x)*inv_t == max(x*inv_t): inv_t > 0 is monotone
-  if (m == -std::numeric_limits<T>::infinity()) {
+  if (classify(m) == FloatClass::NegInf) {
     e.setZero();
     return {m, T(0), xm};
   }
@@ -128,8 +129,8 @@ ShiftedExp<T> shifted_exp(const Eigen::ArrayBase<X>& x, T inv_t, EOut&& e, Index
 /// log(exp(x) + exp(y)) without overflow.
 template <class T>
 T log_add_exp(T x, T y) {
-  if (x == -std::numeric_limits<T>::infinity()) return y;
-  if (y == -std::numeric_limits<T>::infinity()) return x;
+  if (classify(x) == FloatClass::NegInf) return y;
+  if (classify(y) == FloatClass::NegInf) return x;
   return std::max(x, y) + std::log1p(std::exp(-std::abs(x - y)));
 }
 
@@ -137,7 +138,7 @@ T log_add_exp(T x, T y) {
 template <class X, class T = typename X::Scalar>
 T log_sum_exp_row(const Eigen::ArrayBase<X>& x, T inv_t) {
   const T xm = row_max(x), m = xm * inv_t;
-  if (m == -std::numeric_limits<T>::infinity()) return m;
+  if (classify(m) == FloatClass::NegInf) return m;
   return m + std::log(((x - xm) * inv_t).unaryExpr(ExpShifted<T>()).sum());
 }
 

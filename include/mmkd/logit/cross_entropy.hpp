@@ -127,7 +127,7 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
                                        " (one per class)");
     }
     for (Index k = 0; k < w.size(); ++k) {
-      if (!(w(k) >= 0) || !std::isfinite(w(k))) {
+      if (!(w(k) >= 0) || !detail::is_finite(w(k))) {
         detail::throw_invalid(kName, "option class_weights[" + std::to_string(k) + "] is " +
                                          std::to_string(w(k)) + ", expected finite and >= 0");
       }
@@ -138,12 +138,12 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
   template <class Rows>
   static void check_targets(const ConstMatrixRef<Scalar>& y, Rows&& rows) {
     for (Index i = 0; i < y.rows(); ++i) {
-      if (!rows(i) || ((y.row(i).array() >= Scalar(0)).all() && y.row(i).allFinite())) continue;
+      if (!rows(i) || ((y.row(i).array() >= Scalar(0)).all() && detail::all_finite(y.row(i)))) continue;
       for (Index k = 0; k < y.cols(); ++k) {
-        if (!(y(i, k) >= Scalar(0)) || !std::isfinite(y(i, k))) {
+        if (!(y(i, k) >= Scalar(0)) || !detail::is_finite(y(i, k))) {
           const std::string where = "targets[" + std::to_string(i) + "," + std::to_string(k) + "]";
           detail::throw_invalid(
-              kName, (std::isfinite(y(i, k)) ? where + " is " + std::to_string(y(i, k))
+              kName, (detail::is_finite(y(i, k)) ? where + " is " + std::to_string(y(i, k))
                                              : detail::element_str("targets", i, k, y(i, k))) +
                          ", expected finite and >= 0");
         }
@@ -235,7 +235,7 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
     });
 
     const Scalar raw = ws_.row_value.sum();
-    if (!std::isfinite(raw)) diagnose(z, labels, targets, rows);
+    if (!detail::is_finite(raw)) diagnose(z, labels, targets, rows);
     // Gradient elements are factor · (ỹ_sum·p_k − ỹ_k), at most factor · max ỹ_sum.
     const Scalar y_max =
         (weighted ? options_.class_weights.maxCoeff() : Scalar(1)) *

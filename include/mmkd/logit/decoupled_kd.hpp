@@ -176,7 +176,7 @@ class DecoupledKD : detail::FloatingScalar<Scalar> {
     });
 
     const Scalar raw = ws_.row_value.sum();
-    if (!std::isfinite(raw)) diagnose(s, t, labels, rows);
+    if (!detail::is_finite(raw)) diagnose(s, t, labels, rows);
     const Scalar value =
         detail::scaled_value(kName, factor, raw, ds ? 2 * g_scale * (alpha + beta) : Scalar(0));
     ws_.row_value *= options_.weight * temp * temp;

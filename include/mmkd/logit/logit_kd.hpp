@@ -144,12 +144,12 @@ class LogitKD : detail::FloatingScalar<Scalar> {
     detail::kd_rows(s, t, inv_t, rows, ws_, gs, gt, [g_scale](Index) { return g_scale; });
 
     const Scalar raw = ws_.row_value.sum();
-    if (!std::isfinite(raw)) diagnose(s, t, rows);
+    if (!detail::is_finite(raw)) diagnose(s, t, rows);
     // Gradient elements are g_scale · (difference of two probabilities, or T·KL terms).
     const Scalar value = detail::scaled_value(kName, factor, raw, ds ? 2 * g_scale : Scalar(0));
     // The teacher's gradient carries log-ratios / T, with no O(1) bound: scan it (opt-in output).
     for (Index i = 0; dt && i < n; ++i) {
-      if (rows(i) && !ws_.grad_row(gt, i).allFinite())
+      if (rows(i) && !detail::all_finite(ws_.grad_row(gt, i)))
         detail::throw_numerical(kName, "the teacher's gradient overflows in row " +
                                            std::to_string(i) +
                                            " (temperature too small for the scalar type)");

@@ -264,7 +264,7 @@ class ModalityGramKD : detail::FloatingScalar<Scalar> {
       pair_count_.setZero(1, m * m);
       for (Index i = 0; i < n; ++i) {
         for (Index e = 0; e < m * m; ++e)
-          pair_count_(0, e) += present(i, e / m) && present(i, e % m) ? 1 : 0;
+          pair_count_(0, e) += present(i, e / m) && present(i, e % m) ? Scalar(1) : Scalar(0);
       }
       for (Index e = 0; e < m * m; ++e) count += pair_count_(0, e) > 0 ? Scalar(1) : Scalar(0);
     }
@@ -337,7 +337,7 @@ class ModalityGramKD : detail::FloatingScalar<Scalar> {
     }
 
     const Scalar raw = per_sample_.sum();
-    if (!std::isfinite(raw)) diagnose(fs, ft, n, present);
+    if (!detail::is_finite(raw)) diagnose(fs, ft, n, present);
     const Scalar value = detail::scaled_value(kName, factor, raw, Scalar(0));
     if ((ds && !detail::all_finite(s_.df)) || (dt && !detail::all_finite(t_.df))) {
       detail::throw_numerical(kName,

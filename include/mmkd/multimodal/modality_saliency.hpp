@@ -171,7 +171,7 @@ class ModalitySaliency : detail::FloatingScalar<Scalar> {
     const Index n = t.rows();
     for (Index i = 0; i < n; ++i) {
       for (Index m = 0; m < scores_.cols(); ++m) {
-        if (std::isfinite(scores_(i, m))) continue;
+        if (detail::is_finite(scores_(i, m))) continue;
         std::string why = detail::bad_element_in_row("teacher", t, i, true);
         for (Index o = 0; o < scores_.cols() && why.empty(); ++o) {
           if (!present(i, o)) continue;

@@ -184,7 +184,7 @@ class ModalitySpecificKD : detail::FloatingScalar<Scalar> {
     for (Index i = 0; i < n; ++i) {
       for (Index k = 0; k < m; ++k) {
         const Scalar v = (*w)(i, k);
-        if (present(i, k) && (!(v >= 0) || !std::isfinite(v))) {
+        if (present(i, k) && (!(v >= 0) || !detail::is_finite(v))) {
           detail::throw_invalid(kName, "weights[" + std::to_string(i) + "," + std::to_string(k) +
                                            "] is " + std::to_string(v) +
                                            ", expected finite and >= 0");
@@ -212,8 +212,8 @@ class ModalitySpecificKD : detail::FloatingScalar<Scalar> {
     for (Index k = 0; k < m * n; ++k) {
       if (modal_rows(k)) modal_raw += (*w)(k % n, k / n) * modal_.row_value(k);
     }
-    if (!std::isfinite(full_raw)) diagnose_full(s, t);
-    if (!detail::all_finite(modal_.row_value) || !std::isfinite(modal_raw))
+    if (!detail::is_finite(full_raw)) diagnose_full(s, t);
+    if (!detail::all_finite(modal_.row_value) || !detail::is_finite(modal_raw))
       diagnose_modal(zs, zt, n, modal_rows);
     // Gradient elements are at most 2 · base / T times β or the largest weight used.
     Scalar w_max = options_.beta;

@@ -139,7 +139,7 @@ class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
       hi = hi.cwiseMax(Scalar(0));
       out_(i, 0) = Scalar(1) / (Scalar(1) + std::exp(-(hi.dot(w2_.row(0)) + b2_(0, 0))));
     });
-    if (!out_.allFinite()) {
+    if (!detail::all_finite(out_)) {
       out_.resize(0, 1);  // refuse a backward through this failed forward
       detail::throw_numerical(kName, "the features overflow the hidden layer");
     }
@@ -182,8 +182,8 @@ class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
     pgb1_ = pending_.segment(hid, hid);
     for (Index q = 0; q < f; ++q) pgw1_.col(q) = pending_.segment((2 + q) * hid, hid).transpose();
     const Scalar pgb2 = pending_(width - 1);
-    if (!(gw2_ + pgw2_).allFinite() || !(gw1_ + pgw1_).allFinite() || !(gb1_ + pgb1_).allFinite() ||
-        !std::isfinite(gb2_(0, 0) + pgb2))
+    if (!detail::all_finite(gw2_ + pgw2_) || !detail::all_finite(gw1_ + pgw1_) ||
+        !detail::all_finite(gb1_ + pgb1_) || !detail::is_finite(gb2_(0, 0) + pgb2))
       detail::throw_numerical(kName, "the parameter gradients overflow");
     gw2_ += pgw2_;
     gw1_ += pgw1_;
@@ -207,7 +207,7 @@ class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
                             MatrixRef<Scalar> out) {
     check_lr_batch(lr, batch);
     detail::check_shape(kName, "out", out, dots.rows(), dots.cols(), "same as dots");
-    if (!(out - (lr / Scalar(batch)) * dots).allFinite())
+    if (!detail::all_finite(out - (lr / Scalar(batch)) * dots))
       detail::throw_numerical(kName, "the hypergradient is not finite (dots or out)");
     out -= (lr / Scalar(batch)) * dots;
   }
@@ -236,7 +236,7 @@ class ModalityWeightLearner : detail::FloatingScalar<Scalar> {
     };
     // Two passes (the second recomputes): `out` changes only if every entry stays finite.
     for (Index k = 0; k < g.rows(); ++k) {
-      if (!std::isfinite(out(k, 0) - term(k)))
+      if (!detail::is_finite(out(k, 0) - term(k)))
         detail::throw_numerical(kName, "the hypergradient of row " + std::to_string(k) +
                                            " is not finite (inputs non-finite or too large)");
     }

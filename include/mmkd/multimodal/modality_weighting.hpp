@@ -93,7 +93,7 @@ class ModalityWeighting : detail::FloatingScalar<Scalar> {
                                        std::to_string(m) + " (one per modality)");
     }
     for (Index k = 0; k < m; ++k) {
-      if (!(v(k) >= 0) || !std::isfinite(v(k))) {
+      if (!(v(k) >= 0) || !detail::is_finite(v(k))) {
         detail::throw_invalid(kName, std::string("option ") + name + "[" + std::to_string(k) +
                                          "] is " + std::to_string(v(k)) +
                                          ", expected finite and >= 0");
@@ -118,7 +118,7 @@ class ModalityWeighting : detail::FloatingScalar<Scalar> {
     if (options_.scheme == WeightScheme::Instance) {
       for (Index i = 0; i < n; ++i) {
         for (Index k = 0; k < m; ++k) {
-          if (present(i, k) && (!(s(i, k) >= 0) || !std::isfinite(s(i, k)))) {
+          if (present(i, k) && (!(s(i, k) >= 0) || !detail::is_finite(s(i, k)))) {
             detail::throw_invalid(kName, "scores[" + std::to_string(i) + "," + std::to_string(k) +
                                              "] is " + std::to_string(s(i, k)) +
                                              ", expected finite and >= 0");
@@ -166,7 +166,7 @@ class ModalityWeighting : detail::FloatingScalar<Scalar> {
         }
       }
     }
-    if (!w_.allFinite())
+    if (!detail::all_finite(w_))
       detail::throw_numerical(kName,
                               "the weights overflow (scores, lambda or temperature out of range)");
     return w_;

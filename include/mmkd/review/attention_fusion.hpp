@@ -257,7 +257,7 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
   //! of conv2.1 (PyTorch's state_dict names).
   std::vector<ParameterView<Scalar>> buffers() {
     auto v = [&](Index k, Matrix<Scalar>& m) {
-      return ParameterView<Scalar>{names_[k].c_str(),
+      return ParameterView<Scalar>{names_[std::size_t(k)].c_str(),
                                    Eigen::Map<Matrix<Scalar>>(m.data(), m.rows(), m.cols())};
     };
     return {v(8, bn1_.running_mean_),  v(9, bn1_.running_var_),  v(12, bn1_.num_batches_tracked_),
@@ -320,7 +320,7 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
     Matrix<Scalar>* m[] = {&w1, &g1, &b1, &w2, &g2, &b2, &wa, &ba};
     std::vector<ParameterView<Scalar>> out;
     for (Index k = 0; k < (options_.fuse ? 8 : 6); ++k) {
-      out.push_back({names_[k].c_str(),
+      out.push_back({names_[std::size_t(k)].c_str(),
                      Eigen::Map<Matrix<Scalar>>(m[k]->data(), m[k]->rows(), m[k]->cols())});
     }
     return out;

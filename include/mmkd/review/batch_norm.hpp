@@ -108,8 +108,9 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
       dx_.resize(dy.dimensions());
       write_dx(dy.data(), dx_.data(), false);
     }
-    if ((!bounded && !detail::all_finite4(dx_)) || !(grad_weight_ + pending_weight_).allFinite() ||
-        !(grad_bias_ + pending_bias_).allFinite()) {
+    if ((!bounded && !detail::all_finite4(dx_)) ||
+        !detail::all_finite(grad_weight_ + pending_weight_) ||
+        !detail::all_finite(grad_bias_ + pending_bias_)) {
       const std::string why = bad_state("");
       if (!why.empty()) detail::throw_numerical(kName, why);
       detail::throw_numerical(kName,
@@ -251,7 +252,7 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
       const Scalar mean = Scalar((1 - mom) * double(running_mean_(0, k)) + mom * mean_(k));
       const Scalar var =
           Scalar((1 - mom) * double(running_var_(0, k)) + mom * var_(k) * m / (m - 1));
-      if (!std::isfinite(mean) || !std::isfinite(var)) return false;
+      if (!detail::is_finite(mean) || !detail::is_finite(var)) return false;
     }
     return true;
   }

@@ -144,7 +144,7 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
       diff_.resize(std::max(threads, diff_.rows()), std::max(max_hw, diff_.cols()));
     if (plane_sq_.size() < max_planes) plane_sq_.resize(max_planes);
     if (grad && plane_max_.size() < max_planes) plane_max_.resize(max_planes);
-    if (grad) stage_max_.resize(ns);
+    if (grad) stage_max_.resize(Index(ns));
     double total = 0;
     for (std::size_t k = 0; k < ns; ++k) {
       const auto& s = student[k];
@@ -168,7 +168,7 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
         }
       });
       double stage = plane_sq_.head(planes).sum() / double(planes * hw);
-      if (grad) stage_max_(k) = plane_max_.head(planes).maxCoeff();
+      if (grad) stage_max_(Index(k)) = plane_max_.head(planes).maxCoeff();
       Scalar wgt(1);
       for (std::size_t j = 0; j < nl; ++j) {
         const Index l = options_.levels[j];
@@ -179,7 +179,7 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
       total += stage / double(total_weight(h));
     }
     const Scalar loss = options_.weight * Scalar(total);
-    if (!std::isfinite(loss)) diagnose(student, teacher);
+    if (!detail::is_finite(loss)) diagnose(student, teacher);
     if (grad) {
       check_gradient_bound(student);
       add_gradient(student, teacher, *grad);
@@ -201,7 +201,7 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
         wgt /= Scalar(2);
         factor += Scalar(4) * (scale * wgt / Scalar(planes * l * l));
       }
-      if (!std::isfinite(factor * stage_max_(k))) {
+      if (!detail::is_finite(factor * stage_max_(Index(k)))) {
         detail::throw_numerical(kName, "the gradient of stage " + std::to_string(k) +
                                            " overflows: the weight scales it beyond the range "
                                            "of the scalar type");

@@ -139,7 +139,7 @@ class ChannelDecorrelation : detail::FloatingScalar<Scalar> {
                              ? (c > 1 ? Scalar(1) / (Scalar(c) * Scalar(c - 1)) : Scalar(0))
                              : Scalar(1);
     const Scalar raw = 2 * r_.squaredNorm();  // both triangles
-    if (!std::isfinite(raw)) diagnose(z, teacher);
+    if (!detail::is_finite(raw)) diagnose(z, teacher);
     const Scalar value = detail::scaled_value(kName, options_.weight * scale, raw, Scalar(0));
     if (!dz) return value;
 

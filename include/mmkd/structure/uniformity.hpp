@@ -140,7 +140,7 @@ class Uniformity : detail::FloatingScalar<Scalar> {
     for (Index i = 1; i < p; ++i) z += row_sum_(i);
     const Scalar pairs = Scalar(p) * Scalar(p - 1) / 2;
     const Scalar value = m + std::log(z) - std::log(pairs);
-    if (grad && std::isfinite(value)) {
+    if (grad && detail::is_finite(value)) {
       // W symmetric with w_ij = softmax weight of pair (i, j); dL/dU = 2t (W − diag(W·1)) U.
       w_ /= z;  // lower triangle only; the product reads it as symmetric
       du_.resize(p, x.cols());
@@ -202,7 +202,7 @@ class Uniformity : detail::FloatingScalar<Scalar> {
           const Scalar v = points(x_, df != nullptr, w / Scalar(n));
           value += v;
           // A non-finite term leaves dx_ unset; check() below then throws.
-          if (df && std::isfinite(v)) grad_.middleRows(i * c, c) = dx_.transpose();
+          if (df && detail::is_finite(v)) grad_.middleRows(i * c, c) = dx_.transpose();
         }
         value /= Scalar(n);
         check(value, rows, false);  // the gradient is checked below
@@ -242,11 +242,11 @@ class Uniformity : detail::FloatingScalar<Scalar> {
   // The value, and the gradient dx_ of this call when it computed one (never a stale one).
   template <class X>
   void check(Scalar v, const X& x, bool grad) const {
-    if (std::isfinite(v) && (!grad || detail::all_finite(dx_))) return;
+    if (detail::is_finite(v) && (!grad || detail::all_finite(dx_))) return;
     const std::string why = detail::bad_element("x", x, false);
     if (!why.empty()) detail::throw_numerical(kName, why);
     detail::throw_numerical(kName,
-                            std::isfinite(v) ? "the gradient overflows" : "the loss overflows");
+                            detail::is_finite(v) ? "the gradient overflows" : "the loss overflows");
   }
 
   Options options_;
