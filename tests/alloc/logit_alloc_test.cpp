@@ -1,5 +1,6 @@
 #include "alloc/alloc_support.hpp"
 
+#include <mmkd/core/loss_sum.hpp>
 #include <mmkd/logit/cross_entropy.hpp>
 #include <mmkd/logit/decoupled_kd.hpp>
 #include <mmkd/logit/logit_kd.hpp>
@@ -20,6 +21,9 @@ TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][all
   ce_weighted.options().class_weights = random_matrix<T>(100, 1, 4).cwiseAbs();
   ce_weighted.options().label_smoothing = T(0.1);
   const Matrix<T> soft = t.cwiseAbs();
+  mmkd::LossSum<T> total;  // its terms' calls, by name, add no allocation of their own
+  total.add("kd", T(0.9), kd, [&](auto& l) { return l.value_and_grad(s, t, ds); });
+  total.add("ce", T(0.1), ce, [&](auto& l) { return l.value_and_grad(s, y, ds); });
   for (int warm = 0; warm < 2; ++warm) {
     std::unique_ptr<NoMalloc> guard;
     if (warm == 1) guard = std::make_unique<NoMalloc>();
@@ -32,5 +36,7 @@ TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][all
     CHECK_NOTHROW(ce.value_and_grad(s, soft, mask, ds));
     CHECK_NOTHROW(ce_weighted.value_and_grad(s, y, ds));
     CHECK_NOTHROW(ce_weighted.value_and_grad(s, soft, ds));
+    CHECK_NOTHROW(total.value_and_grad());
+    CHECK_NOTHROW(total.value("kd"));
   }
 }
