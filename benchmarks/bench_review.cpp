@@ -178,12 +178,12 @@ void torch_review(benchmark::State& st, int config) {
   const Config& cfg = kConfigs[config];
   Inputs in(cfg, st.range(0));
   mmkd::ReviewFusion<float> review(options(cfg));
-  mmkd_torch::TorchReview ref(review, torch::kFloat32);
+  torch_ref::TorchReview ref(review, torch::kFloat32);
   const auto feats = to_tensors(in.feats, true), teacher = to_tensors(in.teacher, false);
   bench::torch_loop(st, [&] {
     for (auto f : feats) f.mutable_grad().reset();
     for (auto& p : ref.params) p.second.mutable_grad().reset();
-    auto loss = mmkd_torch::torch_hcl(ref.forward(feats), teacher);
+    auto loss = torch_ref::torch_hcl(ref.forward(feats), teacher);
     loss.backward();
     return loss.item<float>();
   });
@@ -193,7 +193,7 @@ void torch_AttentionFusion_forward_backward(benchmark::State& st) {
   bench::torch_threads();
   AbfInputs a(st);
   mmkd::AttentionFusion<float> abf({a.in, a.mid, a.in, true, 7});
-  mmkd_torch::TorchReview ref;
+  torch_ref::TorchReview ref;
   ref.load(abf, torch::kFloat32);
   auto x = bench::to_tensor(a.x).set_requires_grad(true);
   auto residual = bench::to_tensor(a.residual).set_requires_grad(true);
@@ -225,7 +225,7 @@ void torch_HierarchicalContextLoss_value_and_grad(benchmark::State& st) {
   Inputs in(kConfigs[0], st.range(0));
   const auto feats = to_tensors(in.feats, true), teacher = to_tensors(in.teacher, false);
   bench::torch_loop(st, [&] {
-    auto loss = mmkd_torch::torch_hcl(feats, teacher);
+    auto loss = torch_ref::torch_hcl(feats, teacher);
     loss.backward();
     return loss.item<float>();
   });

@@ -1,5 +1,5 @@
 // mmkd inside a libtorch training loop: the losses as torch::autograd functions
-// (examples/torch_bridge.hpp), on the UCI digits.
+// (mmkd/torch.hpp), on the UCI digits.
 //
 // A torch::nn teacher learns from all training labels of the full 8x8 image; a smaller student
 // sees only the bottom half, with 50 labels, plus every training image unlabelled. The student is
@@ -11,7 +11,7 @@
 #include <cstdio>
 
 #include "digits_data.hpp"
-#include "torch_bridge.hpp"
+#include <mmkd/torch.hpp>
 
 namespace {
 
@@ -53,7 +53,7 @@ int main() try {
     for (int64_t s = 0; s + 64 <= kTrain; s += 64) {
       const auto idx = order.narrow(0, s, 64);
       teacher_opt.zero_grad();
-      mmkd_bridge::cross_entropy(ce, teacher->forward(x_train.index_select(0, idx)),
+      mmkd_torch::cross_entropy(ce, teacher->forward(x_train.index_select(0, idx)),
                                  y_train.index_select(0, idx))
           .backward();
       teacher_opt.step();
@@ -86,9 +86,9 @@ int main() try {
       opt.zero_grad();
       // One forward pass over [labelled; unlabelled]; row slices are contiguous views.
       const auto z = student->forward(torch::cat({x_lab, xb_train.index_select(0, idx)}));
-      loss = mmkd_bridge::cross_entropy(ce, z.narrow(0, 0, kLabels), y_lab);
+      loss = mmkd_torch::cross_entropy(ce, z.narrow(0, 0, kLabels), y_lab);
       if (distil)
-        loss = loss + mmkd_bridge::logit_kd(kd, z.narrow(0, kLabels, 128),
+        loss = loss + mmkd_torch::logit_kd(kd, z.narrow(0, kLabels, 128),
                                             teacher_logits.index_select(0, idx));
       loss.backward();
       opt.step();

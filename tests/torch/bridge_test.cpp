@@ -1,15 +1,15 @@
-// The libtorch bridge (examples/torch_bridge.hpp): gradients through each wrapped mmkd loss equal
+// The libtorch bridge (mmkd/torch.hpp): gradients through each wrapped mmkd loss equal
 // libtorch's autograd of the same loss written with libtorch ops, including a grad_output other
 // than 1 and a graph in front of the loss; bad tensors are refused.
 
-#include "torch_bridge.hpp"
+#include <mmkd/torch.hpp>
 
 #include <catch2/catch.hpp>
 
 #include "review_reference.hpp"
 #include "torch/torch_losses.hpp"
 
-using namespace mmkd_torch;
+using namespace torch_ref;
 using Tensors = std::vector<torch::Tensor>;
 
 namespace {
@@ -49,7 +49,7 @@ TEST_CASE("bridge: logit losses equal libtorch autograd", "[torch][bridge]") {
   for (bool teacher_grad : {false, true}) {
     compare(
         {randn({6, 7}, 3), randn({6, 7}, 3)}, {true, teacher_grad},
-        [&](const Tensors& x) { return mmkd_bridge::logit_kd(kd, x[0], x[1]); },
+        [&](const Tensors& x) { return mmkd_torch::logit_kd(kd, x[0], x[1]); },
         [&](const Tensors& x) {
           return torch_kd(x[0], x[1], 4.0, mmkd::Reduction::BatchMean,
                           torch::ones({6}, torch::kFloat64));
@@ -58,12 +58,12 @@ TEST_CASE("bridge: logit losses equal libtorch autograd", "[torch][bridge]") {
   mmkd::DecoupledKD<double> dkd;
   compare(
       {randn({6, 7}, 3), randn({6, 7}, 3)}, {true, false},
-      [&](const Tensors& x) { return mmkd_bridge::decoupled_kd(dkd, x[0], x[1], y); },
+      [&](const Tensors& x) { return mmkd_torch::decoupled_kd(dkd, x[0], x[1], y); },
       [&](const Tensors& x) { return torch_dkd(x[0], x[1], y, 1.0, 8.0, 4.0); });
   mmkd::CrossEntropy<double> ce({0.1});
   compare(
       {randn({6, 7}, 3)}, {true},
-      [&](const Tensors& x) { return mmkd_bridge::cross_entropy(ce, x[0], y); },
+      [&](const Tensors& x) { return mmkd_torch::cross_entropy(ce, x[0], y); },
       [&](const Tensors& x) {
         return torch::nn::functional::cross_entropy(
             x[0], y, torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(0.1));
@@ -79,14 +79,14 @@ TEST_CASE("bridge: multimodal losses equal libtorch autograd", "[torch][bridge]"
       {randn({n, c}, 2), randn({n, c}, 2), randn({m, n, c}, 2), randn({m, n, c}, 2)},
       {true, false, true, false},
       [&](const Tensors& x) {
-        return mmkd_bridge::modality_specific_kd(msd, x[0], x[1], x[2], x[3], w);
+        return mmkd_torch::modality_specific_kd(msd, x[0], x[1], x[2], x[3], w);
       },
       [&](const Tensors& x) { return torch_msd(x[0], x[1], x[2], x[3], w, 2.0, 0.5); });
   mmkd::ModalityGramKD<double> gram;
   for (bool teacher_grad : {false, true}) {
     compare(
         {randn({m, n, 4}), randn({m, n, 9})}, {true, teacher_grad},
-        [&](const Tensors& x) { return mmkd_bridge::modality_gram_kd(gram, x[0], x[1]); },
+        [&](const Tensors& x) { return mmkd_torch::modality_gram_kd(gram, x[0], x[1]); },
         [&](const Tensors& x) { return torch_gram(x[0], x[1]); });
   }
 }
@@ -96,20 +96,19 @@ TEST_CASE("bridge: structure and contrastive losses equal libtorch autograd", "[
   mmkd::ChannelDecorrelation<double> decor;
   compare(
       {randn({9, 5})}, {true},
-      [&](const Tensors& x) { return mmkd_bridge::channel_decorrelation(decor, x[0]); },
+      [&](const Tensors& x) { return mmkd_torch::channel_decorrelation(decor, x[0]); },
       [&](const Tensors& x) {
         return torch_decorrelation(x[0], mmkd::ChannelStatistic::Correlation);
       });
   mmkd::Uniformity<double> unif;
   compare(
-      {randn({9, 5})}, {true},
-      [&](const Tensors& x) { return mmkd_bridge::uniformity(unif, x[0]); },
+      {randn({9, 5})}, {true}, [&](const Tensors& x) { return mmkd_torch::uniformity(unif, x[0]); },
       [&](const Tensors& x) { return torch_uniformity(x[0]); });
   mmkd::InfoNCE<double> nce;
   for (bool key_grad : {false, true}) {
     compare(
         {randn({7, 5}), randn({7, 5})}, {true, key_grad},
-        [&](const Tensors& x) { return mmkd_bridge::info_nce(nce, x[0], x[1]); },
+        [&](const Tensors& x) { return mmkd_torch::info_nce(nce, x[0], x[1]); },
         [&](const Tensors& x) { return torch_clip(x[0], x[1], 0.07, true, 0); });
   }
   mmkd::SimilarityDistillation<double> seed({0.2, 0.05});  // SEED's dictionary
@@ -117,13 +116,13 @@ TEST_CASE("bridge: structure and contrastive losses equal libtorch autograd", "[
   compare(
       {randn({7, 5}), randn({7, 5})}, {true, false},
       [&](const Tensors& x) {
-        return mmkd_bridge::similarity_distillation(seed, x[0], x[1], queue);
+        return mmkd_torch::similarity_distillation(seed, x[0], x[1], queue);
       },
       [&](const Tensors& x) { return torch_seed(x[0], x[1], queue, 0.2, 0.05); });
   seed.options().dictionary = mmkd::SimilarityDictionary::BatchAndQueue;
   compare(
       {randn({7, 5}), randn({7, 5})}, {true, false},
-      [&](const Tensors& x) { return mmkd_bridge::similarity_distillation(seed, x[0], x[1]); },
+      [&](const Tensors& x) { return mmkd_torch::similarity_distillation(seed, x[0], x[1]); },
       [&](const Tensors& x) {
         return torch_seed_batch(x[0], x[1], torch::zeros({0, 5}, torch::kFloat64), 0.2, 0.05);
       });
@@ -136,11 +135,61 @@ TEST_CASE("bridge: HierarchicalContextLoss equals libtorch autograd", "[torch][b
       {randn({2, 3, 8, 8}), randn({2, 4, 2, 2}), randn({2, 3, 8, 8}), randn({2, 4, 2, 2})},
       {true, true, false, false},
       [&](const Tensors& x) {
-        return mmkd_bridge::hierarchical_context_loss(hcl, {x[0], x[1]}, {x[2], x[3]});
+        return mmkd_torch::hierarchical_context_loss(hcl, {x[0], x[1]}, {x[2], x[3]});
       },
       [&](const Tensors& x) {
         return torch_hcl({x[0], x[1]}, {x[2], x[3]});
       });
+}
+
+TEST_CASE("bridge: row masks and PyTorch's -100 labels", "[torch][bridge]") {
+  torch::manual_seed(6);
+  const int64_t n = 7, c = 5;
+  // Rows 1 and 4 ignored: by a bool mask, a uint8 mask, or the label -100.
+  const auto keep = torch::tensor({1, 0, 1, 1, 0, 1, 1}, torch::kBool);
+  auto y = torch::randint(c, {n}, torch::kLong);
+  auto y_ignored = y.clone();
+  y_ignored.index_put_({1}, -100);
+  y_ignored.index_put_({4}, -100);
+  const auto kept = torch::tensor({0, 2, 3, 5, 6}, torch::kLong);
+  mmkd::LogitKD<double> kd;
+  for (const auto& m : {keep, keep.to(torch::kByte)}) {
+    compare(
+        {randn({n, c}, 3), randn({n, c}, 3)}, {true, true},
+        [&](const Tensors& x) { return mmkd_torch::logit_kd(kd, x[0], x[1], m); },
+        [&](const Tensors& x) {
+          return torch_kd(x[0], x[1], 4.0, mmkd::Reduction::BatchMean, keep.to(torch::kFloat64));
+        });
+  }
+  mmkd::CrossEntropy<double> ce({0.1});
+  compare(  // libtorch's cross_entropy ignores -100 by default
+      {randn({n, c}, 3)}, {true},
+      [&](const Tensors& x) { return mmkd_torch::cross_entropy(ce, x[0], y_ignored); },
+      [&](const Tensors& x) {
+        return torch::nn::functional::cross_entropy(
+            x[0], y_ignored, torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(0.1));
+      });
+  compare(  // a mask and the labels of the same rows
+      {randn({n, c}, 3)}, {true},
+      [&](const Tensors& x) { return mmkd_torch::cross_entropy(ce, x[0], y, keep); },
+      [&](const Tensors& x) {
+        return torch::nn::functional::cross_entropy(
+            x[0].index_select(0, kept), y.index_select(0, kept),
+            torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(0.1));
+      });
+  mmkd::DecoupledKD<double> dkd;
+  compare(
+      {randn({n, c}, 3), randn({n, c}, 3)}, {true, false},
+      [&](const Tensors& x) { return mmkd_torch::decoupled_kd(dkd, x[0], x[1], y_ignored); },
+      [&](const Tensors& x) {
+        return torch_dkd(x[0].index_select(0, kept), x[1].index_select(0, kept),
+                         y.index_select(0, kept), 1.0, 8.0, 4.0);
+      });
+  CHECK_THROWS_WITH(mmkd_torch::logit_kd(kd, randn({n, c}), randn({n, c}), keep.to(torch::kFloat)),
+                    "mmkd_torch: LogitKD: mask has dtype Float, expected Bool or Byte");
+  CHECK_THROWS_WITH(
+      mmkd_torch::cross_entropy(ce, randn({n, c}), y, keep.narrow(0, 0, 3)),
+      "mmkd_torch: CrossEntropy: mask must be a 1-D tensor of 7 entries (one per row)");
 }
 
 TEST_CASE("bridge: a graph in front of the loss gets libtorch's gradients", "[torch][bridge]") {
@@ -153,7 +202,7 @@ TEST_CASE("bridge: a graph in front of the loss gets libtorch's gradients", "[to
       {randn({4, 6})}, {true},
       [&](const Tensors& w) {
         const auto z = torch::tanh(input.mm(w[0])) * 3;
-        return mmkd_bridge::logit_kd(kd, z, target) + 0.5 * mmkd_bridge::info_nce(nce, z, target);
+        return mmkd_torch::logit_kd(kd, z, target) + 0.5 * mmkd_torch::info_nce(nce, z, target);
       },
       [&](const Tensors& w) {
         const auto z = torch::tanh(input.mm(w[0])) * 3;
@@ -168,15 +217,17 @@ TEST_CASE("bridge: refuses tensors it cannot view or differentiate", "[torch][br
   mmkd::DecoupledKD<double> dkd;
   const auto s = randn({4, 5}), t = randn({4, 5});
   const auto y = torch::zeros({4}, torch::kLong);
-  CHECK_THROWS_WITH(mmkd_bridge::logit_kd(kd, s.to(torch::kFloat32), t),
-                    Catch::Contains("student has dtype Float, expected Double"));
-  CHECK_THROWS_WITH(mmkd_bridge::logit_kd(kd, randn({5, 4}).t(), t),
+  CHECK_THROWS_WITH(mmkd_torch::logit_kd(kd, s.to(torch::kFloat32), t),
+                    "mmkd_torch: LogitKD: student has dtype Float, expected Double (the loss's "
+                    "scalar type)");
+  CHECK_THROWS_AS(mmkd_torch::logit_kd(kd, s.to(torch::kFloat32), t), mmkd::InvalidArgument);
+  CHECK_THROWS_WITH(mmkd_torch::logit_kd(kd, randn({5, 4}).t(), t),
                     Catch::Contains("student is not contiguous"));
-  CHECK_THROWS_WITH(mmkd_bridge::logit_kd(kd, randn({4, 5, 1}), t),
+  CHECK_THROWS_WITH(mmkd_torch::logit_kd(kd, randn({4, 5, 1}), t),
                     Catch::Contains("student has 3 dimensions, expected 2"));
   CHECK_THROWS_WITH(
-      mmkd_bridge::decoupled_kd(dkd, s.clone().requires_grad_(), t.clone().requires_grad_(), y),
+      mmkd_torch::decoupled_kd(dkd, s.clone().requires_grad_(), t.clone().requires_grad_(), y),
       Catch::Contains("teacher requires grad, but the loss gives no gradient for it"));
   // mmkd's own errors pass through unchanged.
-  CHECK_THROWS_AS(mmkd_bridge::logit_kd(kd, s, randn({4, 6})), mmkd::InvalidArgument);
+  CHECK_THROWS_AS(mmkd_torch::logit_kd(kd, s, randn({4, 6})), mmkd::InvalidArgument);
 }

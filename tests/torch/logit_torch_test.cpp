@@ -15,7 +15,7 @@
 #include "torch/torch_support.hpp"
 
 using namespace mmkd_test;
-using namespace mmkd_torch;
+using namespace torch_ref;
 using mmkd::Reduction;
 namespace F = torch::nn::functional;
 

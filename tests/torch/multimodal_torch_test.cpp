@@ -10,7 +10,7 @@
 #include "torch/torch_support.hpp"
 
 using namespace mmkd_test;
-using namespace mmkd_torch;
+using namespace torch_ref;
 using mmkd::GramNormalization;
 using mmkd::GramScope;
 using mmkd::Tensor3;

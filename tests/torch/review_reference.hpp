@@ -26,7 +26,7 @@
 #include <mmkd/core/version.hpp>
 #include <mmkd/gradcheck.hpp>
 
-namespace mmkd_torch {
+namespace torch_ref {
 
 inline bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() &&
@@ -143,4 +143,4 @@ inline torch::Tensor torch_hcl(const std::vector<torch::Tensor>& fs,
   return total;
 }
 
-}  // namespace mmkd_torch
+}  // namespace torch_ref

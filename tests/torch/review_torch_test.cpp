@@ -66,7 +66,7 @@ void check_against_torch(const Config& cfg, bool train) {
     review.forward(fv);
     review.eval();
   }
-  mmkd_torch::TorchReview ref(review, torch::kFloat64);
+  torch_ref::TorchReview ref(review, torch::kFloat64);
 
   // mmkd
   const auto& outs = review.forward(fv);
@@ -81,7 +81,7 @@ void check_against_torch(const Config& cfg, bool train) {
     tteach.push_back(to_torch4(teacher[k]));
   }
   const auto touts = ref.forward(tfeats);
-  const auto tloss = mmkd_torch::torch_hcl(touts, tteach);
+  const auto tloss = torch_ref::torch_hcl(touts, tteach);
   tloss.backward();
 
   CHECK(loss == Approx(tloss.item<double>()).epsilon(1e-11));
@@ -222,8 +222,8 @@ TEST_CASE("HierarchicalContextLoss in float32 is as accurate as libtorch's",
     const FloatError ours = float_error(v32, v64, flat(g32d), flat(g64));
     auto x64 = to_torch4(fs, true);
     auto x32 = to_torch4(fs).to(torch::kFloat32).set_requires_grad(true);
-    const auto l64 = mmkd_torch::torch_hcl({x64}, {to_torch4(ft)});
-    const auto l32 = mmkd_torch::torch_hcl({x32}, {to_torch4(ft).to(torch::kFloat32)});
+    const auto l64 = torch_ref::torch_hcl({x64}, {to_torch4(ft)});
+    const auto l32 = torch_ref::torch_hcl({x32}, {to_torch4(ft).to(torch::kFloat32)});
     l64.backward();
     l32.backward();
     const FloatError ref =

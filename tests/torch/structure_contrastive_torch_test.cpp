@@ -14,7 +14,7 @@
 #include "torch/torch_support.hpp"
 
 using namespace mmkd_test;
-using namespace mmkd_torch;
+using namespace torch_ref;
 namespace F = torch::nn::functional;
 
 TEST_CASE("ChannelDecorrelation equals libtorch", "[torch][structure][decor]") {

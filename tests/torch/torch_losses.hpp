@@ -8,7 +8,7 @@
 #include <mmkd/core/reduction.hpp>
 #include <mmkd/structure/channel_decorrelation.hpp>
 
-namespace mmkd_torch {
+namespace torch_ref {
 
 namespace F = torch::nn::functional;
 
@@ -155,4 +155,4 @@ inline torch::Tensor torch_seed(const torch::Tensor& s, const torch::Tensor& t,
   return ref.loss(s, t);
 }
 
-}  // namespace mmkd_torch
+}  // namespace torch_ref

@@ -1,6 +1,7 @@
 #pragma once
 
-// mmkd losses as libtorch autograd functions.
+// mmkd losses as libtorch autograd functions (needs libtorch; not part of mmkd/mmkd.hpp). With
+// CMake: find_package(mmkd REQUIRED COMPONENTS torch) and link mmkd::torch.
 //
 // Each wrapper views the tensors' memory in place (CPU, contiguous, float or double to match the
 // loss; nothing is copied except integer labels that are not int32), runs the loss's fused
@@ -11,18 +12,23 @@
 // than a silent zero gradient.
 //
 //   mmkd::LogitKD<float> kd;
-//   torch::Tensor loss = mmkd_bridge::logit_kd(kd, student_logits, teacher_logits.detach());
+//   torch::Tensor loss = mmkd_torch::logit_kd(kd, student_logits, teacher_logits.detach());
 //   loss.backward();   // student_logits.grad() = dKD/dstudent, as autograd would give
+//
+// The functions live in namespace mmkd_torch, outside mmkd, so that `torch::` means libtorch
+// wherever both are used. Bad tensors throw mmkd::InvalidArgument ("mmkd_torch: <loss>: ...").
+// Row masks are 1-D bool or uint8 tensors of N entries (1 = the row takes part), viewed in
+// place; class labels follow PyTorch's convention that -100 marks a row to ignore.
 
 #include <torch/torch.h>
-#include <mmkd/mmkd.hpp>
+
+#include "mmkd/mmkd.hpp"
 
 #include <functional>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
-namespace mmkd_bridge {
+namespace mmkd_torch {
 
 /// Whether the wrapper computes a gradient for an input.
 enum class Grad { Always, IfRequired, Never };
@@ -41,12 +47,12 @@ namespace detail {
 template <class S>
 c10::ScalarType dtype_of() {
   static_assert(std::is_same<S, float>::value || std::is_same<S, double>::value,
-                "mmkd_bridge: float or double");
+                "mmkd_torch: float or double");
   return std::is_same<S, float>::value ? at::kFloat : at::kDouble;
 }
 
 [[noreturn]] inline void fail(const std::string& loss, const std::string& msg) {
-  throw std::invalid_argument("mmkd_bridge: " + loss + ": " + msg);
+  mmkd::detail::throw_invalid("mmkd_torch", loss + ": " + msg);
 }
 
 template <class S>
@@ -96,6 +102,35 @@ inline at::Tensor labels_int32(const std::string& loss, const at::Tensor& y) {
 }
 inline Eigen::Map<const mmkd::Labels> labels_view(const at::Tensor& y32) {
   return {y32.data_ptr<int>(), y32.size(0)};
+}
+
+// A 1-D bool or uint8 tensor of n entries as a row mask, viewed in place (both store one byte
+// per row, 0 or 1).
+inline Eigen::Map<const mmkd::RowMask> mask_view(const std::string& loss, const at::Tensor& mask,
+                                                 int64_t n) {
+  if (!mask.defined() || mask.dim() != 1 || mask.size(0) != n)
+    fail(loss, "mask must be a 1-D tensor of " + std::to_string(n) + " entries (one per row)");
+  if (mask.scalar_type() != at::kBool && mask.scalar_type() != at::kByte)
+    fail(loss, "mask has dtype " + std::string(c10::toString(mask.scalar_type())) +
+                   ", expected Bool or Byte");
+  if (!mask.device().is_cpu() || !mask.is_contiguous()) fail(loss, "mask must be contiguous, CPU");
+  return {static_cast<const std::uint8_t*>(mask.data_ptr()), n};
+}
+
+// Labels with PyTorch's ignore index -100: int32 labels with those rows set to class 0, and the
+// mask that drops them, combined with `mask` when one is given; the mask stays undefined when
+// neither asks for one.
+struct MaskedLabels {
+  at::Tensor labels, mask;  // int32; bool or uint8, or undefined
+};
+inline MaskedLabels ignore_index(const std::string& loss, const at::Tensor& labels,
+                                 const at::Tensor& mask) {
+  at::Tensor y = labels_int32(loss, labels);
+  const at::Tensor ignored = y.eq(-100);
+  if (mask.defined()) mask_view(loss, mask, y.size(0));  // its checks
+  if (!ignored.any().item<bool>()) return {y, mask};
+  const at::Tensor keep = mask.defined() ? mask.to(at::kByte) : at::ones_like(y, at::kByte);
+  return {y.masked_fill(ignored, 0).contiguous(), keep.masked_fill(ignored, 0).contiguous()};
 }
 
 }  // namespace detail
@@ -154,40 +189,70 @@ at::Tensor matrix_pair(Loss& loss, const std::string& name, const char* first, c
 
 }  // namespace detail
 
-/// LogitKD on N x C logits; the teacher's gradient too when it requires grad.
+/// LogitKD on N x C logits; the teacher's gradient too when it requires grad. `mask` (N, bool or
+/// uint8) drops rows, e.g. the padding positions of token-level distillation.
 template <class S>
-at::Tensor logit_kd(mmkd::LogitKD<S>& loss, const at::Tensor& student, const at::Tensor& teacher) {
-  return detail::matrix_pair<S>(loss, "LogitKD", "student", "teacher", student, teacher);
-}
-
-/// DecoupledKD on N x C logits with N integer labels.
-template <class S>
-at::Tensor decoupled_kd(mmkd::DecoupledKD<S>& loss, const at::Tensor& student,
-                        const at::Tensor& teacher, const at::Tensor& labels) {
-  detail::check<S>("DecoupledKD", "student", student, 2);
-  detail::check<S>("DecoupledKD", "teacher", teacher, 2);
-  const at::Tensor y = detail::labels_int32("DecoupledKD", labels);
-  const LossCall call{"DecoupledKD",
+at::Tensor logit_kd(mmkd::LogitKD<S>& loss, const at::Tensor& student, const at::Tensor& teacher,
+                    const at::Tensor& mask = at::Tensor()) {
+  if (!mask.defined())
+    return detail::matrix_pair<S>(loss, "LogitKD", "student", "teacher", student, teacher);
+  detail::check<S>("LogitKD", "student", student, 2);
+  detail::check<S>("LogitKD", "teacher", teacher, 2);
+  const auto rows = detail::mask_view("LogitKD", mask, student.size(0));
+  const LossCall call{"LogitKD",
                       {"student", "teacher"},
-                      {Grad::Always, Grad::Never},
+                      {Grad::Always, Grad::IfRequired},
                       [&](const std::vector<at::Tensor>& g) -> double {
-                        return loss.value_and_grad(detail::cmat<S>(student),
-                                                   detail::cmat<S>(teacher), detail::labels_view(y),
-                                                   detail::mat<S>(g[0]));
+                        const auto s = detail::cmat<S>(student), t = detail::cmat<S>(teacher);
+                        if (g[1].defined())
+                          return loss.value_and_grad(s, t, rows, detail::mat<S>(g[0]),
+                                                     detail::mat<S>(g[1]));
+                        return loss.value_and_grad(s, t, rows, detail::mat<S>(g[0]));
                       }};
   return run_loss(call, {student, teacher});
 }
 
-/// CrossEntropy on N x C logits with N integer labels.
+/// DecoupledKD on N x C logits with N integer labels; rows labelled -100 or masked out by
+/// `mask` (N, bool or uint8) are dropped.
+template <class S>
+at::Tensor decoupled_kd(mmkd::DecoupledKD<S>& loss, const at::Tensor& student,
+                        const at::Tensor& teacher, const at::Tensor& labels,
+                        const at::Tensor& mask = at::Tensor()) {
+  detail::check<S>("DecoupledKD", "student", student, 2);
+  detail::check<S>("DecoupledKD", "teacher", teacher, 2);
+  const auto y = detail::ignore_index("DecoupledKD", labels, mask);
+  const LossCall call{"DecoupledKD",
+                      {"student", "teacher"},
+                      {Grad::Always, Grad::Never},
+                      [&](const std::vector<at::Tensor>& g) -> double {
+                        const auto s = detail::cmat<S>(student), t = detail::cmat<S>(teacher);
+                        const auto l = detail::labels_view(y.labels);
+                        if (y.mask.defined())
+                          return loss.value_and_grad(
+                              s, t, l, detail::mask_view("DecoupledKD", y.mask, student.size(0)),
+                              detail::mat<S>(g[0]));
+                        return loss.value_and_grad(s, t, l, detail::mat<S>(g[0]));
+                      }};
+  return run_loss(call, {student, teacher});
+}
+
+/// CrossEntropy on N x C logits with N integer labels, PyTorch's `ignore_index = -100`: those
+/// rows, and rows masked out by `mask` (N, bool or uint8), are dropped and the mean is over the
+/// others.
 template <class S>
 at::Tensor cross_entropy(mmkd::CrossEntropy<S>& loss, const at::Tensor& logits,
-                         const at::Tensor& labels) {
+                         const at::Tensor& labels, const at::Tensor& mask = at::Tensor()) {
   detail::check<S>("CrossEntropy", "logits", logits, 2);
-  const at::Tensor y = detail::labels_int32("CrossEntropy", labels);
+  const auto y = detail::ignore_index("CrossEntropy", labels, mask);
   const LossCall call{
       "CrossEntropy", {"logits"}, {Grad::Always}, [&](const std::vector<at::Tensor>& g) -> double {
-        return loss.value_and_grad(detail::cmat<S>(logits), detail::labels_view(y),
-                                   detail::mat<S>(g[0]));
+        const auto z = detail::cmat<S>(logits);
+        const auto l = detail::labels_view(y.labels);
+        if (y.mask.defined())
+          return loss.value_and_grad(z, l,
+                                     detail::mask_view("CrossEntropy", y.mask, logits.size(0)),
+                                     detail::mat<S>(g[0]));
+        return loss.value_and_grad(z, l, detail::mat<S>(g[0]));
       }};
   return run_loss(call, {logits});
 }
@@ -328,4 +393,4 @@ at::Tensor hierarchical_context_loss(mmkd::HierarchicalContextLoss<S>& loss,
   return run_loss(call, inputs);
 }
 
-}  // namespace mmkd_bridge
+}  // namespace mmkd_torch
