@@ -276,3 +276,50 @@ TEST_CASE("A copied ReviewFusion's outputs are its own", "[review][fusion]") {
     }
   }
 }
+
+TEST_CASE("The README's ReviewKD snippet: its gradient along a direction matches differences",
+          "[review][fusion]") {
+  // The README's lines, in double, on two samples of the resnet20 shapes.
+  mmkd::ReviewFusion<double>::Options o;
+  o.in_channels = {16, 32, 64, 64};
+  o.out_channels = {16, 32, 64, 64};
+  o.shapes = {32, 16, 8, 1};
+  std::vector<mmkd::Tensor4<double>> f, t, df;
+  for (std::size_t k = 0; k < 4; ++k) {
+    const Index h = o.shapes[k];
+    f.push_back(random_map<double>(2, o.in_channels[k], h, h, 10 + k));
+    t.push_back(random_map<double>(2, o.out_channels[k], h, h, 20 + k));
+    df.push_back(mmkd::Tensor4<double>(f.back().dimensions()).setZero());
+  }
+  auto snippet = [&](const std::vector<mmkd::Tensor4<double>>& feats, bool grad) {
+    mmkd::ReviewFusion<double> review(o);
+    mmkd::HierarchicalContextLoss<double> hcl;
+    const std::vector<mmkd::ConstTensor4Ref<double>> features(feats.begin(), feats.end()),
+        teacher(t.begin(), t.end());
+    std::vector<mmkd::Tensor4Ref<double>> d_features(df.begin(), df.end());
+    const auto& outs = review.forward(features);
+    std::vector<mmkd::Tensor4<double>> d_outs;
+    for (const auto& y : outs) {
+      d_outs.emplace_back(y.dimensions());
+      d_outs.back().setZero();
+    }
+    const double loss = hcl.value_and_grad(outs, teacher, {d_outs.begin(), d_outs.end()});
+    if (grad) review.backward({d_outs.begin(), d_outs.end()}, d_features);
+    return loss;
+  };
+  snippet(f, true);
+  // (L(f + εu) − L(f − εu)) / 2ε against ⟨d_features, u⟩ for a random direction u.
+  const double eps = 1e-5;
+  std::vector<mmkd::Tensor4<double>> plus = f, minus = f;
+  double along = 0;
+  for (std::size_t k = 0; k < 4; ++k) {
+    const auto& d = f[k].dimensions();
+    const mmkd::Tensor4<double> u = random_map<double>(d[0], d[1], d[2], d[3], 30 + k);
+    plus[k] = f[k] + eps * u;
+    minus[k] = f[k] - eps * u;
+    for (Index i = 0; i < u.size(); ++i) along += df[k].data()[i] * u.data()[i];
+  }
+  const double numeric = (snippet(plus, false) - snippet(minus, false)) / (2 * eps);
+  CHECK(along == Approx(numeric).epsilon(1e-6));
+  CHECK(along != 0.0);
+}

@@ -38,6 +38,26 @@ using Tensor4Ref = Eigen::TensorMap<Tensor4<Scalar>>;
 using PresenceMask = Eigen::Matrix<std::uint8_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using ConstPresenceMaskRef = detail::ConstRef<PresenceMask>;
 
+/// Block m of an M x N x D stack (a `Tensor3`, or a `Tensor3Ref` / `ConstTensor3Ref` view):
+/// modality m's N x D matrix, viewed in place (rows m·N to (m+1)·N − 1 of the stack's memory);
+/// read-only when the stack is. Throws InvalidArgument unless 0 <= m < M.
+///
+///     mmkd::Tensor3<float> logits(M, N, C);
+///     mmkd::modality_block(logits, 1) = model_without_modality_1(x);  // fills modality 1
+template <class X>
+auto modality_block(X&& x, Index m) {
+  static_assert(std::decay_t<X>::NumDimensions == 3,
+                "mmkd: modality_block needs an M x N x D stack");
+  using P = std::remove_pointer_t<decltype(x.data())>;
+  using Plain = Matrix<std::remove_const_t<P>>;
+  using View = std::conditional_t<std::is_const_v<P>, Eigen::Map<const Plain>, Eigen::Map<Plain>>;
+  if (m < 0 || m >= x.dimension(0))
+    detail::throw_invalid("modality_block", "modality " + std::to_string(m) +
+                                                " is out of range for a stack of " +
+                                                std::to_string(x.dimension(0)) + " modalities");
+  return View(x.data() + m * x.dimension(1) * x.dimension(2), x.dimension(1), x.dimension(2));
+}
+
 namespace detail {
 
 /// A stack M x N x D seen as the (M·N) x D row-major matrix it is in memory: modality m's block is
