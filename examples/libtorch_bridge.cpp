@@ -10,8 +10,8 @@
 
 #include <cstdio>
 
-#include "digits_data.hpp"
 #include <mmkd/torch.hpp>
+#include "digits_data.hpp"
 
 namespace {
 
@@ -54,7 +54,7 @@ int main() try {
       const auto idx = order.narrow(0, s, 64);
       teacher_opt.zero_grad();
       mmkd_torch::cross_entropy(ce, teacher->forward(x_train.index_select(0, idx)),
-                                 y_train.index_select(0, idx))
+                                y_train.index_select(0, idx))
           .backward();
       teacher_opt.step();
     }
@@ -89,7 +89,7 @@ int main() try {
       loss = mmkd_torch::cross_entropy(ce, z.narrow(0, 0, kLabels), y_lab);
       if (distil)
         loss = loss + mmkd_torch::logit_kd(kd, z.narrow(0, kLabels, 128),
-                                            teacher_logits.index_select(0, idx));
+                                           teacher_logits.index_select(0, idx));
       loss.backward();
       opt.step();
     }

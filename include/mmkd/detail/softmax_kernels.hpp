@@ -92,7 +92,8 @@ struct ShiftedExp {
 /// max(a, b) that returns NaN if either is NaN.
 template <class T>
 T max_nan(T a, T b) {
-  return (detail::is_nan(a) || detail::is_nan(b)) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+  return (detail::is_nan(a) || detail::is_nan(b)) ? std::numeric_limits<T>::quiet_NaN()
+                                                  : std::max(a, b);
 }
 
 /// max_k x_k (k ≠ exclude), NaN if any such entry is NaN, -inf over an empty set.

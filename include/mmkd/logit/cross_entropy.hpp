@@ -138,13 +138,14 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
   template <class Rows>
   static void check_targets(const ConstMatrixRef<Scalar>& y, Rows&& rows) {
     for (Index i = 0; i < y.rows(); ++i) {
-      if (!rows(i) || ((y.row(i).array() >= Scalar(0)).all() && detail::all_finite(y.row(i)))) continue;
+      if (!rows(i) || ((y.row(i).array() >= Scalar(0)).all() && detail::all_finite(y.row(i))))
+        continue;
       for (Index k = 0; k < y.cols(); ++k) {
         if (!(y(i, k) >= Scalar(0)) || !detail::is_finite(y(i, k))) {
           const std::string where = "targets[" + std::to_string(i) + "," + std::to_string(k) + "]";
           detail::throw_invalid(
               kName, (detail::is_finite(y(i, k)) ? where + " is " + std::to_string(y(i, k))
-                                             : detail::element_str("targets", i, k, y(i, k))) +
+                                                 : detail::element_str("targets", i, k, y(i, k))) +
                          ", expected finite and >= 0");
         }
       }
