@@ -169,10 +169,11 @@ inline at::Tensor run_loss(const LossCall& call, at::TensorList inputs) {
 
 namespace detail {
 
-// A loss of two N x D matrices whose first gradient is always computed and second on request.
-template <class S, class Loss>
+// A loss of two N x D matrices whose first gradient is always computed and second on request;
+// `extra` (a row mask) goes between the inputs and the gradients.
+template <class S, class Loss, class... Extra>
 at::Tensor matrix_pair(Loss& loss, const std::string& name, const char* first, const char* second,
-                       const at::Tensor& a, const at::Tensor& b) {
+                       const at::Tensor& a, const at::Tensor& b, const Extra&... extra) {
   check<S>(name, first, a, 2);
   check<S>(name, second, b, 2);
   const LossCall call{name,
@@ -180,9 +181,9 @@ at::Tensor matrix_pair(Loss& loss, const std::string& name, const char* first, c
                       {Grad::Always, Grad::IfRequired},
                       [&](const std::vector<at::Tensor>& g) -> double {
                         if (g[1].defined())
-                          return loss.value_and_grad(cmat<S>(a), cmat<S>(b), mat<S>(g[0]),
+                          return loss.value_and_grad(cmat<S>(a), cmat<S>(b), extra..., mat<S>(g[0]),
                                                      mat<S>(g[1]));
-                        return loss.value_and_grad(cmat<S>(a), cmat<S>(b), mat<S>(g[0]));
+                        return loss.value_and_grad(cmat<S>(a), cmat<S>(b), extra..., mat<S>(g[0]));
                       }};
   return run_loss(call, {a, b});
 }
@@ -196,20 +197,9 @@ at::Tensor logit_kd(mmkd::LogitKD<S>& loss, const at::Tensor& student, const at:
                     const at::Tensor& mask = at::Tensor()) {
   if (!mask.defined())
     return detail::matrix_pair<S>(loss, "LogitKD", "student", "teacher", student, teacher);
-  detail::check<S>("LogitKD", "student", student, 2);
-  detail::check<S>("LogitKD", "teacher", teacher, 2);
-  const auto rows = detail::mask_view("LogitKD", mask, student.size(0));
-  const LossCall call{"LogitKD",
-                      {"student", "teacher"},
-                      {Grad::Always, Grad::IfRequired},
-                      [&](const std::vector<at::Tensor>& g) -> double {
-                        const auto s = detail::cmat<S>(student), t = detail::cmat<S>(teacher);
-                        if (g[1].defined())
-                          return loss.value_and_grad(s, t, rows, detail::mat<S>(g[0]),
-                                                     detail::mat<S>(g[1]));
-                        return loss.value_and_grad(s, t, rows, detail::mat<S>(g[0]));
-                      }};
-  return run_loss(call, {student, teacher});
+  detail::check<S>("LogitKD", "student", student, 2);  // the mask's length is its row count
+  return detail::matrix_pair<S>(loss, "LogitKD", "student", "teacher", student, teacher,
+                                detail::mask_view("LogitKD", mask, student.size(0)));
 }
 
 /// DecoupledKD on N x C logits with N integer labels; rows labelled -100 or masked out by

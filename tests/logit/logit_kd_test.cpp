@@ -382,12 +382,15 @@ TEST_CASE("LogitKD: the README's overflow example throws", "[logit][kd][errors]"
   CHECK(g.isZero(0));
 }
 
-TEST_CASE("LogitKD: the README's quick example trains on the gradient of its loss", "[logit][kd]") {
+TEST_CASE(
+    "LogitKD: the README's by-hand weighting (options().weight, values added) trains on "
+    "the gradient of its loss",
+    "[logit][kd]") {
   const Index n = 5, c = 4;
   const Matrix<double> student0 = random_matrix<double>(n, c, 1, 2),
                        teacher = random_matrix<double>(n, c, 2, 2);
   const mmkd::Labels labels = random_labels(n, c, 3);
-  // The README's lines, in double.
+  // The by-hand form the README gives beside LossSum, in double.
   auto example = [&](const Matrix<double>& student, Matrix<double>& grad) {
     mmkd::LogitKD<double> kd;
     kd.options().weight = 0.9;

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include <Eigen/Core>
@@ -22,22 +23,19 @@ FloatClass classify(T v) {
   static_assert(std::is_arithmetic<T>::value, "classify: an arithmetic type");
   if constexpr (std::is_integral<T>::value) {
     return FloatClass::Finite;
-  } else if constexpr (sizeof(T) == sizeof(std::uint32_t)) {
-    std::uint32_t b;
-    std::memcpy(&b, &v, sizeof b);
-    constexpr std::uint32_t exp = 0x7f800000u, mant = 0x007fffffu;
-    if ((b & exp) != exp) return FloatClass::Finite;
-    if (b & mant) return FloatClass::NaN;
-    return (b >> 31) ? FloatClass::NegInf : FloatClass::PosInf;
-  } else if constexpr (sizeof(T) == sizeof(std::uint64_t)) {
-    std::uint64_t b;
-    std::memcpy(&b, &v, sizeof b);
-    constexpr std::uint64_t exp = 0x7ff0000000000000ull, mant = 0x000fffffffffffffull;
-    if ((b & exp) != exp) return FloatClass::Finite;
-    if (b & mant) return FloatClass::NaN;
-    return (b >> 63) ? FloatClass::NegInf : FloatClass::PosInf;
-  } else {  // long double (the gradient checker's accumulations): through double
+  } else if constexpr (sizeof(T) > sizeof(std::uint64_t)) {  // long double: through double
     return classify(double(v));
+  } else {
+    // IEEE binary32 / binary64: sign, exponent, then digits − 1 mantissa bits.
+    using U = std::conditional_t<sizeof(T) == sizeof(std::uint32_t), std::uint32_t, std::uint64_t>;
+    constexpr int sign_bit = int(8 * sizeof(U)) - 1;
+    constexpr U mant = (U(1) << (std::numeric_limits<T>::digits - 1)) - 1;
+    constexpr U exp = ~mant & ~(U(1) << sign_bit);
+    U b;
+    std::memcpy(&b, &v, sizeof b);
+    if ((b & exp) != exp) return FloatClass::Finite;
+    if (b & mant) return FloatClass::NaN;
+    return (b >> sign_bit) ? FloatClass::NegInf : FloatClass::PosInf;
   }
 }
 

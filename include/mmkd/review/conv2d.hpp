@@ -43,11 +43,6 @@ template <class M>
 OutMap<typename M::Scalar> out_map(M& m) {
   return {m.size() ? m.data() : nullptr, m.rows(), m.cols(), Eigen::OuterStride<>(m.outerStride())};
 }
-/// No output: the kernel skips it.
-template <class S>
-OutMap<S> no_out() {
-  return {nullptr, 0, 0, Eigen::OuterStride<>(0)};
-}
 
 /// im2col for a 3x3 kernel, stride 1, padding 1: x (C x H x W) → col (9C x HW) with
 /// col[c·9 + 3a + b, h·W + w] = x[c, h + a − 1, w + b − 1] (0 outside the image).
