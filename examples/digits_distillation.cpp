@@ -306,42 +306,23 @@ struct Cnn {
   }
 };
 
-// Adam (Kingma & Ba) over named parameter views, with decoupled weight decay.
-class Adam {
- public:
-  Adam(std::vector<Param> params, std::vector<Param> grads, float lr, float weight_decay = 0)
-      : p_(std::move(params)), g_(std::move(grads)), lr_(lr), wd_(weight_decay) {
-    for (auto& p : p_) {
-      m_.push_back(Mat::Zero(p.value.rows(), p.value.cols()));
-      v_.push_back(Mat::Zero(p.value.rows(), p.value.cols()));
-    }
-  }
-  void zero_grad() {
-    for (auto& g : g_) g.value.setZero();
-  }
-  void step() {
-    ++t_;
-    const float c1 = 1 - std::pow(0.9f, float(t_)), c2 = 1 - std::pow(0.999f, float(t_));
-    for (std::size_t k = 0; k < p_.size(); ++k) {
-      m_[k] = 0.9f * m_[k] + 0.1f * g_[k].value;
-      v_[k] = 0.999f * v_[k] + 0.001f * g_[k].value.cwiseAbs2();
-      p_[k].value.array() -= lr_ * ((m_[k].array() / c1) / ((v_[k].array() / c2).sqrt() + 1e-8f) +
-                                    wd_ * p_[k].value.array());
-    }
-  }
+// The optimiser: mmkd's AdamW (PyTorch's rule) over the models' parameter views; decay 0 unless
+// given, so make_adam(..., lr) is plain Adam.
+using Adam = mmkd::AdamW<float>;
 
- private:
-  std::vector<Param> p_, g_;
-  std::vector<Mat> m_, v_;
-  float lr_, wd_;
-  int t_ = 0;
-};
+Adam make_adam(std::vector<Param> params, std::vector<Param> grads, double lr,
+               double weight_decay = 0) {
+  Adam::Options o = Adam::defaults();
+  o.lr = lr;
+  o.weight_decay = weight_decay;
+  return Adam(std::move(params), std::move(grads), o);
+}
 
 template <class Model>
-Adam make_adam(std::vector<Model*> models, float lr, float weight_decay = 0) {
+Adam make_adam(std::vector<Model*> models, double lr, double weight_decay = 0) {
   std::vector<Param> p, g;
   for (auto* m : models) m->collect(p, g);
-  return Adam(std::move(p), std::move(g), lr, weight_decay);
+  return make_adam(std::move(p), std::move(g), lr, weight_decay);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -496,7 +477,7 @@ TeacherTargets train_teachers(const Data& d, int epochs) {
   // Multimodal teacher, with modality dropout: a quarter of the images lose the top half, a
   // quarter the bottom half.
   Mlp mm(64, 128, init);
-  Adam mm_adam = make_adam<Mlp>({&mm}, 3e-3f);
+  Adam mm_adam = make_adam<Mlp>({&mm}, 3e-3);
   Mat xb;
   train_supervised(
       train, epochs, 11, mm_adam,
@@ -522,7 +503,7 @@ TeacherTargets train_teachers(const Data& d, int epochs) {
 
   // Cross-modal teacher on the clean image.
   Mlp xm(64, 128, init);
-  Adam x_adam = make_adam<Mlp>({&xm}, 3e-3f);
+  Adam x_adam = make_adam<Mlp>({&xm}, 3e-3);
   train_supervised(
       train, epochs, 12, x_adam,
       [&](const std::vector<Index>& idx, mmkd::SplitMix64&) -> const Mat& {
@@ -537,7 +518,7 @@ TeacherTargets train_teachers(const Data& d, int epochs) {
 
   // CNN teacher on the clean image: stages 8x8 -> 4x4 (16 ch) and 4x4 -> 2x2 (32 ch).
   Cnn cnn(16, 32, true, init);
-  Adam c_adam = make_adam<Cnn>({&cnn}, 3e-3f);
+  Adam c_adam = make_adam<Cnn>({&cnn}, 3e-3);
   T4 xt;
   train_supervised(
       train, epochs / 2, 13, c_adam,
@@ -596,8 +577,8 @@ Curve train_student(const MethodInfo& info, const Data& d, const TeacherTargets&
     mlp.collect(p, g);
     if (method == Method::XInfoNce || method == Method::XSeed) proj.collect(p, g);
   }
-  Adam adam(p, g, cnn ? 3e-3f : 3e-3f, 1e-4f);
-  Adam meta_adam(learner.parameters(), learner.gradients(), 1e-3f);
+  Adam adam = make_adam(p, g, 3e-3, 1e-4);
+  Adam meta_adam = make_adam(learner.parameters(), learner.gradients(), 1e-3);
 
   // The losses.
   mmkd::CrossEntropy<float> ce;
