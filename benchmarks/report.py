@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Turns Google Benchmark JSON files into the README's benchmark tables: mmkd against libtorch,
+"""Turns Google Benchmark JSON files into the benchmark tables of docs/benchmarks.md: mmkd against libtorch,
 measured in the same run, on 1 and on 2 threads.
 
 Benchmark names are <impl>_<Class>_<call>/<args...>; impl is "mmkd", "mmkd-blas" (Eigen's

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every benchmark (mmkd and libtorch in the same binary, with MMKD_OPENMP on) on 1 and on 2
-# threads and prints the README's tables. Extra arguments go to Google Benchmark, e.g.
+# threads and prints the tables of docs/benchmarks.md. Extra arguments go to Google Benchmark, e.g.
 # --benchmark_filter=LogitKD.
 # With --busy first: mmkd's benchmarks only, each while one busy process per core competes for the
 # cores (MMKD_BENCH_BUSY), and a table of the 2-thread time over the 1-thread time under that load.
