@@ -16,7 +16,7 @@ source scripts/build_env.sh
 if [[ "${1:-}" == "--quick" ]]; then
   family="${2:?usage: scripts/test.sh --quick FAMILY}"
   cmake -S . -B build-quick -DCMAKE_BUILD_TYPE=Release -DMMKD_OPENMP=ON -DMMKD_WITH_TORCH=OFF \
-    -DMMKD_BUILD_BENCHMARKS=OFF -DMMKD_BUILD_EXAMPLES=OFF -DMMKD_INSTALL=OFF \
+    -DMMKD_BUILD_BENCHMARKS=OFF -DMMKD_BUILD_EXAMPLES=OFF -DMMKD_INSTALL=OFF -DMMKD_COMPILED=OFF \
     "$(mmkd_launcher_option)" >/dev/null
   cmake --build build-quick --target "mmkd_check_$family" -j "$jobs"
   exec ctest --test-dir build-quick -L "^$family\$" -j "$jobs" --output-on-failure

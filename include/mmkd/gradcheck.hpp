@@ -26,14 +26,18 @@ struct GradcheckOptions {
 
 /// Outcome of a gradient check, with the worst element.
 struct GradcheckReport {
-  bool passed = true;
-  Index worst_row = -1, worst_col = -1;  //!< element with the largest error / tolerance ratio
-  double analytic = 0, numeric = 0;      //!< the two derivatives at that element
+  bool passed = true;      //!< whether every element is within tolerance
+  Index worst_row = -1;    //!< row of the element with the largest error / tolerance ratio
+  Index worst_col = -1;    //!< its column
+  double analytic = 0;     //!< the analytic derivative at that element
+  double numeric = 0;      //!< the central-difference derivative at that element
   double worst_ratio = 0;  //!< |analytic − numeric| / (atol + rtol·|numeric|); ≤ 1 passes
   double relative_error = 0;  //!< ‖a − n‖ / (‖a‖ + ‖n‖) over all elements (0 if both are 0)
   Index elements = 0;         //!< elements checked
-  double atol = 0, rtol = 0;
+  double atol = 0;            //!< the absolute tolerance used
+  double rtol = 0;            //!< the relative tolerance used
 
+  //! Whether the check passed.
   explicit operator bool() const { return passed; }
 
   /// One line: "gradcheck passed|FAILED: worst element [i,j]: analytic a, numeric n, ...".

@@ -36,9 +36,10 @@ enum class Grad { Always, IfRequired, Never };
 /// One call of an mmkd loss: the inputs' names and gradient policy, and a function that runs
 /// `value_and_grad` with gradient buffers (undefined where no gradient is wanted).
 struct LossCall {
-  std::string loss;
-  std::vector<std::string> names;
-  std::vector<Grad> grads;
+  std::string loss;                //!< the loss's name, for messages
+  std::vector<std::string> names;  //!< each input's name, for messages
+  std::vector<Grad> grads;         //!< each input's gradient policy
+  //! runs value_and_grad into the buffers; returns the value
   std::function<double(const std::vector<at::Tensor>& buffers)> run;
 };
 
@@ -137,6 +138,7 @@ inline MaskedLabels ignore_index(const std::string& loss, const at::Tensor& labe
 
 /// The autograd node: forward runs the loss and saves its gradients; backward scales them.
 struct LossFunction : torch::autograd::Function<LossFunction> {
+  //! Runs the loss, saving its gradients.
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const LossCall* call,
                             at::TensorList inputs) {
     std::vector<at::Tensor> buffers(inputs.size());
@@ -154,6 +156,7 @@ struct LossFunction : torch::autograd::Function<LossFunction> {
     return at::scalar_tensor(value, inputs[0].options());
   }
 
+  //! The saved gradients times the incoming gradient.
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_output) {
     torch::autograd::variable_list out{at::Tensor()};  // none for the LossCall pointer

@@ -41,6 +41,19 @@ int main() {
   // Under MMKD_STRICT_VIEWS, a column-major input (Eigen would copy it into a temporary).
   const Eigen::MatrixXf col_major = Eigen::MatrixXf::Zero(4, 3);
   v += kd.value(col_major, t);
+#elif MMKD_MISUSE == 8
+  // int64 labels (a torch::kLong tensor mapped as is).
+  const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> labels =
+      Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>::Zero(4);
+  mmkd::CrossEntropy<float> ce;
+  v += ce.value(s, labels);
+#elif MMKD_MISUSE == 9
+  // A matrix where a stack of per-modality matrices is expected.
+  mmkd::ModalityGramKD<float> gram;
+  v += gram.value(s, t);
+#elif MMKD_MISUSE == 10
+  // An expression as the gradient buffer (it has no memory to write to).
+  v += kd.value_and_grad(s, t, 2 * grad);
 #endif
   return v > 0 ? 0 : 1;
 }

@@ -368,7 +368,7 @@ TEST_CASE("LogitKD and DecoupledKD row_values are the per-row terms of the last 
   CHECK(rows_d.sum() / 3 == Approx(vd).epsilon(1e-14));
 }
 
-TEST_CASE("LogitKD: the README's overflow example throws", "[logit][kd][errors]") {
+TEST_CASE("LogitKD: the overflow example of docs/protocol.md throws", "[logit][kd][errors]") {
   // weight 1e37 · T² = 16 · (1/N) · KL: the value 1.6e38 · KL is past float's 3.4e38 for KL > 2.1,
   // and the gradient bound 2 · weight · T / N is 4e37 (finite), so the value decides. Rows whose KL
   // is large: the student puts its mass on the teacher's least likely class.

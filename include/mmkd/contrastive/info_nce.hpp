@@ -63,6 +63,7 @@ namespace mmkd {
 template <class Scalar = float>
 class InfoNCE : detail::FloatingScalar<Scalar> {
  public:
+  //! The options; the defaults are those of the reference implementation.
   struct Options {
     Scalar temperature = Scalar(0.07);  //!< τ > 0, or the initial τ when learned
     bool learn_temperature = false;     //!< learn θ = log(1/τ) (CLIP)
@@ -77,22 +78,28 @@ class InfoNCE : detail::FloatingScalar<Scalar> {
   };
 
   InfoNCE() : InfoNCE(Options{}) {}
+  //! Throws InvalidArgument for an invalid option.
   explicit InfoNCE(const Options& options) : options_(options) {
     validate();
     log_scale_(0, 0) = std::log(Scalar(1) / options_.temperature);
     log_scale_grad_(0, 0) = 0;
   }
 
+  //! The options; may be changed between calls (validated at every call).
   Options& options() { return options_; }
+  //! The options.
   const Options& options() const { return options_; }
 
+  //! The loss of N queries against K keys.
   Scalar value(const ConstMatrixRef<Scalar>& queries, const ConstMatrixRef<Scalar>& keys) {
     return run(queries, keys, nullptr, nullptr);
   }
+  //! The loss; adds dL/d(queries) to `d_queries` (and to the learned temperature's gradient).
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& queries, const ConstMatrixRef<Scalar>& keys,
                         MatrixRef<Scalar> d_queries) {
     return run(queries, keys, &d_queries, nullptr);
   }
+  //! Also adds dL/d(keys) to `d_keys`.
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& queries, const ConstMatrixRef<Scalar>& keys,
                         MatrixRef<Scalar> d_queries, MatrixRef<Scalar> d_keys) {
     return run(queries, keys, &d_queries, &d_keys);
@@ -104,7 +111,9 @@ class InfoNCE : detail::FloatingScalar<Scalar> {
   }
   //! "log_scale" (θ = log 1/τ, 1 x 1); its gradient accumulates in `gradients()`.
   std::vector<ParameterView<Scalar>> parameters() { return {view("log_scale", log_scale_)}; }
+  //! The parameter gradients, paired by position with parameters().
   std::vector<ParameterView<Scalar>> gradients() { return {view("log_scale", log_scale_grad_)}; }
+  //! Sets the parameter gradients to zero.
   void zero_grad() { log_scale_grad_(0, 0) = 0; }
 
   //! Frees the scratch memory kept between calls.
@@ -141,153 +150,7 @@ class InfoNCE : detail::FloatingScalar<Scalar> {
   }
 
   Scalar run(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Scalar>& k,
-             MatrixRef<Scalar>* dq, MatrixRef<Scalar>* dk) {
-    validate();
-    const Index n = q.rows(), d = q.cols(), kk = k.rows(), off = options_.offset;
-    detail::check_nonempty(kName, "queries", n, d);
-    if (k.cols() != d || kk == 0) {
-      detail::throw_invalid(kName, "keys has shape " + detail::shape_str(kk, k.cols()) +
-                                       ", expected K'x" + std::to_string(d) +
-                                       " with K' >= 1 (same width as queries)");
-    }
-    if (n + off > kk) {
-      detail::throw_invalid(kName, "offset " + std::to_string(off) +
-                                       " puts the positive of query " + std::to_string(n - 1) +
-                                       " at key " + std::to_string(n - 1 + off) +
-                                       ", but keys has " + std::to_string(kk) + " rows");
-    }
-    if (options_.global_batch > 0 && options_.global_batch < n) {
-      detail::throw_invalid(
-          kName, "option global_batch is " + std::to_string(options_.global_batch) +
-                     ", smaller than the " + std::to_string(n) + " queries of this call");
-    }
-    if (dq) detail::check_shape(kName, "d_queries", *dq, n, d, "same as queries");
-    if (dk) detail::check_shape(kName, "d_keys", *dk, kk, d, "same as keys");
-    if (options_.learn_temperature && !detail::is_finite(log_scale_(0, 0)))
-      detail::throw_numerical(kName, detail::bad_entry("parameter", "log_scale", log_scale_));
-    // θ clamped for this call; stored back only when the call succeeds (strong guarantee).
-    const Scalar theta =
-        options_.learn_temperature
-            ? std::min(std::max(log_scale_(0, 0), Scalar(0)), std::log(Scalar(100)))
-            : Scalar(0);
-    const Scalar scale =
-        options_.learn_temperature ? std::exp(theta) : Scalar(1) / options_.temperature;
-
-    // Normalised (or copied) inputs: rows of u_ and v_.
-    qn_.resize(n);
-    kn_.resize(kk);
-    u_.resize(n, d);
-    v_.resize(kk, d);
-    if (options_.normalize) {
-      l2_normalize_rows(q, u_, qn_, options_.eps);
-      l2_normalize_rows(k, v_, kn_, options_.eps);
-    } else {
-      u_ = q;
-      v_ = k;
-    }
-
-    const bool sym = options_.symmetric;
-    const Index block = options_.stream ? std::min(options_.block_rows, n) : n;
-    const Index blocks = (n + block - 1) / block;
-    constexpr Scalar ninf = -std::numeric_limits<Scalar>::infinity();
-    row_lse_.resize(n);
-    col_max_.setConstant(n, ninf);
-    col_sum_.setZero(n);
-    Scalar row_raw = 0, col_raw = 0;
-    s_.resize(block, kk);
-    if (sym || options_.learn_temperature) s_copy_.resize(block, kk);
-    for (Index bi = 0; bi < blocks; ++bi) {
-      const Index r0 = bi * block, b = std::min(block, n - r0);
-      const auto s = similarities(r0, b, scale);
-      for (Index i = 0; i < b; ++i) {
-        row_lse_(r0 + i) = detail::log_sum_exp_row(s.row(i).array(), Scalar(1));
-        row_raw += row_lse_(r0 + i) - s(i, r0 + i + off);
-        if (sym) col_raw -= s(i, r0 + i + off);
-      }
-      if (sym) {
-        // Online log-sum-exp down the positive columns, a row at a time (rows are contiguous):
-        // new max, rescale the running sums, add the block's exponentials.
-        const auto cols = s.middleCols(off, n);
-        blk_max_ = cols.row(0);
-        for (Index i = 1; i < b; ++i) blk_max_ = blk_max_.cwiseMax(cols.row(i));
-        blk_max_ = blk_max_.cwiseMax(col_max_.transpose());
-        col_sum_.array() *= (col_max_.transpose() - blk_max_)
-                                .array()
-                                .unaryExpr(detail::ExpShifted<Scalar>())
-                                .transpose();
-        for (Index i = 0; i < b; ++i) {
-          col_sum_.array() +=
-              (cols.row(i) - blk_max_).array().unaryExpr(detail::ExpShifted<Scalar>()).transpose();
-        }
-        col_max_ = blk_max_.transpose();
-      }
-    }
-    if (sym) {
-      col_lse_ = (col_max_.array() + col_sum_.array().log()).matrix().transpose();
-      col_raw += col_lse_.sum();
-    }
-    const Scalar g = Scalar(options_.global_batch > 0 ? options_.global_batch : n);
-    const Scalar c_row = options_.weight / g * (sym ? Scalar(0.5) : Scalar(1));
-    const Scalar c_col = sym ? c_row : Scalar(0);
-    const Scalar value = c_row * row_raw + c_col * col_raw;
-    if (!detail::is_finite(value)) diagnose(q, k);
-    if (!dq && !dk) {  // value(): no gradient of any kind, θ's included
-      if (options_.learn_temperature) log_scale_(0, 0) = theta;
-      return value;
-    }
-
-    // Backward, block by block (the last block's S is still in s_ when there is one block).
-    if (dq) du_.setZero(n, d);
-    if (dk) dv_.setZero(kk, d);
-    Scalar d_log_scale = 0;
-    for (Index bi = 0; bi < blocks; ++bi) {
-      const Index r0 = bi * block, b = std::min(block, n - r0);
-      auto ds = blocks > 1 ? similarities(r0, b, scale) : s_.topRows(b);
-      const bool keep_raw = sym || options_.learn_temperature;  // column softmax and dθ need S
-      auto raw = s_copy_.topRows(keep_raw ? b : 0);
-      if (keep_raw) raw = ds;
-      for (Index i = 0; i < b; ++i) {
-        // Row part: c_r (softmax_j − onehot), in place over S.
-        ds.row(i) =
-            c_row *
-            (ds.row(i).array() - row_lse_(r0 + i)).unaryExpr(detail::ExpShifted<Scalar>()).matrix();
-        ds(i, r0 + i + off) -= c_row;
-      }
-      if (sym) {  // column part, on the positive columns, a (contiguous) row at a time
-        for (Index i = 0; i < b; ++i) {
-          ds.row(i).segment(off, n).array() += c_col * (raw.row(i).segment(off, n) - col_lse_)
-                                                           .array()
-                                                           .unaryExpr(detail::ExpShifted<Scalar>());
-          ds(i, r0 + i + off) -= c_col;
-        }
-      }
-      // ds now holds dL/dS for the block.
-      if (options_.learn_temperature) d_log_scale += (ds.array() * raw.array()).sum();
-      if (dq) detail::tiled_product(du_.middleRows(r0, b), ds, v_, scale, true);
-      if (dk) detail::tiled_product(dv_, ds.transpose(), u_.middleRows(r0, b), scale, true);
-    }
-    if (dq && options_.normalize) {
-      dq_.setZero(n, d);
-      l2_normalize_rows_backward(u_, qn_, du_, dq_, options_.eps);
-    }
-    if (dk && options_.normalize) {
-      dk_.setZero(kk, d);
-      l2_normalize_rows_backward(v_, kn_, dv_, dk_, options_.eps);
-    }
-    const Matrix<Scalar>& gq = options_.normalize ? dq_ : du_;
-    const Matrix<Scalar>& gk = options_.normalize ? dk_ : dv_;
-    if ((dq && !detail::all_finite(gq)) || (dk && !detail::all_finite(gk)) ||
-        !detail::is_finite(d_log_scale)) {
-      detail::throw_numerical(kName, "the gradient overflows");
-    }
-    if (dq) *dq += gq;
-    if (dk) *dk += gk;
-    if (options_.learn_temperature) {
-      log_scale_(0, 0) = theta;
-      log_scale_grad_(0, 0) += d_log_scale;
-    }
-    return value;
-  }
+             MatrixRef<Scalar>* dq, MatrixRef<Scalar>* dk);
 
   [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& q,
                              const ConstMatrixRef<Scalar>& k) const {
@@ -304,5 +167,156 @@ class InfoNCE : detail::FloatingScalar<Scalar> {
   Vector<Scalar> qn_, kn_, row_lse_, col_max_, col_sum_;
   Eigen::Matrix<Scalar, 1, Eigen::Dynamic> blk_max_, col_lse_;
 };
+
+template <class Scalar>
+Scalar InfoNCE<Scalar>::run(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Scalar>& k,
+                            MatrixRef<Scalar>* dq, MatrixRef<Scalar>* dk) {
+  validate();
+  const Index n = q.rows(), d = q.cols(), kk = k.rows(), off = options_.offset;
+  detail::check_nonempty(kName, "queries", n, d);
+  if (k.cols() != d || kk == 0) {
+    detail::throw_invalid(kName, "keys has shape " + detail::shape_str(kk, k.cols()) +
+                                     ", expected K'x" + std::to_string(d) +
+                                     " with K' >= 1 (same width as queries)");
+  }
+  if (n + off > kk) {
+    detail::throw_invalid(kName, "offset " + std::to_string(off) + " puts the positive of query " +
+                                     std::to_string(n - 1) + " at key " +
+                                     std::to_string(n - 1 + off) + ", but keys has " +
+                                     std::to_string(kk) + " rows");
+  }
+  if (options_.global_batch > 0 && options_.global_batch < n) {
+    detail::throw_invalid(kName, "option global_batch is " + std::to_string(options_.global_batch) +
+                                     ", smaller than the " + std::to_string(n) +
+                                     " queries of this call");
+  }
+  if (dq) detail::check_shape(kName, "d_queries", *dq, n, d, "same as queries");
+  if (dk) detail::check_shape(kName, "d_keys", *dk, kk, d, "same as keys");
+  if (options_.learn_temperature && !detail::is_finite(log_scale_(0, 0)))
+    detail::throw_numerical(kName, detail::bad_entry("parameter", "log_scale", log_scale_));
+  // θ clamped for this call; stored back only when the call succeeds (strong guarantee).
+  const Scalar theta = options_.learn_temperature
+                           ? std::min(std::max(log_scale_(0, 0), Scalar(0)), std::log(Scalar(100)))
+                           : Scalar(0);
+  const Scalar scale =
+      options_.learn_temperature ? std::exp(theta) : Scalar(1) / options_.temperature;
+
+  // Normalised (or copied) inputs: rows of u_ and v_.
+  qn_.resize(n);
+  kn_.resize(kk);
+  u_.resize(n, d);
+  v_.resize(kk, d);
+  if (options_.normalize) {
+    l2_normalize_rows(q, u_, qn_, options_.eps);
+    l2_normalize_rows(k, v_, kn_, options_.eps);
+  } else {
+    u_ = q;
+    v_ = k;
+  }
+
+  const bool sym = options_.symmetric;
+  const Index block = options_.stream ? std::min(options_.block_rows, n) : n;
+  const Index blocks = (n + block - 1) / block;
+  constexpr Scalar ninf = -std::numeric_limits<Scalar>::infinity();
+  row_lse_.resize(n);
+  col_max_.setConstant(n, ninf);
+  col_sum_.setZero(n);
+  Scalar row_raw = 0, col_raw = 0;
+  s_.resize(block, kk);
+  if (sym || options_.learn_temperature) s_copy_.resize(block, kk);
+  for (Index bi = 0; bi < blocks; ++bi) {
+    const Index r0 = bi * block, b = std::min(block, n - r0);
+    const auto s = similarities(r0, b, scale);
+    for (Index i = 0; i < b; ++i) {
+      row_lse_(r0 + i) = detail::log_sum_exp_row(s.row(i).array(), Scalar(1));
+      row_raw += row_lse_(r0 + i) - s(i, r0 + i + off);
+      if (sym) col_raw -= s(i, r0 + i + off);
+    }
+    if (sym) {
+      // Online log-sum-exp down the positive columns, a row at a time (rows are contiguous):
+      // new max, rescale the running sums, add the block's exponentials.
+      const auto cols = s.middleCols(off, n);
+      blk_max_ = cols.row(0);
+      for (Index i = 1; i < b; ++i) blk_max_ = blk_max_.cwiseMax(cols.row(i));
+      blk_max_ = blk_max_.cwiseMax(col_max_.transpose());
+      col_sum_.array() *= (col_max_.transpose() - blk_max_)
+                              .array()
+                              .unaryExpr(detail::ExpShifted<Scalar>())
+                              .transpose();
+      for (Index i = 0; i < b; ++i) {
+        col_sum_.array() +=
+            (cols.row(i) - blk_max_).array().unaryExpr(detail::ExpShifted<Scalar>()).transpose();
+      }
+      col_max_ = blk_max_.transpose();
+    }
+  }
+  if (sym) {
+    col_lse_ = (col_max_.array() + col_sum_.array().log()).matrix().transpose();
+    col_raw += col_lse_.sum();
+  }
+  const Scalar g = Scalar(options_.global_batch > 0 ? options_.global_batch : n);
+  const Scalar c_row = options_.weight / g * (sym ? Scalar(0.5) : Scalar(1));
+  const Scalar c_col = sym ? c_row : Scalar(0);
+  const Scalar value = c_row * row_raw + c_col * col_raw;
+  if (!detail::is_finite(value)) diagnose(q, k);
+  if (!dq && !dk) {  // value(): no gradient of any kind, θ's included
+    if (options_.learn_temperature) log_scale_(0, 0) = theta;
+    return value;
+  }
+
+  // Backward, block by block (the last block's S is still in s_ when there is one block).
+  if (dq) du_.setZero(n, d);
+  if (dk) dv_.setZero(kk, d);
+  Scalar d_log_scale = 0;
+  for (Index bi = 0; bi < blocks; ++bi) {
+    const Index r0 = bi * block, b = std::min(block, n - r0);
+    auto ds = blocks > 1 ? similarities(r0, b, scale) : s_.topRows(b);
+    const bool keep_raw = sym || options_.learn_temperature;  // column softmax and dθ need S
+    auto raw = s_copy_.topRows(keep_raw ? b : 0);
+    if (keep_raw) raw = ds;
+    for (Index i = 0; i < b; ++i) {
+      // Row part: c_r (softmax_j − onehot), in place over S.
+      ds.row(i) =
+          c_row *
+          (ds.row(i).array() - row_lse_(r0 + i)).unaryExpr(detail::ExpShifted<Scalar>()).matrix();
+      ds(i, r0 + i + off) -= c_row;
+    }
+    if (sym) {  // column part, on the positive columns, a (contiguous) row at a time
+      for (Index i = 0; i < b; ++i) {
+        ds.row(i).segment(off, n).array() +=
+            c_col *
+            (raw.row(i).segment(off, n) - col_lse_).array().unaryExpr(detail::ExpShifted<Scalar>());
+        ds(i, r0 + i + off) -= c_col;
+      }
+    }
+    // ds now holds dL/dS for the block.
+    if (options_.learn_temperature) d_log_scale += (ds.array() * raw.array()).sum();
+    if (dq) detail::tiled_product(du_.middleRows(r0, b), ds, v_, scale, true);
+    if (dk) detail::tiled_product(dv_, ds.transpose(), u_.middleRows(r0, b), scale, true);
+  }
+  if (dq && options_.normalize) {
+    dq_.setZero(n, d);
+    l2_normalize_rows_backward(u_, qn_, du_, dq_, options_.eps);
+  }
+  if (dk && options_.normalize) {
+    dk_.setZero(kk, d);
+    l2_normalize_rows_backward(v_, kn_, dv_, dk_, options_.eps);
+  }
+  const Matrix<Scalar>& gq = options_.normalize ? dq_ : du_;
+  const Matrix<Scalar>& gk = options_.normalize ? dk_ : dv_;
+  if ((dq && !detail::all_finite(gq)) || (dk && !detail::all_finite(gk)) ||
+      !detail::is_finite(d_log_scale)) {
+    detail::throw_numerical(kName, "the gradient overflows");
+  }
+  if (dq) *dq += gq;
+  if (dk) *dk += gk;
+  if (options_.learn_temperature) {
+    log_scale_(0, 0) = theta;
+    log_scale_grad_(0, 0) += d_log_scale;
+  }
+  return value;
+}
+
+MMKD_EXTERN_TEMPLATE(InfoNCE)
 
 }  // namespace mmkd

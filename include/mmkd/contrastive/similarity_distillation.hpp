@@ -57,33 +57,42 @@ enum class SimilarityDictionary {
 template <class Scalar = float>
 class SimilarityDistillation : detail::FloatingScalar<Scalar> {
  public:
+  //! The options; the defaults are those of the reference implementation.
   struct Options {
     Scalar tau_s = Scalar(0.2);   //!< student temperature > 0
     Scalar tau_t = Scalar(1e-4);  //!< teacher temperature > 0
     bool normalize = true;        //!< L2-normalise student, teacher and queue rows
     Scalar eps = Scalar(1e-12);   //!< norm guard, > 0
     Scalar weight = Scalar(1);    //!< ≥ 0
-    SimilarityDictionary dictionary = SimilarityDictionary::PositiveAndQueue;
+    SimilarityDictionary dictionary =
+        SimilarityDictionary::PositiveAndQueue;  //!< which rows the similarities are taken against
   };
 
   SimilarityDistillation() : SimilarityDistillation(Options{}) {}
+  //! Throws InvalidArgument for an invalid option.
   explicit SimilarityDistillation(const Options& options) : options_(options) { validate(); }
 
+  //! The options; may be changed between calls (validated at every call).
   Options& options() { return options_; }
+  //! The options.
   const Options& options() const { return options_; }
 
+  //! The loss over the teacher's batch alone as the dictionary.
   Scalar value(const ConstMatrixRef<Scalar>& student, const ConstMatrixRef<Scalar>& teacher) {
     return run(student, teacher, nullptr, "", nullptr);
   }
+  //! The loss with `queue` (past teacher embeddings) in the dictionary.
   Scalar value(const ConstMatrixRef<Scalar>& student, const ConstMatrixRef<Scalar>& teacher,
                const EmbeddingQueue<Scalar>& queue) {
     const QueueView q = view(queue);
     return run(student, teacher, &q, "queue", nullptr);
   }
+  //! The loss; adds dL/d(student) to `d_student`.
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& student,
                         const ConstMatrixRef<Scalar>& teacher, MatrixRef<Scalar> d_student) {
     return run(student, teacher, nullptr, "", &d_student);
   }
+  //! With `queue` in the dictionary; adds dL/d(student) to `d_student`.
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& student,
                         const ConstMatrixRef<Scalar>& teacher, const EmbeddingQueue<Scalar>& queue,
                         MatrixRef<Scalar> d_student) {
@@ -126,89 +135,7 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
   }
 
   Scalar run(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
-             const QueueView* queue, const char* queue_name, MatrixRef<Scalar>* ds) {
-    validate();
-    const Index n = s.rows(), d = s.cols(), kq = queue ? queue->rows() : 0;
-    const bool positive = options_.dictionary == SimilarityDictionary::PositiveAndQueue;
-    const Index m = (positive ? 1 : n) + kq;  // columns of A and B
-    detail::check_nonempty(kName, "student", n, d);
-    detail::check_shape(kName, "teacher", t, n, d, "same as student");
-    if (queue && queue->cols() != d && kq > 0) {
-      detail::throw_invalid(kName, "queue has width " + std::to_string(queue->cols()) +
-                                       ", expected " + std::to_string(d) + " (same as student)");
-    }
-    if (ds) detail::check_shape(kName, "d_student", *ds, n, d, "same as student");
-
-    // Dictionary [V; queue] and the student rows, normalised.
-    norms_.resize(n);
-    dict_norms_.resize(n + kq);
-    u_.resize(n, d);
-    dict_.resize(n + kq, d);
-    if (options_.normalize) {  // straight into the dictionary: no separate copy pass
-      l2_normalize_rows(s, u_, norms_, options_.eps);
-      l2_normalize_rows(t, dict_.topRows(n), dict_norms_.head(n), options_.eps);
-      if (kq > 0)
-        l2_normalize_rows(*queue, dict_.bottomRows(kq), dict_norms_.tail(kq), options_.eps);
-    } else {
-      u_ = s;
-      dict_.topRows(n) = t;
-      if (kq > 0) dict_.bottomRows(kq) = *queue;
-    }
-    const auto v = dict_.topRows(n);
-    const auto q = dict_.bottomRows(kq);
-    const Scalar inv_ts = Scalar(1) / options_.tau_s, inv_tt = Scalar(1) / options_.tau_t;
-    // Similarities already divided by their temperatures.
-    a_.resize(n, m);
-    b_.resize(n, m);
-    if (positive) {
-      a_.col(0) = v.rowwise().squaredNorm() * inv_tt;
-      b_.col(0) = u_.cwiseProduct(v).rowwise().sum() * inv_ts;
-      if (kq > 0) {
-        detail::tiled_product(a_.rightCols(kq), v, q.transpose(), inv_tt, false);
-        detail::tiled_product(b_.rightCols(kq), u_, q.transpose(), inv_ts, false);
-      }
-    } else {
-      detail::tiled_product(a_, v, dict_.transpose(), inv_tt, false);
-      detail::tiled_product(b_, u_, dict_.transpose(), inv_ts, false);
-    }
-
-    const Scalar c = options_.weight / Scalar(n);
-    ws_.prepare(n, m, ds ? 1 : 0, 2);
-    detail::parallel_for(n, m, [&](Index i, int thread) {
-      auto eb = ds ? ws_.grad_row(0, i) : ws_.buffer(thread, 2, 0);
-      auto ea = ws_.buffer(thread, 2, 1);
-      const auto arow = detail::const_row_map(a_, i), brow = detail::const_row_map(b_, i);
-      const auto sa = detail::shifted_exp(arow, Scalar(1), ea);
-      detail::ShiftedExp<Scalar> sb;
-      ws_.row_value(i) =
-          detail::soft_ce_row(brow, Scalar(1), ea, Scalar(1) / sa.sum, Scalar(1), sb, eb);
-      if (ds) eb = eb * (c / sb.sum) - ea * (c / sa.sum);  // c (softmax(B_i) − P_i)
-    });
-    const Scalar raw = ws_.row_value.sum();
-    if (!detail::is_finite(raw)) diagnose(s, t, queue, queue_name);
-    const Scalar value = detail::scaled_value(kName, c, raw, Scalar(0));
-    ws_.row_value *= options_.weight;
-    if (ds) {
-      // dL/dU = (1/tau_s) dL/dB · Dict_i; the row kernel left dL/dB in the scratch gradient rows.
-      du_.resize(n, d);
-      const auto g = ws_.grad_matrix(0);
-      if (positive) {
-        du_ = (g.col(0).asDiagonal() * v) * inv_ts;
-        if (kq > 0) detail::tiled_product(du_, g.rightCols(kq), q, inv_ts, true);
-      } else {
-        detail::tiled_product(du_, g, dict_, inv_ts, false);
-      }
-      if (options_.normalize) {
-        dx_.setZero(n, d);
-        l2_normalize_rows_backward(u_, norms_, du_, dx_, options_.eps);
-      } else {
-        dx_ = du_;
-      }
-      if (!detail::all_finite(dx_)) detail::throw_numerical(kName, "the gradient overflows");
-      *ds += dx_;
-    }
-    return value;
-  }
+             const QueueView* queue, const char* queue_name, MatrixRef<Scalar>* ds);
 
   [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
                              const QueueView* queue, const char* queue_name) const {
@@ -226,5 +153,93 @@ class SimilarityDistillation : detail::FloatingScalar<Scalar> {
   Vector<Scalar> norms_, dict_norms_;
   detail::RowWorkspace<Scalar> ws_;
 };
+
+template <class Scalar>
+Scalar SimilarityDistillation<Scalar>::run(const ConstMatrixRef<Scalar>& s,
+                                           const ConstMatrixRef<Scalar>& t, const QueueView* queue,
+                                           const char* queue_name, MatrixRef<Scalar>* ds) {
+  validate();
+  const Index n = s.rows(), d = s.cols(), kq = queue ? queue->rows() : 0;
+  const bool positive = options_.dictionary == SimilarityDictionary::PositiveAndQueue;
+  const Index m = (positive ? 1 : n) + kq;  // columns of A and B
+  detail::check_nonempty(kName, "student", n, d);
+  detail::check_shape(kName, "teacher", t, n, d, "same as student");
+  if (queue && queue->cols() != d && kq > 0) {
+    detail::throw_invalid(kName, "queue has width " + std::to_string(queue->cols()) +
+                                     ", expected " + std::to_string(d) + " (same as student)");
+  }
+  if (ds) detail::check_shape(kName, "d_student", *ds, n, d, "same as student");
+
+  // Dictionary [V; queue] and the student rows, normalised.
+  norms_.resize(n);
+  dict_norms_.resize(n + kq);
+  u_.resize(n, d);
+  dict_.resize(n + kq, d);
+  if (options_.normalize) {  // straight into the dictionary: no separate copy pass
+    l2_normalize_rows(s, u_, norms_, options_.eps);
+    l2_normalize_rows(t, dict_.topRows(n), dict_norms_.head(n), options_.eps);
+    if (kq > 0) l2_normalize_rows(*queue, dict_.bottomRows(kq), dict_norms_.tail(kq), options_.eps);
+  } else {
+    u_ = s;
+    dict_.topRows(n) = t;
+    if (kq > 0) dict_.bottomRows(kq) = *queue;
+  }
+  const auto v = dict_.topRows(n);
+  const auto q = dict_.bottomRows(kq);
+  const Scalar inv_ts = Scalar(1) / options_.tau_s, inv_tt = Scalar(1) / options_.tau_t;
+  // Similarities already divided by their temperatures.
+  a_.resize(n, m);
+  b_.resize(n, m);
+  if (positive) {
+    a_.col(0) = v.rowwise().squaredNorm() * inv_tt;
+    b_.col(0) = u_.cwiseProduct(v).rowwise().sum() * inv_ts;
+    if (kq > 0) {
+      detail::tiled_product(a_.rightCols(kq), v, q.transpose(), inv_tt, false);
+      detail::tiled_product(b_.rightCols(kq), u_, q.transpose(), inv_ts, false);
+    }
+  } else {
+    detail::tiled_product(a_, v, dict_.transpose(), inv_tt, false);
+    detail::tiled_product(b_, u_, dict_.transpose(), inv_ts, false);
+  }
+
+  const Scalar c = options_.weight / Scalar(n);
+  ws_.prepare(n, m, ds ? 1 : 0, 2);
+  detail::parallel_for(n, m, [&](Index i, int thread) {
+    auto eb = ds ? ws_.grad_row(0, i) : ws_.buffer(thread, 2, 0);
+    auto ea = ws_.buffer(thread, 2, 1);
+    const auto arow = detail::const_row_map(a_, i), brow = detail::const_row_map(b_, i);
+    const auto sa = detail::shifted_exp(arow, Scalar(1), ea);
+    detail::ShiftedExp<Scalar> sb;
+    ws_.row_value(i) =
+        detail::soft_ce_row(brow, Scalar(1), ea, Scalar(1) / sa.sum, Scalar(1), sb, eb);
+    if (ds) eb = eb * (c / sb.sum) - ea * (c / sa.sum);  // c (softmax(B_i) − P_i)
+  });
+  const Scalar raw = ws_.row_value.sum();
+  if (!detail::is_finite(raw)) diagnose(s, t, queue, queue_name);
+  const Scalar value = detail::scaled_value(kName, c, raw, Scalar(0));
+  ws_.row_value *= options_.weight;
+  if (ds) {
+    // dL/dU = (1/tau_s) dL/dB · Dict_i; the row kernel left dL/dB in the scratch gradient rows.
+    du_.resize(n, d);
+    const auto g = ws_.grad_matrix(0);
+    if (positive) {
+      du_ = (g.col(0).asDiagonal() * v) * inv_ts;
+      if (kq > 0) detail::tiled_product(du_, g.rightCols(kq), q, inv_ts, true);
+    } else {
+      detail::tiled_product(du_, g, dict_, inv_ts, false);
+    }
+    if (options_.normalize) {
+      dx_.setZero(n, d);
+      l2_normalize_rows_backward(u_, norms_, du_, dx_, options_.eps);
+    } else {
+      dx_ = du_;
+    }
+    if (!detail::all_finite(dx_)) detail::throw_numerical(kName, "the gradient overflows");
+    *ds += dx_;
+  }
+  return value;
+}
+
+MMKD_EXTERN_TEMPLATE(SimilarityDistillation)
 
 }  // namespace mmkd

@@ -46,9 +46,9 @@ class LossSum : detail::FloatingScalar<Scalar> {
  public:
   /// A term's name, weight, and weighted value of the last call (0 before any call).
   struct Term {
-    std::string name;
-    Scalar weight;
-    Scalar value;
+    std::string name;  //!< the name given to add()
+    Scalar weight;     //!< scales the term's value and gradient
+    Scalar value;      //!< weight · the term's value, at the last call
   };
 
   /// Adds an mmkd loss: `call(loss)` computes it (value_and_grad, or value for a term whose
@@ -81,6 +81,7 @@ class LossSum : detail::FloatingScalar<Scalar> {
     return total;
   }
 
+  //! Every term, in the order added, with its last value.
   const std::vector<Term>& terms() const { return terms_; }
   /// The weighted value of term `name` in the last call.
   Scalar value(std::string_view name) const { return terms_[find(name)].value; }
@@ -116,5 +117,7 @@ class LossSum : detail::FloatingScalar<Scalar> {
   std::vector<Term> terms_;
   std::vector<std::function<Scalar(Scalar)>> calls_;
 };
+
+MMKD_EXTERN_TEMPLATE(LossSum)
 
 }  // namespace mmkd

@@ -9,8 +9,10 @@ namespace mmkd {
 /// every platform and compiler, unlike the `std::` distributions. mmkd has no global RNG.
 class SplitMix64 {
  public:
+  //! A generator seeded with `seed` (the same seed, the same sequence on every platform).
   explicit SplitMix64(std::uint64_t seed) : state_(seed) {}
 
+  //! The next 64 random bits.
   std::uint64_t next() {
     std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;

@@ -23,12 +23,48 @@ using Tensor3 = Eigen::Tensor<Scalar, 3, Eigen::RowMajor>;
 template <class Scalar>
 using Tensor4 = Eigen::Tensor<Scalar, 4, Eigen::RowMajor>;
 
+namespace detail {
+
+/// A view of a stack of M per-modality matrices: Eigen's TensorMap (its constructors: a Tensor3,
+/// or a pointer and M, N, C), plus sentences for the misuse its overloads would only list: a
+/// matrix where a stack is expected, a const stack as a gradient output.
+template <class Scalar, bool writable>
+class StackView : public Eigen::TensorMap<
+                      std::conditional_t<writable, Tensor3<Scalar>, const Tensor3<Scalar>>> {
+  using Tensor = Tensor3<Scalar>;
+  using Base = Eigen::TensorMap<std::conditional_t<writable, Tensor, const Tensor>>;
+
+ public:
+  using Base::Base;
+  StackView(const Base& other) : Base(other) {}  // NOLINT(google-explicit-constructor)
+
+  template <class D,
+            std::enable_if_t<is_eigen_dense<D> && std::is_floating_point<typename D::Scalar>::value,
+                             int> = 0>
+  StackView(const D&)  // NOLINT(google-explicit-constructor)
+      : Base(nullptr, 0, 0, 0) {
+    static_assert(!is_eigen_dense<D>,
+                  "mmkd: this argument is a stack of M per-modality matrices (mmkd::Tensor3, "
+                  "M x N x C), not a matrix: fill a mmkd::Tensor3<Scalar>(M, N, C) through "
+                  "mmkd::modality_block(stack, m), or view a buffer as "
+                  "mmkd::ConstTensor3Ref<Scalar>(ptr, M, N, C)");
+  }
+  template <class T, std::enable_if_t<std::is_same<T, Tensor>::value && writable, int> = 0>
+  StackView(const T&)  // NOLINT(google-explicit-constructor)
+      : Base(nullptr, 0, 0, 0) {
+    static_assert(!std::is_same<T, Tensor>::value,
+                  "mmkd: a gradient stack must be writable: this Tensor3 is const");
+  }
+};
+
+}  // namespace detail
+
 /// Read-only rank-3 input (e.g. a modality stack M x N x C).
 template <class Scalar>
-using ConstTensor3Ref = Eigen::TensorMap<const Tensor3<Scalar>>;
+using ConstTensor3Ref = detail::StackView<Scalar, false>;
 /// Rank-3 gradient output.
 template <class Scalar>
-using Tensor3Ref = Eigen::TensorMap<Tensor3<Scalar>>;
+using Tensor3Ref = detail::StackView<Scalar, true>;
 template <class Scalar>
 using ConstTensor4Ref = Eigen::TensorMap<const Tensor4<Scalar>>;
 template <class Scalar>

@@ -62,9 +62,110 @@ using ConstRef = Eigen::Ref<const Plain>;
 template <class Scalar>
 using ConstMatrixRef = detail::ConstRef<Matrix<Scalar>>;
 
-/// Gradient output: must be row-major with unit inner stride; never copied.
+namespace detail {
+
+template <class T>
+using Plain = std::remove_cv_t<std::remove_reference_t<T>>;
+
+template <class D>
+std::true_type dense_probe(const Eigen::DenseBase<D>*);
+std::false_type dense_probe(...);
+
+/// Whether T (a reference or not) is an Eigen matrix, array, Map, block or expression.
+template <class T>
+constexpr bool is_eigen_dense = decltype(dense_probe(std::declval<Plain<T>*>()))::value;
+
+/// A writable view of a gradient buffer: Eigen's `Ref<Plain>`, which binds a row-major matrix, a
+/// Map or a block of one in place. Any other floating-point Eigen argument (const, column-major,
+/// strided, an expression, the other scalar type) is a compile-time error with a sentence saying
+/// why, instead of a list of overloads that did not match.
+template <class PlainType>
+class OutRef : public Eigen::Ref<PlainType> {
+  using Base = Eigen::Ref<PlainType>;
+  using Element = typename PlainType::Scalar;
+  template <class D>
+  using Match = typename Eigen::internal::traits<Base>::template match<D>;
+
+  template <class D>
+  static constexpr bool writable = !std::is_const<std::remove_reference_t<D>>::value &&
+                                   bool(Eigen::internal::is_lvalue<Plain<D>>::value);
+  template <class D>
+  static constexpr bool binds = std::is_same<typename Plain<D>::Scalar, Element>::value&&
+      writable<D>&& bool(Match<Plain<D>>::MatchAtCompileTime);
+
+  // The argument itself when it binds; otherwise (the build fails at the static_asserts) a
+  // stand-in that keeps the base's constructor from adding errors of its own.
+  template <class D>
+  static decltype(auto) bindable(D&& x) {
+    if constexpr (binds<D>) {
+      return std::forward<D>(x);
+    } else {
+      static PlainType stand_in;
+      return (stand_in);
+    }
+  }
+
+ public:
+  template <class D,
+            std::enable_if_t<is_eigen_dense<D> && !std::is_base_of<Base, Plain<D>>::value &&
+                                 std::is_floating_point<typename Plain<D>::Scalar>::value,
+                             int> = 0>
+  OutRef(D&& x)  // NOLINT(google-explicit-constructor): as implicit as Eigen's Ref
+      : Base(bindable(std::forward<D>(x))) {
+    static_assert(std::is_same<typename Plain<D>::Scalar, Element>::value,
+                  "mmkd: the gradient buffer's scalar type differs from the loss's (float vs "
+                  "double): gradients are written in place, never converted");
+    static_assert(!std::is_same<typename Plain<D>::Scalar, Element>::value || writable<D>,
+                  "mmkd: a gradient buffer must be writable: this argument is const or an "
+                  "expression (pass a non-const mmkd::Matrix, a Map of writable memory or a block "
+                  "of one)");
+    static_assert(!std::is_same<typename Plain<D>::Scalar, Element>::value || !writable<D> ||
+                      bool(Match<Plain<D>>::MatchAtCompileTime),
+                  "mmkd: a gradient buffer must be row-major with contiguous rows "
+                  "(mmkd::Matrix, a Map or a block of one): this argument is column-major or "
+                  "strided, and gradients are never written through a copy");
+  }
+  OutRef(const Base& other) : Base(other) {}  // NOLINT(google-explicit-constructor)
+  using Base::operator=;
+};
+
+/// Class labels (int32): Eigen's read-only view, plus a sentence for labels of another integer
+/// type (an int64 torch::kLong tensor mapped as is), which Eigen would not convert.
+template <class Base>
+class LabelsView : public Base {
+  template <class D>
+  static constexpr bool other_integer =
+      std::is_integral<typename Plain<D>::Scalar>::value &&
+      !std::is_same<typename Plain<D>::Scalar, int>::value && sizeof(typename Plain<D>::Scalar) > 1;
+
+ public:
+  template <class D, std::enable_if_t<std::is_same<typename D::Scalar, int>::value, int> = 0>
+  LabelsView(const Eigen::DenseBase<D>& x)  // NOLINT(google-explicit-constructor)
+      : Base(x.derived()) {}
+  template <class D, std::enable_if_t<other_integer<D>, int> = 0>
+  LabelsView(const Eigen::DenseBase<D>& x)  // NOLINT(google-explicit-constructor)
+      : Base(stand_in()) {
+    static_assert(!other_integer<D>,
+                  "mmkd: labels are int32 (mmkd::Labels, Eigen::VectorXi): convert labels of "
+                  "another integer type first, e.g. labels.cast<int>() (or, from libtorch, "
+                  "through <mmkd/torch.hpp>, which takes int64 labels)");
+    (void)x;
+  }
+  LabelsView(const Base& other) : Base(other) {}  // NOLINT(google-explicit-constructor)
+
+ private:
+  static const Eigen::VectorXi& stand_in() {
+    static const Eigen::VectorXi v;
+    return v;
+  }
+};
+
+}  // namespace detail
+
+/// Gradient output: must be row-major with unit inner stride; never copied (anything else is a
+/// compile-time error naming the reason).
 template <class Scalar>
-using MatrixRef = Eigen::Ref<Matrix<Scalar>>;
+using MatrixRef = detail::OutRef<Matrix<Scalar>>;
 
 template <class Scalar>
 using ConstVectorRef = detail::ConstRef<Vector<Scalar>>;
@@ -74,7 +175,7 @@ using VectorRef = Eigen::Ref<Vector<Scalar>>;
 
 /// Class labels, one per row, in [0, C).
 using Labels = Eigen::VectorXi;
-using ConstLabelsRef = detail::ConstRef<Labels>;
+using ConstLabelsRef = detail::LabelsView<detail::ConstRef<Labels>>;
 
 /// Per-row mask: 1 = the row takes part, 0 = the row is ignored (not read, zero gradient).
 /// One byte per row, so a `torch::kBool` or `torch::kUInt8` tensor maps without a copy.

@@ -56,6 +56,7 @@ namespace mmkd {
 template <class Scalar = float>
 class CrossEntropy : detail::FloatingScalar<Scalar> {
  public:
+  //! The options; the defaults are those of the reference implementation.
   struct Options {
     Scalar label_smoothing = Scalar(0);               //!< ε in [0, 1]
     Reduction reduction = Reduction::Mean;            //!< Mean (= BatchMean) or Sum
@@ -64,14 +65,19 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
   };
 
   CrossEntropy() : CrossEntropy(Options{}) {}
+  //! Throws InvalidArgument for an invalid option.
   explicit CrossEntropy(const Options& options) : options_(options) { validate(-1); }
 
+  //! The options; may be changed between calls (validated at every call).
   Options& options() { return options_; }
+  //! The options.
   const Options& options() const { return options_; }
 
+  //! The loss for class labels (N, in [0, C)).
   Scalar value(const ConstMatrixRef<Scalar>& logits, const ConstLabelsRef& labels) {
     return run(logits, &labels, nullptr, nullptr, nullptr);
   }
+  //! With a row mask (1 = the row takes part).
   Scalar value(const ConstMatrixRef<Scalar>& logits, const ConstLabelsRef& labels,
                const ConstRowMaskRef& mask) {
     return run(logits, &labels, nullptr, &mask, nullptr);
@@ -81,6 +87,7 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
                         MatrixRef<Scalar> d_logits) {
     return run(logits, &labels, nullptr, nullptr, &d_logits);
   }
+  //! With a row mask; masked rows get no gradient.
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& logits, const ConstLabelsRef& labels,
                         const ConstRowMaskRef& mask, MatrixRef<Scalar> d_logits) {
     return run(logits, &labels, nullptr, &mask, &d_logits);
@@ -90,14 +97,17 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
   Scalar value(const ConstMatrixRef<Scalar>& logits, const ConstMatrixRef<Scalar>& targets) {
     return run(logits, nullptr, &targets, nullptr, nullptr);
   }
+  //! Soft targets with a row mask.
   Scalar value(const ConstMatrixRef<Scalar>& logits, const ConstMatrixRef<Scalar>& targets,
                const ConstRowMaskRef& mask) {
     return run(logits, nullptr, &targets, &mask, nullptr);
   }
+  //! Soft targets; adds dL/d(logits) to `d_logits`.
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& logits, const ConstMatrixRef<Scalar>& targets,
                         MatrixRef<Scalar> d_logits) {
     return run(logits, nullptr, &targets, nullptr, &d_logits);
   }
+  //! Soft targets with a row mask; adds dL/d(logits) to `d_logits`.
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& logits, const ConstMatrixRef<Scalar>& targets,
                         const ConstRowMaskRef& mask, MatrixRef<Scalar> d_logits) {
     return run(logits, nullptr, &targets, &mask, &d_logits);
@@ -154,99 +164,7 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
 
   Scalar run(const ConstMatrixRef<Scalar>& z, const ConstLabelsRef* labels,
              const ConstMatrixRef<Scalar>* targets, const ConstRowMaskRef* mask,
-             MatrixRef<Scalar>* dz) {
-    const Index n = z.rows(), c = z.cols();
-    validate(c);
-    detail::check_nonempty(kName, "logits", n, c);
-    if (targets) detail::check_shape(kName, "targets", *targets, n, c, "same as logits");
-    if (dz) detail::check_shape(kName, "d_logits", *dz, n, c, "same as logits");
-    detail::RowSelect rows{mask ? mask->data() : nullptr};
-    const Index used = mask ? detail::count_rows(kName, *mask, n) : n;
-    if (labels) detail::check_labels(kName, *labels, n, c, rows);
-    if (targets) check_targets(*targets, rows);
-
-    const Scalar eps = options_.label_smoothing;
-    const Scalar on = Scalar(1) - eps, off = eps / Scalar(c);
-    const bool weighted = options_.class_weights.size() != 0;
-    const detail::ConstRowMap<Scalar> w(weighted ? options_.class_weights.data() : nullptr,
-                                        weighted ? c : 0);
-    const auto ones = detail::RowArray<Scalar>::Ones(c);
-    const Scalar w_sum = weighted ? w.sum() : Scalar(c);
-    // Mean over rows, or over the class weights at the labels (PyTorch's hard-label weighting).
-    Scalar denom = Scalar(used);
-    if (weighted && labels) {
-      denom = 0;
-      for (Index i = 0; i < n; ++i)
-        if (rows(i)) denom += w((*labels)(i));
-    }
-    const Scalar factor = options_.weight * (options_.reduction == Reduction::Sum
-                                                 ? Scalar(used > 0)
-                                                 : (denom > 0 ? Scalar(1) / denom : Scalar(0)));
-
-    ws_.prepare(n, c, dz ? 1 : 0, 1);
-    detail::parallel_for(n, c, [&](Index i, int thread) {
-      if (!rows(i)) {
-        ws_.row_value(i) = Scalar(0);
-        return;
-      }
-      const auto zrow = detail::const_row_map(z, i);
-      auto e = dz ? ws_.grad_row(0, i) : ws_.buffer(thread, 1, 0);
-      detail::ShiftedExp<Scalar> st;
-      Scalar loss, y_sum;
-      if (labels) {
-        // ℓ = (1−ε)·w_g·(max z − z_g) + (ε/C)·Σ_k w_k (max z − z_k) + ỹ_sum·log Σ exp(z − max z)
-        const Index g = (*labels)(i);
-        const Scalar wg = weighted ? w(g) : Scalar(1);
-        y_sum = on * wg + off * w_sum;
-        if (eps > 0) {
-          loss = weighted ? detail::soft_ce_row(zrow, Scalar(1), w, off, y_sum, st, e)
-                          : detail::soft_ce_row(zrow, Scalar(1), ones, off, y_sum, st, e);
-        } else {
-          st = detail::shifted_exp(zrow, Scalar(1), e);
-          loss = y_sum * std::log(st.sum);
-        }
-        if (on * wg > 0) loss += on * wg * (st.x_max - zrow(g));
-        if (dz) {
-          e *= factor * y_sum / st.sum;
-          if (eps > 0 && weighted) e -= (factor * off) * w;
-          if (eps > 0 && !weighted) e -= factor * off;
-          e(g) -= factor * on * wg;
-        }
-      } else {
-        // ℓ = Σ_k ỹ_k (max z − z_k) + ỹ_sum·log Σ exp(z − max z), ỹ = w ⊙ ((1−ε) y + ε/C)
-        const auto yrow = detail::const_row_map(*targets, i);
-        if (weighted) {
-          y_sum = on * (w * yrow).sum() + off * w_sum;
-          loss =
-              detail::soft_ce_row(zrow, Scalar(1), w * (on * yrow + off), Scalar(1), y_sum, st, e);
-        } else {
-          y_sum = on * yrow.sum() + off * Scalar(c);
-          loss = detail::soft_ce_row(zrow, Scalar(1), on * yrow + off, Scalar(1), y_sum, st, e);
-        }
-        if (dz) {
-          e *= factor * y_sum / st.sum;
-          if (weighted) {
-            e -= factor * (w * (on * yrow + off));
-          } else {
-            e -= factor * (on * yrow + off);
-          }
-        }
-      }
-      ws_.row_value(i) = loss;
-    });
-
-    const Scalar raw = ws_.row_value.sum();
-    if (!detail::is_finite(raw)) diagnose(z, labels, targets, rows);
-    // Gradient elements are factor · (ỹ_sum·p_k − ỹ_k), at most factor · max ỹ_sum.
-    const Scalar y_max =
-        (weighted ? options_.class_weights.maxCoeff() : Scalar(1)) *
-        (targets ? std::max(Scalar(1), max_target_sum(*targets, rows)) : Scalar(1));
-    const Scalar value =
-        detail::scaled_value(kName, factor, raw, dz ? 2 * factor * y_max : Scalar(0));
-    ws_.row_value *= options_.weight;
-    if (dz) ws_.commit(0, *dz, rows);
-    return value;
-  }
+             MatrixRef<Scalar>* dz);
 
   template <class Rows>
   static Scalar max_target_sum(const ConstMatrixRef<Scalar>& y, Rows&& rows) {
@@ -288,5 +206,102 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
   Options options_;
   detail::RowWorkspace<Scalar> ws_;
 };
+
+template <class Scalar>
+Scalar CrossEntropy<Scalar>::run(const ConstMatrixRef<Scalar>& z, const ConstLabelsRef* labels,
+                                 const ConstMatrixRef<Scalar>* targets, const ConstRowMaskRef* mask,
+                                 MatrixRef<Scalar>* dz) {
+  const Index n = z.rows(), c = z.cols();
+  validate(c);
+  detail::check_nonempty(kName, "logits", n, c);
+  if (targets) detail::check_shape(kName, "targets", *targets, n, c, "same as logits");
+  if (dz) detail::check_shape(kName, "d_logits", *dz, n, c, "same as logits");
+  detail::RowSelect rows{mask ? mask->data() : nullptr};
+  const Index used = mask ? detail::count_rows(kName, *mask, n) : n;
+  if (labels) detail::check_labels(kName, *labels, n, c, rows);
+  if (targets) check_targets(*targets, rows);
+
+  const Scalar eps = options_.label_smoothing;
+  const Scalar on = Scalar(1) - eps, off = eps / Scalar(c);
+  const bool weighted = options_.class_weights.size() != 0;
+  const detail::ConstRowMap<Scalar> w(weighted ? options_.class_weights.data() : nullptr,
+                                      weighted ? c : 0);
+  const auto ones = detail::RowArray<Scalar>::Ones(c);
+  const Scalar w_sum = weighted ? w.sum() : Scalar(c);
+  // Mean over rows, or over the class weights at the labels (PyTorch's hard-label weighting).
+  Scalar denom = Scalar(used);
+  if (weighted && labels) {
+    denom = 0;
+    for (Index i = 0; i < n; ++i)
+      if (rows(i)) denom += w((*labels)(i));
+  }
+  const Scalar factor = options_.weight * (options_.reduction == Reduction::Sum
+                                               ? Scalar(used > 0)
+                                               : (denom > 0 ? Scalar(1) / denom : Scalar(0)));
+
+  ws_.prepare(n, c, dz ? 1 : 0, 1);
+  detail::parallel_for(n, c, [&](Index i, int thread) {
+    if (!rows(i)) {
+      ws_.row_value(i) = Scalar(0);
+      return;
+    }
+    const auto zrow = detail::const_row_map(z, i);
+    auto e = dz ? ws_.grad_row(0, i) : ws_.buffer(thread, 1, 0);
+    detail::ShiftedExp<Scalar> st;
+    Scalar loss, y_sum;
+    if (labels) {
+      // ℓ = (1−ε)·w_g·(max z − z_g) + (ε/C)·Σ_k w_k (max z − z_k) + ỹ_sum·log Σ exp(z − max z)
+      const Index g = (*labels)(i);
+      const Scalar wg = weighted ? w(g) : Scalar(1);
+      y_sum = on * wg + off * w_sum;
+      if (eps > 0) {
+        loss = weighted ? detail::soft_ce_row(zrow, Scalar(1), w, off, y_sum, st, e)
+                        : detail::soft_ce_row(zrow, Scalar(1), ones, off, y_sum, st, e);
+      } else {
+        st = detail::shifted_exp(zrow, Scalar(1), e);
+        loss = y_sum * std::log(st.sum);
+      }
+      if (on * wg > 0) loss += on * wg * (st.x_max - zrow(g));
+      if (dz) {
+        e *= factor * y_sum / st.sum;
+        if (eps > 0 && weighted) e -= (factor * off) * w;
+        if (eps > 0 && !weighted) e -= factor * off;
+        e(g) -= factor * on * wg;
+      }
+    } else {
+      // ℓ = Σ_k ỹ_k (max z − z_k) + ỹ_sum·log Σ exp(z − max z), ỹ = w ⊙ ((1−ε) y + ε/C)
+      const auto yrow = detail::const_row_map(*targets, i);
+      if (weighted) {
+        y_sum = on * (w * yrow).sum() + off * w_sum;
+        loss = detail::soft_ce_row(zrow, Scalar(1), w * (on * yrow + off), Scalar(1), y_sum, st, e);
+      } else {
+        y_sum = on * yrow.sum() + off * Scalar(c);
+        loss = detail::soft_ce_row(zrow, Scalar(1), on * yrow + off, Scalar(1), y_sum, st, e);
+      }
+      if (dz) {
+        e *= factor * y_sum / st.sum;
+        if (weighted) {
+          e -= factor * (w * (on * yrow + off));
+        } else {
+          e -= factor * (on * yrow + off);
+        }
+      }
+    }
+    ws_.row_value(i) = loss;
+  });
+
+  const Scalar raw = ws_.row_value.sum();
+  if (!detail::is_finite(raw)) diagnose(z, labels, targets, rows);
+  // Gradient elements are factor · (ỹ_sum·p_k − ỹ_k), at most factor · max ỹ_sum.
+  const Scalar y_max = (weighted ? options_.class_weights.maxCoeff() : Scalar(1)) *
+                       (targets ? std::max(Scalar(1), max_target_sum(*targets, rows)) : Scalar(1));
+  const Scalar value =
+      detail::scaled_value(kName, factor, raw, dz ? 2 * factor * y_max : Scalar(0));
+  ws_.row_value *= options_.weight;
+  if (dz) ws_.commit(0, *dz, rows);
+  return value;
+}
+
+MMKD_EXTERN_TEMPLATE(CrossEntropy)
 
 }  // namespace mmkd

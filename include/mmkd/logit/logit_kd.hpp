@@ -62,23 +62,29 @@ namespace mmkd {
 template <class Scalar = float>
 class LogitKD : detail::FloatingScalar<Scalar> {
  public:
+  //! The options; the defaults are those of the reference implementation.
   struct Options {
     Scalar temperature = Scalar(4);  //!< T > 0
     bool scale_by_t2 = true;         //!< multiply value and gradient by T²
-    Reduction reduction = Reduction::BatchMean;
+    Reduction reduction =
+        Reduction::BatchMean;   //!< BatchMean (PyTorch's `batchmean`), Sum or Mean (over N·C)
     Scalar weight = Scalar(1);  //!< ≥ 0, scales value and gradient
   };
 
   LogitKD() : LogitKD(Options{}) {}
+  //! Throws InvalidArgument for an invalid option.
   explicit LogitKD(const Options& options) : options_(options) { validate(); }
 
   //! The options; may be changed between calls (they are validated at every call).
   Options& options() { return options_; }
+  //! The options.
   const Options& options() const { return options_; }
 
+  //! The loss.
   Scalar value(const ConstMatrixRef<Scalar>& student, const ConstMatrixRef<Scalar>& teacher) {
     return run(student, teacher, nullptr, nullptr, nullptr);
   }
+  //! With a row mask (1 = the row takes part); BatchMean averages over the unmasked rows.
   Scalar value(const ConstMatrixRef<Scalar>& student, const ConstMatrixRef<Scalar>& teacher,
                const ConstRowMaskRef& mask) {
     return run(student, teacher, &mask, nullptr, nullptr);
@@ -95,11 +101,13 @@ class LogitKD : detail::FloatingScalar<Scalar> {
                         MatrixRef<Scalar> d_teacher) {
     return run(student, teacher, nullptr, &d_student, &d_teacher);
   }
+  //! With a row mask; masked rows get no gradient.
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& student,
                         const ConstMatrixRef<Scalar>& teacher, const ConstRowMaskRef& mask,
                         MatrixRef<Scalar> d_student) {
     return run(student, teacher, &mask, &d_student, nullptr);
   }
+  //! With a row mask; adds to both gradients.
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& student,
                         const ConstMatrixRef<Scalar>& teacher, const ConstRowMaskRef& mask,
                         MatrixRef<Scalar> d_student, MatrixRef<Scalar> d_teacher) {
@@ -123,42 +131,7 @@ class LogitKD : detail::FloatingScalar<Scalar> {
   }
 
   Scalar run(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
-             const ConstRowMaskRef* mask, MatrixRef<Scalar>* ds, MatrixRef<Scalar>* dt) {
-    validate();
-    const Index n = s.rows(), c = s.cols();
-    detail::check_nonempty(kName, "student", n, c);
-    detail::check_shape(kName, "teacher", t, n, c, "same as student");
-    if (ds) detail::check_shape(kName, "d_student", *ds, n, c, "same as student");
-    if (dt) detail::check_shape(kName, "d_teacher", *dt, n, c, "same as teacher");
-    detail::RowSelect rows{mask ? mask->data() : nullptr};
-    const Index used = mask ? detail::count_rows(kName, *mask, n) : n;
-
-    const Scalar temp = options_.temperature;
-    const Scalar inv_t = Scalar(1) / temp;
-    const Scalar factor = options_.weight * (options_.scale_by_t2 ? temp * temp : Scalar(1)) *
-                          detail::reduction_scale<Scalar>(options_.reduction, used, c);
-    const Scalar g_scale = factor * inv_t;  // chain rule through a = s/T
-
-    ws_.prepare(n, c, (ds ? 1 : 0) + (dt ? 1 : 0), 2);
-    const int gs = ds ? 0 : -1, gt = dt ? (ds ? 1 : 0) : -1;  // scratch gradient slots
-    detail::kd_rows(s, t, inv_t, rows, ws_, gs, gt, [g_scale](Index) { return g_scale; });
-
-    const Scalar raw = ws_.row_value.sum();
-    if (!detail::is_finite(raw)) diagnose(s, t, rows);
-    // Gradient elements are g_scale · (difference of two probabilities, or T·KL terms).
-    const Scalar value = detail::scaled_value(kName, factor, raw, ds ? 2 * g_scale : Scalar(0));
-    // The teacher's gradient carries log-ratios / T, with no O(1) bound: scan it (opt-in output).
-    for (Index i = 0; dt && i < n; ++i) {
-      if (rows(i) && !detail::all_finite(ws_.grad_row(gt, i)))
-        detail::throw_numerical(kName, "the teacher's gradient overflows in row " +
-                                           std::to_string(i) +
-                                           " (temperature too small for the scalar type)");
-    }
-    ws_.row_value *= options_.weight * (options_.scale_by_t2 ? temp * temp : Scalar(1));
-    if (ds) ws_.commit(gs, *ds, rows);
-    if (dt) ws_.commit(gt, *dt, rows);
-    return value;
-  }
+             const ConstRowMaskRef* mask, MatrixRef<Scalar>* ds, MatrixRef<Scalar>* dt);
 
   [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
                              detail::RowSelect rows) const {
@@ -179,5 +152,47 @@ class LogitKD : detail::FloatingScalar<Scalar> {
   Options options_;
   detail::RowWorkspace<Scalar> ws_;
 };
+
+template <class Scalar>
+Scalar LogitKD<Scalar>::run(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
+                            const ConstRowMaskRef* mask, MatrixRef<Scalar>* ds,
+                            MatrixRef<Scalar>* dt) {
+  validate();
+  const Index n = s.rows(), c = s.cols();
+  detail::check_nonempty(kName, "student", n, c);
+  detail::check_shape(kName, "teacher", t, n, c, "same as student");
+  if (ds) detail::check_shape(kName, "d_student", *ds, n, c, "same as student");
+  if (dt) detail::check_shape(kName, "d_teacher", *dt, n, c, "same as teacher");
+  detail::RowSelect rows{mask ? mask->data() : nullptr};
+  const Index used = mask ? detail::count_rows(kName, *mask, n) : n;
+
+  const Scalar temp = options_.temperature;
+  const Scalar inv_t = Scalar(1) / temp;
+  const Scalar factor = options_.weight * (options_.scale_by_t2 ? temp * temp : Scalar(1)) *
+                        detail::reduction_scale<Scalar>(options_.reduction, used, c);
+  const Scalar g_scale = factor * inv_t;  // chain rule through a = s/T
+
+  ws_.prepare(n, c, (ds ? 1 : 0) + (dt ? 1 : 0), 2);
+  const int gs = ds ? 0 : -1, gt = dt ? (ds ? 1 : 0) : -1;  // scratch gradient slots
+  detail::kd_rows(s, t, inv_t, rows, ws_, gs, gt, [g_scale](Index) { return g_scale; });
+
+  const Scalar raw = ws_.row_value.sum();
+  if (!detail::is_finite(raw)) diagnose(s, t, rows);
+  // Gradient elements are g_scale · (difference of two probabilities, or T·KL terms).
+  const Scalar value = detail::scaled_value(kName, factor, raw, ds ? 2 * g_scale : Scalar(0));
+  // The teacher's gradient carries log-ratios / T, with no O(1) bound: scan it (opt-in output).
+  for (Index i = 0; dt && i < n; ++i) {
+    if (rows(i) && !detail::all_finite(ws_.grad_row(gt, i)))
+      detail::throw_numerical(kName, "the teacher's gradient overflows in row " +
+                                         std::to_string(i) +
+                                         " (temperature too small for the scalar type)");
+  }
+  ws_.row_value *= options_.weight * (options_.scale_by_t2 ? temp * temp : Scalar(1));
+  if (ds) ws_.commit(gs, *ds, rows);
+  if (dt) ws_.commit(gt, *dt, rows);
+  return value;
+}
+
+MMKD_EXTERN_TEMPLATE(LogitKD)
 
 }  // namespace mmkd

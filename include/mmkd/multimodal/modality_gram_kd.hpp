@@ -62,30 +62,40 @@ enum class GramScope { PerSample, Batch };
 template <class Scalar = float>
 class ModalityGramKD : detail::FloatingScalar<Scalar> {
  public:
+  //! The options; the defaults are those of the reference implementation.
   struct Options {
-    GramNormalization normalization = GramNormalization::Cosine;
-    GramScope scope = GramScope::PerSample;
-    Scalar eps = Scalar(1e-12);  //!< norm guard, > 0
-    Scalar weight = Scalar(1);   //!< ≥ 0, scales value and gradient
+    GramNormalization normalization =
+        GramNormalization::Cosine;  //!< how embeddings are normalised before the Gram matrix
+    GramScope scope = GramScope::PerSample;  //!< Gram matrices per sample (M x M) or per modality
+                                             //!< over the batch (N x N)
+    Scalar eps = Scalar(1e-12);              //!< norm guard, > 0
+    Scalar weight = Scalar(1);               //!< ≥ 0, scales value and gradient
   };
 
   ModalityGramKD() : ModalityGramKD(Options{}) {}
+  //! Throws InvalidArgument for an invalid option.
   explicit ModalityGramKD(const Options& options) : options_(options) { validate(); }
 
+  //! The options; may be changed between calls (validated at every call).
   Options& options() { return options_; }
+  //! The options.
   const Options& options() const { return options_; }
 
+  //! The loss of M x N x D student and teacher embeddings.
   Scalar value(const ConstTensor3Ref<Scalar>& student, const ConstTensor3Ref<Scalar>& teacher) {
     return run(student, teacher, nullptr, nullptr, nullptr);
   }
+  //! With a presence mask (N x M, 1 = sample i has modality m).
   Scalar value(const ConstTensor3Ref<Scalar>& student, const ConstTensor3Ref<Scalar>& teacher,
                const ConstPresenceMaskRef& mask) {
     return run(student, teacher, &mask, nullptr, nullptr);
   }
+  //! The loss; adds dL/d(student) to `d_student`.
   Scalar value_and_grad(const ConstTensor3Ref<Scalar>& student,
                         const ConstTensor3Ref<Scalar>& teacher, Tensor3Ref<Scalar> d_student) {
     return run(student, teacher, nullptr, &d_student, nullptr);
   }
+  //! With a presence mask; adds dL/d(student) to `d_student`.
   Scalar value_and_grad(const ConstTensor3Ref<Scalar>& student,
                         const ConstTensor3Ref<Scalar>& teacher, const ConstPresenceMaskRef& mask,
                         Tensor3Ref<Scalar> d_student) {
@@ -97,6 +107,7 @@ class ModalityGramKD : detail::FloatingScalar<Scalar> {
                         Tensor3Ref<Scalar> d_teacher) {
     return run(student, teacher, nullptr, &d_student, &d_teacher);
   }
+  //! With a presence mask; adds to both gradients.
   Scalar value_and_grad(const ConstTensor3Ref<Scalar>& student,
                         const ConstTensor3Ref<Scalar>& teacher, const ConstPresenceMaskRef& mask,
                         Tensor3Ref<Scalar> d_student, Tensor3Ref<Scalar> d_teacher) {
@@ -221,133 +232,7 @@ class ModalityGramKD : detail::FloatingScalar<Scalar> {
   }
 
   Scalar run(const ConstTensor3Ref<Scalar>& st, const ConstTensor3Ref<Scalar>& tt,
-             const ConstPresenceMaskRef* mask, Tensor3Ref<Scalar>* ds, Tensor3Ref<Scalar>* dt) {
-    validate();
-    const Index m = st.dimension(0), n = st.dimension(1), dsw = st.dimension(2),
-                dtw = tt.dimension(2);
-    if (m == 0 || n == 0 || dsw == 0) {
-      detail::throw_invalid(kName,
-                            "student is empty (shape " + detail::shape_str3(m, n, dsw) + ")");
-    }
-    if (tt.dimension(0) != m || tt.dimension(1) != n || dtw == 0) {
-      detail::throw_invalid(kName, "teacher has shape " +
-                                       detail::shape_str3(tt.dimension(0), tt.dimension(1), dtw) +
-                                       ", expected " + detail::shape_str3(m, n, dtw) +
-                                       " (same modalities and samples as student, any width >= 1)");
-    }
-    if (mask) detail::check_presence(kName, *mask, n, m);
-    if (ds) detail::check_shape3(kName, "d_student", *ds, m, n, dsw, "same as student");
-    if (dt) detail::check_shape3(kName, "d_teacher", *dt, m, n, dtw, "same as teacher");
-    const auto present = detail::presence(mask);
-    const auto fs = detail::as_matrix(st);
-    const auto ft = detail::as_matrix(tt);
-    const bool fro = options_.normalization == GramNormalization::Frobenius;
-    const bool batch = options_.scope == GramScope::Batch;
-
-    prepare_side(s_, fs, n, m);
-    prepare_side(t_, ft, n, m);
-    thread_du_.resize(max_threads(), std::max(dsw, dtw));
-    diff_.resize(batch ? 1 : n, m * m);
-    per_sample_.resize(diff_.rows());
-    norms_s_.resize(diff_.rows());
-    norms_t_.resize(diff_.rows());
-
-    // P: the number of Gram entries compared.
-    Scalar count = 0;
-    if (!batch) {
-      for (Index i = 0; i < n; ++i) {
-        Index k = 0;
-        for (Index a = 0; a < m; ++a) k += present(i, a) ? 1 : 0;
-        count += Scalar(k * k);
-      }
-    } else {
-      pair_count_.setZero(1, m * m);
-      for (Index i = 0; i < n; ++i) {
-        for (Index e = 0; e < m * m; ++e)
-          pair_count_(0, e) += present(i, e / m) && present(i, e % m) ? Scalar(1) : Scalar(0);
-      }
-      for (Index e = 0; e < m * m; ++e) count += pair_count_(0, e) > 0 ? Scalar(1) : Scalar(0);
-    }
-    const Scalar factor = count > 0 ? options_.weight / count : Scalar(0);
-    const Scalar sign_s = 2 * factor, sign_t = -2 * factor;
-
-    if (!batch) {
-      // Everything about sample i (2·M rows) stays in cache: forward, loss, backward.
-      detail::parallel_for(n, 4 * m * m * (dsw + dtw), [&](Index i, int thread) {
-        forward_sample(s_, fs, i, n, m, present);
-        forward_sample(t_, ft, i, n, m, present);
-        if (fro) {
-          norms_s_(i) = fro_forward(s_.gram.row(i));
-          norms_t_(i) = fro_forward(t_.gram.row(i));
-        }
-        diff_.row(i) = s_.gram.row(i) - t_.gram.row(i);
-        per_sample_(i) = diff_.row(i).squaredNorm();
-        if (ds) {
-          gram_grad(i, sign_s, s_.gram.row(i), norms_s_(i), s_.dgram.row(i));
-          backward_sample(s_, fs, i, n, m, present, thread);
-        }
-        if (dt) {
-          gram_grad(i, sign_t, t_.gram.row(i), norms_t_(i), t_.dgram.row(i));
-          backward_sample(t_, ft, i, n, m, present, thread);
-        }
-      });
-    } else {
-      // Batch means over the samples that have both modalities of an entry.
-      mean_s_.setZero(1, m * m);
-      mean_t_.setZero(1, m * m);
-      detail::parallel_for(n, 2 * m * m * (dsw + dtw), [&](Index i, int) {
-        forward_sample(s_, fs, i, n, m, present);
-        forward_sample(t_, ft, i, n, m, present);
-      });
-      for (Index i = 0; i < n; ++i) {  // in sample order, for any thread count
-        mean_s_ += s_.gram.row(i);
-        mean_t_ += t_.gram.row(i);
-      }
-      for (Index e = 0; e < m * m; ++e) {
-        const Scalar c = pair_count_(0, e);
-        mean_s_(0, e) = c > 0 ? mean_s_(0, e) / c : Scalar(0);
-        mean_t_(0, e) = c > 0 ? mean_t_(0, e) / c : Scalar(0);
-      }
-      if (fro) {
-        norms_s_(0) = fro_forward(mean_s_.row(0));
-        norms_t_(0) = fro_forward(mean_t_.row(0));
-      }
-      diff_.row(0) = mean_s_ - mean_t_;
-      per_sample_(0) = diff_.row(0).squaredNorm();
-      dmean_.resize(2, m * m);
-      if (ds) gram_grad(0, sign_s, mean_s_.row(0), norms_s_(0), dmean_.row(0));
-      if (dt) gram_grad(0, sign_t, mean_t_.row(0), norms_t_(0), dmean_.row(1));
-      for (Index e = 0; e < m * m; ++e) {
-        if (pair_count_(0, e) > 0) dmean_.col(e) /= pair_count_(0, e);
-      }
-      detail::parallel_for(n, 2 * m * m * (dsw + dtw), [&](Index i, int thread) {
-        for (int side = 0; side < 2; ++side) {
-          if ((side == 0 && !ds) || (side == 1 && !dt)) continue;
-          Side& sd = side == 0 ? s_ : t_;
-          for (Index e = 0; e < m * m; ++e) {
-            sd.dgram(i, e) = present(i, e / m) && present(i, e % m) ? dmean_(side, e) : Scalar(0);
-          }
-          if (side == 0) {
-            backward_sample(s_, fs, i, n, m, present, thread);
-          } else {
-            backward_sample(t_, ft, i, n, m, present, thread);
-          }
-        }
-      });
-    }
-
-    const Scalar raw = per_sample_.sum();
-    if (!detail::is_finite(raw)) diagnose(fs, ft, n, present);
-    const Scalar value = detail::scaled_value(kName, factor, raw, Scalar(0));
-    if ((ds && !detail::all_finite(s_.df)) || (dt && !detail::all_finite(t_.df))) {
-      detail::throw_numerical(kName,
-                              "the gradient overflows (embeddings too large for the scalar type)");
-    }
-    auto rows = [&](Index k) { return present(k % n, k / n); };
-    if (ds) commit(s_.df, *ds, rows);
-    if (dt) commit(t_.df, *dt, rows);
-    return value;
-  }
+             const ConstPresenceMaskRef* mask, Tensor3Ref<Scalar>* ds, Tensor3Ref<Scalar>* dt);
 
   template <class Rows>
   static void commit(const Matrix<Scalar>& src, Tensor3Ref<Scalar>& dst, Rows&& rows) {
@@ -377,5 +262,138 @@ class ModalityGramKD : detail::FloatingScalar<Scalar> {
   Matrix<Scalar> diff_, mean_s_, mean_t_, pair_count_, dmean_, thread_du_;
   Vector<Scalar> per_sample_, norms_s_, norms_t_;
 };
+
+template <class Scalar>
+Scalar ModalityGramKD<Scalar>::run(const ConstTensor3Ref<Scalar>& st,
+                                   const ConstTensor3Ref<Scalar>& tt,
+                                   const ConstPresenceMaskRef* mask, Tensor3Ref<Scalar>* ds,
+                                   Tensor3Ref<Scalar>* dt) {
+  validate();
+  const Index m = st.dimension(0), n = st.dimension(1), dsw = st.dimension(2),
+              dtw = tt.dimension(2);
+  if (m == 0 || n == 0 || dsw == 0) {
+    detail::throw_invalid(kName, "student is empty (shape " + detail::shape_str3(m, n, dsw) + ")");
+  }
+  if (tt.dimension(0) != m || tt.dimension(1) != n || dtw == 0) {
+    detail::throw_invalid(kName, "teacher has shape " +
+                                     detail::shape_str3(tt.dimension(0), tt.dimension(1), dtw) +
+                                     ", expected " + detail::shape_str3(m, n, dtw) +
+                                     " (same modalities and samples as student, any width >= 1)");
+  }
+  if (mask) detail::check_presence(kName, *mask, n, m);
+  if (ds) detail::check_shape3(kName, "d_student", *ds, m, n, dsw, "same as student");
+  if (dt) detail::check_shape3(kName, "d_teacher", *dt, m, n, dtw, "same as teacher");
+  const auto present = detail::presence(mask);
+  const auto fs = detail::as_matrix(st);
+  const auto ft = detail::as_matrix(tt);
+  const bool fro = options_.normalization == GramNormalization::Frobenius;
+  const bool batch = options_.scope == GramScope::Batch;
+
+  prepare_side(s_, fs, n, m);
+  prepare_side(t_, ft, n, m);
+  thread_du_.resize(max_threads(), std::max(dsw, dtw));
+  diff_.resize(batch ? 1 : n, m * m);
+  per_sample_.resize(diff_.rows());
+  norms_s_.resize(diff_.rows());
+  norms_t_.resize(diff_.rows());
+
+  // P: the number of Gram entries compared.
+  Scalar count = 0;
+  if (!batch) {
+    for (Index i = 0; i < n; ++i) {
+      Index k = 0;
+      for (Index a = 0; a < m; ++a) k += present(i, a) ? 1 : 0;
+      count += Scalar(k * k);
+    }
+  } else {
+    pair_count_.setZero(1, m * m);
+    for (Index i = 0; i < n; ++i) {
+      for (Index e = 0; e < m * m; ++e)
+        pair_count_(0, e) += present(i, e / m) && present(i, e % m) ? Scalar(1) : Scalar(0);
+    }
+    for (Index e = 0; e < m * m; ++e) count += pair_count_(0, e) > 0 ? Scalar(1) : Scalar(0);
+  }
+  const Scalar factor = count > 0 ? options_.weight / count : Scalar(0);
+  const Scalar sign_s = 2 * factor, sign_t = -2 * factor;
+
+  if (!batch) {
+    // Everything about sample i (2·M rows) stays in cache: forward, loss, backward.
+    detail::parallel_for(n, 4 * m * m * (dsw + dtw), [&](Index i, int thread) {
+      forward_sample(s_, fs, i, n, m, present);
+      forward_sample(t_, ft, i, n, m, present);
+      if (fro) {
+        norms_s_(i) = fro_forward(s_.gram.row(i));
+        norms_t_(i) = fro_forward(t_.gram.row(i));
+      }
+      diff_.row(i) = s_.gram.row(i) - t_.gram.row(i);
+      per_sample_(i) = diff_.row(i).squaredNorm();
+      if (ds) {
+        gram_grad(i, sign_s, s_.gram.row(i), norms_s_(i), s_.dgram.row(i));
+        backward_sample(s_, fs, i, n, m, present, thread);
+      }
+      if (dt) {
+        gram_grad(i, sign_t, t_.gram.row(i), norms_t_(i), t_.dgram.row(i));
+        backward_sample(t_, ft, i, n, m, present, thread);
+      }
+    });
+  } else {
+    // Batch means over the samples that have both modalities of an entry.
+    mean_s_.setZero(1, m * m);
+    mean_t_.setZero(1, m * m);
+    detail::parallel_for(n, 2 * m * m * (dsw + dtw), [&](Index i, int) {
+      forward_sample(s_, fs, i, n, m, present);
+      forward_sample(t_, ft, i, n, m, present);
+    });
+    for (Index i = 0; i < n; ++i) {  // in sample order, for any thread count
+      mean_s_ += s_.gram.row(i);
+      mean_t_ += t_.gram.row(i);
+    }
+    for (Index e = 0; e < m * m; ++e) {
+      const Scalar c = pair_count_(0, e);
+      mean_s_(0, e) = c > 0 ? mean_s_(0, e) / c : Scalar(0);
+      mean_t_(0, e) = c > 0 ? mean_t_(0, e) / c : Scalar(0);
+    }
+    if (fro) {
+      norms_s_(0) = fro_forward(mean_s_.row(0));
+      norms_t_(0) = fro_forward(mean_t_.row(0));
+    }
+    diff_.row(0) = mean_s_ - mean_t_;
+    per_sample_(0) = diff_.row(0).squaredNorm();
+    dmean_.resize(2, m * m);
+    if (ds) gram_grad(0, sign_s, mean_s_.row(0), norms_s_(0), dmean_.row(0));
+    if (dt) gram_grad(0, sign_t, mean_t_.row(0), norms_t_(0), dmean_.row(1));
+    for (Index e = 0; e < m * m; ++e) {
+      if (pair_count_(0, e) > 0) dmean_.col(e) /= pair_count_(0, e);
+    }
+    detail::parallel_for(n, 2 * m * m * (dsw + dtw), [&](Index i, int thread) {
+      for (int side = 0; side < 2; ++side) {
+        if ((side == 0 && !ds) || (side == 1 && !dt)) continue;
+        Side& sd = side == 0 ? s_ : t_;
+        for (Index e = 0; e < m * m; ++e) {
+          sd.dgram(i, e) = present(i, e / m) && present(i, e % m) ? dmean_(side, e) : Scalar(0);
+        }
+        if (side == 0) {
+          backward_sample(s_, fs, i, n, m, present, thread);
+        } else {
+          backward_sample(t_, ft, i, n, m, present, thread);
+        }
+      }
+    });
+  }
+
+  const Scalar raw = per_sample_.sum();
+  if (!detail::is_finite(raw)) diagnose(fs, ft, n, present);
+  const Scalar value = detail::scaled_value(kName, factor, raw, Scalar(0));
+  if ((ds && !detail::all_finite(s_.df)) || (dt && !detail::all_finite(t_.df))) {
+    detail::throw_numerical(kName,
+                            "the gradient overflows (embeddings too large for the scalar type)");
+  }
+  auto rows = [&](Index k) { return present(k % n, k / n); };
+  if (ds) commit(s_.df, *ds, rows);
+  if (dt) commit(t_.df, *dt, rows);
+  return value;
+}
+
+MMKD_EXTERN_TEMPLATE(ModalityGramKD)
 
 }  // namespace mmkd

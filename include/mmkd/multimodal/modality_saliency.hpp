@@ -44,21 +44,27 @@ enum class SaliencyKind {
 template <class Scalar = float>
 class ModalitySaliency : detail::FloatingScalar<Scalar> {
  public:
+  //! The options; the defaults are those of the reference implementation.
   struct Options {
-    SaliencyKind kind = SaliencyKind::RemovalKL;
-    Scalar temperature = Scalar(1);  //!< T > 0
+    SaliencyKind kind = SaliencyKind::RemovalKL;  //!< how a modality's importance is scored
+    Scalar temperature = Scalar(1);               //!< T > 0
   };
 
   ModalitySaliency() : ModalitySaliency(Options{}) {}
+  //! Throws InvalidArgument for an invalid option.
   explicit ModalitySaliency(const Options& options) : options_(options) { validate(); }
 
+  //! The options; may be changed between calls (validated at every call).
   Options& options() { return options_; }
+  //! The options.
   const Options& options() const { return options_; }
 
+  //! The N x M scores from the teacher's logits and its per-modality logits.
   const Matrix<Scalar>& compute(const ConstMatrixRef<Scalar>& teacher,
                                 const ConstTensor3Ref<Scalar>& teacher_modal) {
     return run(teacher, teacher_modal, nullptr, nullptr, false);
   }
+  //! With a presence mask (N x M; missing modalities score 0).
   const Matrix<Scalar>& compute(const ConstMatrixRef<Scalar>& teacher,
                                 const ConstTensor3Ref<Scalar>& teacher_modal,
                                 const ConstPresenceMaskRef& mask) {
@@ -70,6 +76,7 @@ class ModalitySaliency : detail::FloatingScalar<Scalar> {
                                 const ConstLabelsRef& labels) {
     return run(teacher, teacher_modal, &labels, nullptr, false);
   }
+  //! With the labels and a presence mask.
   const Matrix<Scalar>& compute(const ConstMatrixRef<Scalar>& teacher,
                                 const ConstTensor3Ref<Scalar>& teacher_modal,
                                 const ConstLabelsRef& labels, const ConstPresenceMaskRef& mask) {
@@ -81,6 +88,7 @@ class ModalitySaliency : detail::FloatingScalar<Scalar> {
                                         const ConstTensor3Ref<Scalar>& teacher_drop_one) {
     return run(teacher, teacher_drop_one, nullptr, nullptr, true);
   }
+  //! `RemovalKL` with a presence mask.
   const Matrix<Scalar>& compute_removal(const ConstMatrixRef<Scalar>& teacher,
                                         const ConstTensor3Ref<Scalar>& teacher_drop_one,
                                         const ConstPresenceMaskRef& mask) {
@@ -100,70 +108,7 @@ class ModalitySaliency : detail::FloatingScalar<Scalar> {
 
   const Matrix<Scalar>& run(const ConstMatrixRef<Scalar>& t, const ConstTensor3Ref<Scalar>& stack,
                             const ConstLabelsRef* labels, const ConstPresenceMaskRef* mask,
-                            bool drop_one_given) {
-    validate();
-    const Index n = t.rows(), c = t.cols(), m_count = stack.dimension(0);
-    detail::check_nonempty(kName, "teacher", n, c);
-    if (m_count == 0) detail::throw_invalid(kName, "teacher_modal has no modality (shape 0xNxC)");
-    detail::check_shape3(kName, drop_one_given ? "teacher_drop_one" : "teacher_modal", stack,
-                         m_count, n, c, "modalities x samples x classes of teacher");
-    if (mask) detail::check_presence(kName, *mask, n, m_count);
-    const auto present = detail::presence(mask);
-    const SaliencyKind kind = options_.kind;
-    if (drop_one_given && kind != SaliencyKind::RemovalKL) {
-      detail::throw_invalid(kName, "compute_removal() is for SaliencyKind::RemovalKL");
-    }
-    if (kind == SaliencyKind::RemovalKL && !drop_one_given && m_count > 2) {
-      detail::throw_invalid(kName, "RemovalKL with " + std::to_string(m_count) +
-                                       " modalities needs the teacher's drop-one logits: use "
-                                       "compute_removal()");
-    }
-    if (kind == SaliencyKind::LabelProbability) {
-      if (!labels) detail::throw_invalid(kName, "LabelProbability needs labels");
-      detail::check_labels(kName, *labels, n, c, detail::RowSelect{});
-    }
-
-    const auto blocks = detail::as_matrix(stack);
-    const Scalar inv_t = Scalar(1) / options_.temperature;
-    ws_.prepare(n, c, 0, 2);
-    zeros_.setZero(c);  // uniform logits: the prediction with no input left
-    scores_.resize(n, m_count);
-    Matrix<Scalar>& out = scores_;
-    detail::parallel_for(n, c * m_count, [&](Index i, int thread) {
-      const auto trow = detail::const_row_map(t, i);
-      for (Index m = 0; m < m_count; ++m) {
-        if (!present(i, m)) {
-          out(i, m) = Scalar(0);
-          continue;
-        }
-        auto es = ws_.buffer(thread, 2, 0);
-        auto et = ws_.buffer(thread, 2, 1);
-        if (kind == SaliencyKind::LabelProbability) {
-          const auto row = detail::const_row_map(blocks, m * n + i);
-          out(i, m) = std::exp(row((*labels)(i)) * inv_t - detail::log_sum_exp_row(row, inv_t));
-          continue;
-        }
-        Index ref = m;  // the block holding the reference prediction
-        bool uniform = false;
-        if (kind == SaliencyKind::RemovalKL && !drop_one_given) {
-          ref = -1;
-          for (Index o = 0; o < m_count; ++o) {
-            if (o != m && present(i, o)) ref = o;  // M = 2: the other modality
-          }
-          uniform = ref < 0;
-        }
-        const Scalar kl =
-            uniform
-                ? detail::kl_row(detail::ConstRowMap<Scalar>(zeros_.data(), c), trow, inv_t, es, et)
-                      .value
-                : detail::kl_row(detail::const_row_map(blocks, ref * n + i), trow, inv_t, es, et)
-                      .value;
-        out(i, m) = kind == SaliencyKind::Sufficiency ? std::exp(-kl) : kl;
-      }
-    });
-    if (!detail::all_finite(out)) diagnose(t, blocks, present, drop_one_given);
-    return scores_;
-  }
+                            bool drop_one_given);
 
   template <class B>
   [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& t, const B& blocks,
@@ -195,5 +140,77 @@ class ModalitySaliency : detail::FloatingScalar<Scalar> {
   Vector<Scalar> zeros_;
   Matrix<Scalar> scores_;
 };
+
+template <class Scalar>
+const Matrix<Scalar>& ModalitySaliency<Scalar>::run(const ConstMatrixRef<Scalar>& t,
+                                                    const ConstTensor3Ref<Scalar>& stack,
+                                                    const ConstLabelsRef* labels,
+                                                    const ConstPresenceMaskRef* mask,
+                                                    bool drop_one_given) {
+  validate();
+  const Index n = t.rows(), c = t.cols(), m_count = stack.dimension(0);
+  detail::check_nonempty(kName, "teacher", n, c);
+  if (m_count == 0) detail::throw_invalid(kName, "teacher_modal has no modality (shape 0xNxC)");
+  detail::check_shape3(kName, drop_one_given ? "teacher_drop_one" : "teacher_modal", stack, m_count,
+                       n, c, "modalities x samples x classes of teacher");
+  if (mask) detail::check_presence(kName, *mask, n, m_count);
+  const auto present = detail::presence(mask);
+  const SaliencyKind kind = options_.kind;
+  if (drop_one_given && kind != SaliencyKind::RemovalKL) {
+    detail::throw_invalid(kName, "compute_removal() is for SaliencyKind::RemovalKL");
+  }
+  if (kind == SaliencyKind::RemovalKL && !drop_one_given && m_count > 2) {
+    detail::throw_invalid(kName, "RemovalKL with " + std::to_string(m_count) +
+                                     " modalities needs the teacher's drop-one logits: use "
+                                     "compute_removal()");
+  }
+  if (kind == SaliencyKind::LabelProbability) {
+    if (!labels) detail::throw_invalid(kName, "LabelProbability needs labels");
+    detail::check_labels(kName, *labels, n, c, detail::RowSelect{});
+  }
+
+  const auto blocks = detail::as_matrix(stack);
+  const Scalar inv_t = Scalar(1) / options_.temperature;
+  ws_.prepare(n, c, 0, 2);
+  zeros_.setZero(c);  // uniform logits: the prediction with no input left
+  scores_.resize(n, m_count);
+  Matrix<Scalar>& out = scores_;
+  detail::parallel_for(n, c * m_count, [&](Index i, int thread) {
+    const auto trow = detail::const_row_map(t, i);
+    for (Index m = 0; m < m_count; ++m) {
+      if (!present(i, m)) {
+        out(i, m) = Scalar(0);
+        continue;
+      }
+      auto es = ws_.buffer(thread, 2, 0);
+      auto et = ws_.buffer(thread, 2, 1);
+      if (kind == SaliencyKind::LabelProbability) {
+        const auto row = detail::const_row_map(blocks, m * n + i);
+        out(i, m) = std::exp(row((*labels)(i)) * inv_t - detail::log_sum_exp_row(row, inv_t));
+        continue;
+      }
+      Index ref = m;  // the block holding the reference prediction
+      bool uniform = false;
+      if (kind == SaliencyKind::RemovalKL && !drop_one_given) {
+        ref = -1;
+        for (Index o = 0; o < m_count; ++o) {
+          if (o != m && present(i, o)) ref = o;  // M = 2: the other modality
+        }
+        uniform = ref < 0;
+      }
+      const Scalar kl =
+          uniform
+              ? detail::kl_row(detail::ConstRowMap<Scalar>(zeros_.data(), c), trow, inv_t, es, et)
+                    .value
+              : detail::kl_row(detail::const_row_map(blocks, ref * n + i), trow, inv_t, es, et)
+                    .value;
+      out(i, m) = kind == SaliencyKind::Sufficiency ? std::exp(-kl) : kl;
+    }
+  });
+  if (!detail::all_finite(out)) diagnose(t, blocks, present, drop_one_given);
+  return scores_;
+}
+
+MMKD_EXTERN_TEMPLATE(ModalitySaliency)
 
 }  // namespace mmkd

@@ -63,6 +63,7 @@ namespace mmkd {
 template <class Scalar = float>
 class ModalitySpecificKD : detail::FloatingScalar<Scalar> {
  public:
+  //! The options; the defaults are those of the reference implementation.
   struct Options {
     Scalar temperature = Scalar(1);  //!< T > 0
     Scalar beta = Scalar(1);         //!< weight of the full-input KD term, ≥ 0
@@ -70,17 +71,22 @@ class ModalitySpecificKD : detail::FloatingScalar<Scalar> {
   };
 
   ModalitySpecificKD() : ModalitySpecificKD(Options{}) {}
+  //! Throws InvalidArgument for an invalid option.
   explicit ModalitySpecificKD(const Options& options) : options_(options) { validate(); }
 
+  //! The options; may be changed between calls (validated at every call).
   Options& options() { return options_; }
+  //! The options.
   const Options& options() const { return options_; }
 
+  //! The loss for instance weights `weights` (N x M).
   Scalar value(const ConstMatrixRef<Scalar>& student, const ConstMatrixRef<Scalar>& teacher,
                const ConstTensor3Ref<Scalar>& student_modal,
                const ConstTensor3Ref<Scalar>& teacher_modal,
                const ConstMatrixRef<Scalar>& weights) {
     return run(student, teacher, student_modal, teacher_modal, &weights, nullptr, nullptr, nullptr);
   }
+  //! With a presence mask (N x M, 1 = sample i has modality m).
   Scalar value(const ConstMatrixRef<Scalar>& student, const ConstMatrixRef<Scalar>& teacher,
                const ConstTensor3Ref<Scalar>& student_modal,
                const ConstTensor3Ref<Scalar>& teacher_modal, const ConstMatrixRef<Scalar>& weights,
@@ -97,6 +103,7 @@ class ModalitySpecificKD : detail::FloatingScalar<Scalar> {
     return run(student, teacher, student_modal, teacher_modal, &weights, nullptr, &d_student,
                &d_student_modal);
   }
+  //! With a presence mask; adds dL/d(student) and dL/d(student_modal).
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& student,
                         const ConstMatrixRef<Scalar>& teacher,
                         const ConstTensor3Ref<Scalar>& student_modal,
@@ -113,6 +120,7 @@ class ModalitySpecificKD : detail::FloatingScalar<Scalar> {
                                          const ConstTensor3Ref<Scalar>& teacher_modal) {
     return run_aux_only(student_modal, teacher_modal, nullptr);
   }
+  //! With a presence mask (0 where a modality is missing).
   const Matrix<Scalar>& auxiliary_losses(const ConstTensor3Ref<Scalar>& student_modal,
                                          const ConstTensor3Ref<Scalar>& teacher_modal,
                                          const ConstPresenceMaskRef& mask) {
@@ -155,81 +163,12 @@ class ModalitySpecificKD : detail::FloatingScalar<Scalar> {
 
   const Matrix<Scalar>& run_aux_only(const ConstTensor3Ref<Scalar>& zs,
                                      const ConstTensor3Ref<Scalar>& zt,
-                                     const ConstPresenceMaskRef* mask) {
-    validate();
-    const Index m = check_modal(zs, zt, -1, -1, mask), n = zs.dimension(1), c = zs.dimension(2);
-    const auto present = detail::presence(mask);
-    auto rows = [&](Index k) { return present(k % n, k / n); };
-    modal_.prepare(m * n, c, 0, 2);
-    detail::kd_rows(detail::as_matrix(zs), detail::as_matrix(zt), Scalar(1) / options_.temperature,
-                    rows, modal_, -1, -1, [](Index) { return Scalar(0); });
-    if (!detail::all_finite(modal_.row_value)) diagnose_modal(zs, zt, n, rows);
-    store_aux(n, m);
-    return aux_;
-  }
+                                     const ConstPresenceMaskRef* mask);
 
   Scalar run(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
              const ConstTensor3Ref<Scalar>& zs, const ConstTensor3Ref<Scalar>& zt,
              const ConstMatrixRef<Scalar>* w, const ConstPresenceMaskRef* mask,
-             MatrixRef<Scalar>* ds, Tensor3Ref<Scalar>* dzs) {
-    validate();
-    const Index n = s.rows(), c = s.cols();
-    detail::check_nonempty(kName, "student", n, c);
-    detail::check_shape(kName, "teacher", t, n, c, "same as student");
-    const Index m = check_modal(zs, zt, n, c, mask);
-    detail::check_shape(kName, "weights", *w, n, m, "samples x modalities");
-    if (ds) detail::check_shape(kName, "d_student", *ds, n, c, "same as student");
-    if (dzs) detail::check_shape3(kName, "d_student_modal", *dzs, m, n, c, "same as student_modal");
-    const auto present = detail::presence(mask);
-    for (Index i = 0; i < n; ++i) {
-      for (Index k = 0; k < m; ++k) {
-        const Scalar v = (*w)(i, k);
-        if (present(i, k) && (!(v >= 0) || !detail::is_finite(v))) {
-          detail::throw_invalid(kName, "weights[" + std::to_string(i) + "," + std::to_string(k) +
-                                           "] is " + std::to_string(v) +
-                                           ", expected finite and >= 0");
-        }
-      }
-    }
-
-    const Scalar temp = options_.temperature, inv_t = Scalar(1) / temp;
-    const Scalar base = options_.weight * temp * temp / Scalar(n);  // T²/N
-    // The gradient's scale weight·T/N is formed before β or w_im multiplies it, as in the bound
-    // below: base·β alone can overflow where the gradient does not (T = 1e6, β = 1e300).
-    const Scalar grad_base = base * inv_t;
-    const Scalar full_scale = grad_base * options_.beta;
-    auto all_rows = [](Index) { return true; };
-    auto modal_rows = [&](Index k) { return present(k % n, k / n); };
-    full_.prepare(n, c, ds ? 1 : 0, 2);
-    modal_.prepare(m * n, c, dzs ? 1 : 0, 2);
-    detail::kd_rows(s, t, inv_t, all_rows, full_, ds ? 0 : -1, -1,
-                    [full_scale](Index) { return full_scale; });
-    detail::kd_rows(detail::as_matrix(zs), detail::as_matrix(zt), inv_t, modal_rows, modal_,
-                    dzs ? 0 : -1, -1, [&](Index k) { return grad_base * (*w)(k % n, k / n); });
-
-    const Scalar full_raw = full_.row_value.sum();
-    Scalar modal_raw = 0;
-    for (Index k = 0; k < m * n; ++k) {
-      if (modal_rows(k)) modal_raw += (*w)(k % n, k / n) * modal_.row_value(k);
-    }
-    if (!detail::is_finite(full_raw)) diagnose_full(s, t);
-    if (!detail::all_finite(modal_.row_value) || !detail::is_finite(modal_raw))
-      diagnose_modal(zs, zt, n, modal_rows);
-    // Gradient elements are at most 2 · base / T times β or the largest weight used.
-    Scalar w_max = options_.beta;
-    for (Index k = 0; k < m * n; ++k) {
-      if (modal_rows(k)) w_max = std::max(w_max, (*w)(k % n, k / n));
-    }
-    const Scalar value = detail::scaled_value(kName, base, options_.beta * full_raw + modal_raw,
-                                              (ds || dzs) ? 2 * grad_base * w_max : Scalar(0));
-    store_aux(n, m);
-    if (ds) full_.commit(0, *ds, all_rows);
-    if (dzs) {
-      auto dst = detail::as_matrix(*dzs);
-      modal_.commit(0, dst, modal_rows);
-    }
-    return value;
-  }
+             MatrixRef<Scalar>* ds, Tensor3Ref<Scalar>* dzs);
 
   void store_aux(Index n, Index m) {
     const Scalar t2 = options_.temperature * options_.temperature;
@@ -273,5 +212,90 @@ class ModalitySpecificKD : detail::FloatingScalar<Scalar> {
   detail::RowWorkspace<Scalar> full_, modal_;
   Matrix<Scalar> aux_;
 };
+
+template <class Scalar>
+const Matrix<Scalar>& ModalitySpecificKD<Scalar>::run_aux_only(const ConstTensor3Ref<Scalar>& zs,
+                                                               const ConstTensor3Ref<Scalar>& zt,
+                                                               const ConstPresenceMaskRef* mask) {
+  validate();
+  const Index m = check_modal(zs, zt, -1, -1, mask), n = zs.dimension(1), c = zs.dimension(2);
+  const auto present = detail::presence(mask);
+  auto rows = [&](Index k) { return present(k % n, k / n); };
+  modal_.prepare(m * n, c, 0, 2);
+  detail::kd_rows(detail::as_matrix(zs), detail::as_matrix(zt), Scalar(1) / options_.temperature,
+                  rows, modal_, -1, -1, [](Index) { return Scalar(0); });
+  if (!detail::all_finite(modal_.row_value)) diagnose_modal(zs, zt, n, rows);
+  store_aux(n, m);
+  return aux_;
+}
+
+template <class Scalar>
+Scalar ModalitySpecificKD<Scalar>::run(const ConstMatrixRef<Scalar>& s,
+                                       const ConstMatrixRef<Scalar>& t,
+                                       const ConstTensor3Ref<Scalar>& zs,
+                                       const ConstTensor3Ref<Scalar>& zt,
+                                       const ConstMatrixRef<Scalar>* w,
+                                       const ConstPresenceMaskRef* mask, MatrixRef<Scalar>* ds,
+                                       Tensor3Ref<Scalar>* dzs) {
+  validate();
+  const Index n = s.rows(), c = s.cols();
+  detail::check_nonempty(kName, "student", n, c);
+  detail::check_shape(kName, "teacher", t, n, c, "same as student");
+  const Index m = check_modal(zs, zt, n, c, mask);
+  detail::check_shape(kName, "weights", *w, n, m, "samples x modalities");
+  if (ds) detail::check_shape(kName, "d_student", *ds, n, c, "same as student");
+  if (dzs) detail::check_shape3(kName, "d_student_modal", *dzs, m, n, c, "same as student_modal");
+  const auto present = detail::presence(mask);
+  for (Index i = 0; i < n; ++i) {
+    for (Index k = 0; k < m; ++k) {
+      const Scalar v = (*w)(i, k);
+      if (present(i, k) && (!(v >= 0) || !detail::is_finite(v))) {
+        detail::throw_invalid(kName, "weights[" + std::to_string(i) + "," + std::to_string(k) +
+                                         "] is " + std::to_string(v) +
+                                         ", expected finite and >= 0");
+      }
+    }
+  }
+
+  const Scalar temp = options_.temperature, inv_t = Scalar(1) / temp;
+  const Scalar base = options_.weight * temp * temp / Scalar(n);  // T²/N
+  // The gradient's scale weight·T/N is formed before β or w_im multiplies it, as in the bound
+  // below: base·β alone can overflow where the gradient does not (T = 1e6, β = 1e300).
+  const Scalar grad_base = base * inv_t;
+  const Scalar full_scale = grad_base * options_.beta;
+  auto all_rows = [](Index) { return true; };
+  auto modal_rows = [&](Index k) { return present(k % n, k / n); };
+  full_.prepare(n, c, ds ? 1 : 0, 2);
+  modal_.prepare(m * n, c, dzs ? 1 : 0, 2);
+  detail::kd_rows(s, t, inv_t, all_rows, full_, ds ? 0 : -1, -1,
+                  [full_scale](Index) { return full_scale; });
+  detail::kd_rows(detail::as_matrix(zs), detail::as_matrix(zt), inv_t, modal_rows, modal_,
+                  dzs ? 0 : -1, -1, [&](Index k) { return grad_base * (*w)(k % n, k / n); });
+
+  const Scalar full_raw = full_.row_value.sum();
+  Scalar modal_raw = 0;
+  for (Index k = 0; k < m * n; ++k) {
+    if (modal_rows(k)) modal_raw += (*w)(k % n, k / n) * modal_.row_value(k);
+  }
+  if (!detail::is_finite(full_raw)) diagnose_full(s, t);
+  if (!detail::all_finite(modal_.row_value) || !detail::is_finite(modal_raw))
+    diagnose_modal(zs, zt, n, modal_rows);
+  // Gradient elements are at most 2 · base / T times β or the largest weight used.
+  Scalar w_max = options_.beta;
+  for (Index k = 0; k < m * n; ++k) {
+    if (modal_rows(k)) w_max = std::max(w_max, (*w)(k % n, k / n));
+  }
+  const Scalar value = detail::scaled_value(kName, base, options_.beta * full_raw + modal_raw,
+                                            (ds || dzs) ? 2 * grad_base * w_max : Scalar(0));
+  store_aux(n, m);
+  if (ds) full_.commit(0, *ds, all_rows);
+  if (dzs) {
+    auto dst = detail::as_matrix(*dzs);
+    modal_.commit(0, dst, modal_rows);
+  }
+  return value;
+}
+
+MMKD_EXTERN_TEMPLATE(ModalitySpecificKD)
 
 }  // namespace mmkd

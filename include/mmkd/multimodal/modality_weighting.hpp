@@ -49,9 +49,12 @@ enum class WeightNormalization {
 template <class Scalar = float>
 class ModalityWeighting : detail::FloatingScalar<Scalar> {
  public:
+  //! The options; the defaults are those of the reference implementation.
   struct Options {
-    WeightScheme scheme = WeightScheme::Instance;
-    WeightNormalization normalization = WeightNormalization::MeanOne;
+    WeightScheme scheme =
+        WeightScheme::Instance;  //!< instance weights per sample, or one weight per modality
+    WeightNormalization normalization =
+        WeightNormalization::MeanOne;        //!< how the weights of a sample are normalised
     Scalar lambda = Scalar(1);               //!< auxiliary strength, ≥ 0
     Scalar softmax_temperature = Scalar(0);  //!< Instance: 0 = linear, > 0 = softmax of s / T_w
     Scalar eps = Scalar(1e-6);               //!< Instance, linear: added to each score, > 0
@@ -60,14 +63,19 @@ class ModalityWeighting : detail::FloatingScalar<Scalar> {
   };
 
   ModalityWeighting() : ModalityWeighting(Options{}) {}
+  //! Throws InvalidArgument for an invalid option.
   explicit ModalityWeighting(const Options& options) : options_(options) { validate(); }
 
+  //! The options; may be changed between calls (validated at every call).
   Options& options() { return options_; }
+  //! The options.
   const Options& options() const { return options_; }
 
+  //! The N x M weights for N x M saliency scores.
   const Matrix<Scalar>& compute(const ConstMatrixRef<Scalar>& scores) {
     return run(scores, nullptr);
   }
+  //! With a presence mask (weight 0 where a modality is missing).
   const Matrix<Scalar>& compute(const ConstMatrixRef<Scalar>& scores,
                                 const ConstPresenceMaskRef& mask) {
     return run(scores, &mask);
@@ -104,77 +112,81 @@ class ModalityWeighting : detail::FloatingScalar<Scalar> {
     }
   }
 
-  const Matrix<Scalar>& run(const ConstMatrixRef<Scalar>& s, const ConstPresenceMaskRef* mask) {
-    validate();
-    const Index n = s.rows(), m = s.cols();
-    detail::check_nonempty(kName, "scores", n, m);
-    if (mask) detail::check_presence(kName, *mask, n, m);
-    const auto present = detail::presence(mask);
-    const Scalar lambda = options_.lambda;
-    const WeightNormalization norm = options_.normalization;
-    if (options_.scheme == WeightScheme::Fixed) check_vector(options_.fixed, m, "fixed", false);
-    if (options_.scheme == WeightScheme::Population)
-      check_vector(options_.population, m, "population", true);
-    if (options_.scheme == WeightScheme::Instance) {
-      for (Index i = 0; i < n; ++i) {
-        for (Index k = 0; k < m; ++k) {
-          if (present(i, k) && (!(s(i, k) >= 0) || !detail::is_finite(s(i, k)))) {
-            detail::throw_invalid(kName, "scores[" + std::to_string(i) + "," + std::to_string(k) +
-                                             "] is " + std::to_string(s(i, k)) +
-                                             ", expected finite and >= 0");
-          }
-        }
-      }
-    }
-
-    w_.resize(n, m);
-    for (Index i = 0; i < n; ++i) {
-      Index count = 0;
-      for (Index k = 0; k < m; ++k) count += present(i, k) ? 1 : 0;
-      for (Index k = 0; k < m; ++k) w_(i, k) = Scalar(0);
-      if (count == 0) continue;
-      switch (options_.scheme) {
-        case WeightScheme::Fixed:
-          for (Index k = 0; k < m; ++k) w_(i, k) = present(i, k) ? options_.fixed(k) : Scalar(0);
-          break;
-        case WeightScheme::Population: {
-          const auto& pop = options_.population;
-          const Scalar scale = norm == WeightNormalization::MeanOne ? lambda * Scalar(m) / pop.sum()
-                               : norm == WeightNormalization::SumOne ? lambda / pop.sum()
-                                                                     : lambda;
-          for (Index k = 0; k < m; ++k) w_(i, k) = present(i, k) ? scale * pop(k) : Scalar(0);
-          break;
-        }
-        case WeightScheme::Instance: {
-          const bool soft = options_.softmax_temperature > 0;
-          Scalar top = -std::numeric_limits<Scalar>::infinity();
-          for (Index k = 0; k < m; ++k) {
-            if (present(i, k)) top = std::max(top, s(i, k));
-          }
-          Scalar total = 0;
-          for (Index k = 0; k < m; ++k) {
-            if (!present(i, k)) continue;
-            w_(i, k) = soft ? std::exp((s(i, k) - top) / options_.softmax_temperature)
-                            : s(i, k) + options_.eps;
-            total += w_(i, k);
-          }
-          const Scalar scale = norm == WeightNormalization::MeanOne ? lambda * Scalar(count) / total
-                               : (norm == WeightNormalization::SumOne || soft) ? lambda / total
-                                                                               : lambda;
-          w_.row(i) *= scale;
-          break;
-        }
-      }
-    }
-    if (!detail::all_finite(w_))
-      detail::throw_numerical(kName,
-                              "the weights overflow (scores, lambda or temperature out of range)");
-    return w_;
-  }
+  const Matrix<Scalar>& run(const ConstMatrixRef<Scalar>& s, const ConstPresenceMaskRef* mask);
 
   Options options_;
   Matrix<Scalar> w_;
 };
+
+template <class Scalar>
+const Matrix<Scalar>& ModalityWeighting<Scalar>::run(const ConstMatrixRef<Scalar>& s,
+                                                     const ConstPresenceMaskRef* mask) {
+  validate();
+  const Index n = s.rows(), m = s.cols();
+  detail::check_nonempty(kName, "scores", n, m);
+  if (mask) detail::check_presence(kName, *mask, n, m);
+  const auto present = detail::presence(mask);
+  const Scalar lambda = options_.lambda;
+  const WeightNormalization norm = options_.normalization;
+  if (options_.scheme == WeightScheme::Fixed) check_vector(options_.fixed, m, "fixed", false);
+  if (options_.scheme == WeightScheme::Population)
+    check_vector(options_.population, m, "population", true);
+  if (options_.scheme == WeightScheme::Instance) {
+    for (Index i = 0; i < n; ++i) {
+      for (Index k = 0; k < m; ++k) {
+        if (present(i, k) && (!(s(i, k) >= 0) || !detail::is_finite(s(i, k)))) {
+          detail::throw_invalid(kName, "scores[" + std::to_string(i) + "," + std::to_string(k) +
+                                           "] is " + std::to_string(s(i, k)) +
+                                           ", expected finite and >= 0");
+        }
+      }
+    }
+  }
+
+  w_.resize(n, m);
+  for (Index i = 0; i < n; ++i) {
+    Index count = 0;
+    for (Index k = 0; k < m; ++k) count += present(i, k) ? 1 : 0;
+    for (Index k = 0; k < m; ++k) w_(i, k) = Scalar(0);
+    if (count == 0) continue;
+    switch (options_.scheme) {
+      case WeightScheme::Fixed:
+        for (Index k = 0; k < m; ++k) w_(i, k) = present(i, k) ? options_.fixed(k) : Scalar(0);
+        break;
+      case WeightScheme::Population: {
+        const auto& pop = options_.population;
+        const Scalar scale = norm == WeightNormalization::MeanOne  ? lambda * Scalar(m) / pop.sum()
+                             : norm == WeightNormalization::SumOne ? lambda / pop.sum()
+                                                                   : lambda;
+        for (Index k = 0; k < m; ++k) w_(i, k) = present(i, k) ? scale * pop(k) : Scalar(0);
+        break;
+      }
+      case WeightScheme::Instance: {
+        const bool soft = options_.softmax_temperature > 0;
+        Scalar top = -std::numeric_limits<Scalar>::infinity();
+        for (Index k = 0; k < m; ++k) {
+          if (present(i, k)) top = std::max(top, s(i, k));
+        }
+        Scalar total = 0;
+        for (Index k = 0; k < m; ++k) {
+          if (!present(i, k)) continue;
+          w_(i, k) = soft ? std::exp((s(i, k) - top) / options_.softmax_temperature)
+                          : s(i, k) + options_.eps;
+          total += w_(i, k);
+        }
+        const Scalar scale = norm == WeightNormalization::MeanOne ? lambda * Scalar(count) / total
+                             : (norm == WeightNormalization::SumOne || soft) ? lambda / total
+                                                                             : lambda;
+        w_.row(i) *= scale;
+        break;
+      }
+    }
+  }
+  if (!detail::all_finite(w_))
+    detail::throw_numerical(kName,
+                            "the weights overflow (scores, lambda or temperature out of range)");
+  return w_;
+}
 
 /// Running per-modality mean of saliency scores over the samples seen (present entries only),
 /// for `WeightScheme::Population`: call `update` on each batch, then copy `mean()` into
@@ -182,7 +194,9 @@ class ModalityWeighting : detail::FloatingScalar<Scalar> {
 template <class Scalar = float>
 class SaliencyRunningMean : detail::FloatingScalar<Scalar> {
  public:
+  //! Adds a batch of N x M scores to the mean.
   void update(const ConstMatrixRef<Scalar>& scores) { run(scores, nullptr); }
+  //! Adds the scores of the present modalities only.
   void update(const ConstMatrixRef<Scalar>& scores, const ConstPresenceMaskRef& mask) {
     run(scores, &mask);
   }
@@ -195,6 +209,7 @@ class SaliencyRunningMean : detail::FloatingScalar<Scalar> {
   }
   //! Number of present entries seen per modality.
   const Eigen::Matrix<Index, Eigen::Dynamic, 1>& count() const { return count_; }
+  //! Forgets every batch.
   void reset() {
     sum_ = Eigen::VectorXd();
     count_ = Eigen::Matrix<Index, Eigen::Dynamic, 1>();
@@ -203,31 +218,38 @@ class SaliencyRunningMean : detail::FloatingScalar<Scalar> {
  private:
   static constexpr const char* kName = "SaliencyRunningMean";
 
-  void run(const ConstMatrixRef<Scalar>& s, const ConstPresenceMaskRef* mask) {
-    const Index n = s.rows(), m = s.cols();
-    if (sum_.size() != 0 && m != sum_.size()) {
-      detail::throw_invalid(kName, "scores has " + std::to_string(m) + " modalities, expected " +
-                                       std::to_string(sum_.size()) + " (as in earlier updates)");
-    }
-    if (mask) detail::check_presence(kName, *mask, n, m);
-    if (!detail::all_finite(s)) detail::throw_invalid(kName, "scores hold a non-finite value");
-    const auto present = detail::presence(mask);
-    if (sum_.size() == 0) {
-      sum_.setZero(m);
-      count_.setZero(m);
-    }
-    for (Index i = 0; i < n; ++i) {
-      for (Index k = 0; k < m; ++k) {
-        if (present(i, k)) {
-          sum_(k) += double(s(i, k));
-          count_(k) += 1;
-        }
-      }
-    }
-  }
+  void run(const ConstMatrixRef<Scalar>& s, const ConstPresenceMaskRef* mask);
 
   Eigen::VectorXd sum_;
   Eigen::Matrix<Index, Eigen::Dynamic, 1> count_;
 };
+
+template <class Scalar>
+void SaliencyRunningMean<Scalar>::run(const ConstMatrixRef<Scalar>& s,
+                                      const ConstPresenceMaskRef* mask) {
+  const Index n = s.rows(), m = s.cols();
+  if (sum_.size() != 0 && m != sum_.size()) {
+    detail::throw_invalid(kName, "scores has " + std::to_string(m) + " modalities, expected " +
+                                     std::to_string(sum_.size()) + " (as in earlier updates)");
+  }
+  if (mask) detail::check_presence(kName, *mask, n, m);
+  if (!detail::all_finite(s)) detail::throw_invalid(kName, "scores hold a non-finite value");
+  const auto present = detail::presence(mask);
+  if (sum_.size() == 0) {
+    sum_.setZero(m);
+    count_.setZero(m);
+  }
+  for (Index i = 0; i < n; ++i) {
+    for (Index k = 0; k < m; ++k) {
+      if (present(i, k)) {
+        sum_(k) += double(s(i, k));
+        count_(k) += 1;
+      }
+    }
+  }
+}
+
+MMKD_EXTERN_TEMPLATE(ModalityWeighting)
+MMKD_EXTERN_TEMPLATE(SaliencyRunningMean)
 
 }  // namespace mmkd

@@ -36,6 +36,7 @@ namespace mmkd {
 template <class Scalar = float>
 class Sgd : detail::FloatingScalar<Scalar> {
  public:
+  //! PyTorch's options and defaults.
   struct Options {
     double lr = 1e-3;         //!< > 0
     double momentum = 0;      //!< ≥ 0
@@ -44,6 +45,7 @@ class Sgd : detail::FloatingScalar<Scalar> {
     bool nesterov = false;    //!< needs momentum > 0 and dampening 0
   };
 
+  //! An optimiser of `params`, paired by position with `grads` (same shapes).
   Sgd(std::vector<ParameterView<Scalar>> params, std::vector<ParameterView<Scalar>> grads,
       const Options& options = Options())
       : params_(std::move(params)), grads_(std::move(grads)), options_(options) {
@@ -53,42 +55,22 @@ class Sgd : detail::FloatingScalar<Scalar> {
       buffer_.push_back(Matrix<Scalar>::Zero(p.value.rows(), p.value.cols()));
   }
 
+  //! The options.
   const Options& options() const { return options_; }
+  //! The options; may be changed between calls (validated at every call).
   Options& options() { return options_; }
 
   /// One update from the current gradients.
-  void step() {
-    check_options();
-    detail::check_finite_gradients(kName, grads_);
-    // Coefficients from the double options, each rounded once to Scalar, as PyTorch's kernels do.
-    const Scalar lr = Scalar(options_.lr), mu = Scalar(options_.momentum);
-    const Scalar wd = Scalar(options_.weight_decay), keep = Scalar(1 - options_.dampening);
-    for (std::size_t k = 0; k < params_.size(); ++k) {
-      auto p = params_[k].value.array();
-      const auto g = grads_[k].value.array() + wd * p;  // PyTorch: grad.add(p, alpha = wd)
-      if (options_.momentum == 0) {
-        p -= lr * g;
-        continue;
-      }
-      auto b = buffer_[k].array();
-      if (!started_)
-        b = g;
-      else
-        b = mu * b + keep * g;
-      if (options_.nesterov)
-        p -= lr * (g + mu * b);
-      else
-        p -= lr * b;
-    }
-    started_ = started_ || options_.momentum != 0;
-    ++steps_;
-  }
+  void step();
 
+  //! Sets the parameter gradients to zero.
   void zero_grad() { detail::zero_gradients(grads_); }
 
+  //! The steps taken so far.
   std::int64_t steps() const { return steps_; }
   /// One buffer per parameter (zero until the first step with momentum).
   const std::vector<Matrix<Scalar>>& momentum_buffer() const { return buffer_; }
+  //! The momentum buffers, writable (to restore a checkpoint).
   std::vector<Matrix<Scalar>>& momentum_buffer() { return buffer_; }
 
  private:
@@ -109,5 +91,35 @@ class Sgd : detail::FloatingScalar<Scalar> {
   std::int64_t steps_ = 0;
   bool started_ = false;  // whether the buffers hold a momentum (PyTorch: not None)
 };
+
+template <class Scalar>
+void Sgd<Scalar>::step() {
+  check_options();
+  detail::check_finite_gradients(kName, grads_);
+  // Coefficients from the double options, each rounded once to Scalar, as PyTorch's kernels do.
+  const Scalar lr = Scalar(options_.lr), mu = Scalar(options_.momentum);
+  const Scalar wd = Scalar(options_.weight_decay), keep = Scalar(1 - options_.dampening);
+  for (std::size_t k = 0; k < params_.size(); ++k) {
+    auto p = params_[k].value.array();
+    const auto g = grads_[k].value.array() + wd * p;  // PyTorch: grad.add(p, alpha = wd)
+    if (options_.momentum == 0) {
+      p -= lr * g;
+      continue;
+    }
+    auto b = buffer_[k].array();
+    if (!started_)
+      b = g;
+    else
+      b = mu * b + keep * g;
+    if (options_.nesterov)
+      p -= lr * (g + mu * b);
+    else
+      p -= lr * b;
+  }
+  started_ = started_ || options_.momentum != 0;
+  ++steps_;
+}
+
+MMKD_EXTERN_TEMPLATE(Sgd)
 
 }  // namespace mmkd

@@ -181,6 +181,7 @@ void attention_fuse_backward(const ConstTensor4Ref<detail::NonDeduced<S>>& x,
 template <class Scalar = float>
 class AttentionFusion : detail::FloatingScalar<Scalar> {
  public:
+  //! The options; the defaults are those of the reference implementation.
   struct Options {
     Index in_channels = 0;   //!< channels of the student feature, ≥ 1
     Index mid_channels = 0;  //!< channels of the fused map and of the residual, ≥ 1
@@ -189,15 +190,20 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
     std::uint64_t seed = 0;  //!< initialisation seed
   };
 
+  //! Throws InvalidArgument for an invalid option.
   explicit AttentionFusion(const Options& options)
       : AttentionFusion(options, std::string(kName), "") {}
 
+  //! The options.
   const Options& options() const { return options_; }
+  //! Training mode (batch statistics; the running statistics are updated), or eval mode with false.
   void train(bool on = true) {
     bn1_.train(on);
     bn2_.train(on);
   }
+  //! Eval mode: normalises with the running statistics.
   void eval() { train(false); }
+  //! Whether in training mode.
   bool is_training() const { return bn1_.is_training(); }
 
   //! Forward of a stage without fusion (`fuse` false). out_size > 0 resizes to out_size²
@@ -213,6 +219,7 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
     return forward_impl(x, &residual, out_size);
   }
 
+  //! The output of the last forward.
   const Tensor4<Scalar>& output() const { return bn2_.output_; }
   //! The map r passed on to the next (shallower) stage: N x mid x out x out.
   const Tensor4<Scalar>& residual() const {
@@ -220,20 +227,14 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
   }
 
   //! Backward of a non-fusing stage whose residual feeds nothing.
-  void backward(const ConstTensor4Ref<Scalar>& d_output, Tensor4Ref<Scalar> d_input) {
-    backward(d_output, empty_const(), d_input, empty());
-  }
+  void backward(const ConstTensor4Ref<Scalar>& d_output, Tensor4Ref<Scalar> d_input);
   //! Backward: d_output for output(), d_residual for residual() (may be empty: no gradient).
   //! Adds to d_input (shape of x) and, for a fusing stage, to d_residual_in (shape of the
   //! residual given to forward); a non-fusing stage takes an empty d_residual_in.
   void backward(const ConstTensor4Ref<Scalar>& d_output, const ConstTensor4Ref<Scalar>& d_residual,
-                Tensor4Ref<Scalar> d_input, Tensor4Ref<Scalar> d_residual_in) {
-    check_backward(d_output, d_residual, d_input, d_residual_in);
-    backward_pending(d_output, d_residual.size() ? d_residual.data() : nullptr);
-    check_pending();
-    commit_backward(d_input.data(), options_.fuse ? d_residual_in.data() : nullptr);
-  }
+                Tensor4Ref<Scalar> d_input, Tensor4Ref<Scalar> d_residual_in);
 
+  //! Sets the parameter gradients to zero.
   void zero_grad() {
     grad_w1_.setZero(w1_.rows(), w1_.cols());
     grad_w2_.setZero(w2_.rows(), w2_.cols());
@@ -249,6 +250,7 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
   std::vector<ParameterView<Scalar>> parameters() {
     return views(w1_, bn1_.weight_, bn1_.bias_, w2_, bn2_.weight_, bn2_.bias_, watt_, batt_);
   }
+  //! The parameter gradients, paired by position with parameters().
   std::vector<ParameterView<Scalar>> gradients() {
     return views(grad_w1_, bn1_.grad_weight_, bn1_.grad_bias_, grad_w2_, bn2_.grad_weight_,
                  bn2_.grad_bias_, grad_watt_, grad_batt_);
@@ -368,13 +370,7 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
   }
 
   const Tensor4<Scalar>& forward_impl(const ConstTensor4Ref<Scalar>& x,
-                                      const ConstTensor4Ref<Scalar>* residual, Index out_size) {
-    check_forward(x, residual, out_size);
-    forward_pending(x, residual, out_size);
-    check_output();
-    commit_forward();
-    return output();
-  }
+                                      const ConstTensor4Ref<Scalar>* residual, Index out_size);
 
   // Everything of a forward except the running-statistics update.
   void forward_pending(const ConstTensor4Ref<Scalar>& x, const ConstTensor4Ref<Scalar>* residual,
@@ -554,5 +550,34 @@ class AttentionFusion : detail::FloatingScalar<Scalar> {
   Tensor4<Scalar> dr_, df_, da1_, dup_, dres_in_, dx_;
   Matrix<Scalar> col_, dcol_, datt_;
 };
+
+template <class Scalar>
+void AttentionFusion<Scalar>::backward(const ConstTensor4Ref<Scalar>& d_output,
+                                       Tensor4Ref<Scalar> d_input) {
+  backward(d_output, empty_const(), d_input, empty());
+}
+
+template <class Scalar>
+void AttentionFusion<Scalar>::backward(const ConstTensor4Ref<Scalar>& d_output,
+                                       const ConstTensor4Ref<Scalar>& d_residual,
+                                       Tensor4Ref<Scalar> d_input,
+                                       Tensor4Ref<Scalar> d_residual_in) {
+  check_backward(d_output, d_residual, d_input, d_residual_in);
+  backward_pending(d_output, d_residual.size() ? d_residual.data() : nullptr);
+  check_pending();
+  commit_backward(d_input.data(), options_.fuse ? d_residual_in.data() : nullptr);
+}
+
+template <class Scalar>
+const Tensor4<Scalar>& AttentionFusion<Scalar>::forward_impl(
+    const ConstTensor4Ref<Scalar>& x, const ConstTensor4Ref<Scalar>* residual, Index out_size) {
+  check_forward(x, residual, out_size);
+  forward_pending(x, residual, out_size);
+  check_output();
+  commit_forward();
+  return output();
+}
+
+MMKD_EXTERN_TEMPLATE(AttentionFusion)
 
 }  // namespace mmkd

@@ -45,12 +45,14 @@ class AttentionFusion;
 template <class Scalar = float>
 class BatchNorm2d : detail::FloatingScalar<Scalar> {
  public:
+  //! The options; the defaults are those of the reference implementation.
   struct Options {
     Index channels = 0;     //!< C, ≥ 1
     double eps = 1e-5;      //!< > 0
     double momentum = 0.1;  //!< in [0, 1]
   };
 
+  //! Throws InvalidArgument for an invalid option.
   explicit BatchNorm2d(const Options& options) : options_(options) {
     if (options_.channels < 1) detail::throw_invalid(kName, "option channels must be >= 1");
     detail::check_positive(kName, "eps", options_.eps);
@@ -75,58 +77,25 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
     zero_grad();
   }
 
+  //! The options.
   const Options& options() const { return options_; }
+  //! Training mode (batch statistics; the running statistics are updated), or eval mode with false.
   void train(bool on = true) { training_ = on; }
+  //! Eval mode: normalises with the running statistics.
   void eval() { training_ = false; }
+  //! Whether in training mode.
   bool is_training() const { return training_; }
 
   //! y for x (N x C x H x W); the reference stays valid until the next forward.
-  const Tensor4<Scalar>& forward(const ConstTensor4Ref<Scalar>& x) {
-    check_input(kName, "x", x);
-    forward_pending(x.data(), x.dimension(0), x.dimension(2), x.dimension(3));
-    if (!output_finite() || !pending_finite()) {
-      has_forward_ = false;  // refuse a backward through this failed forward
-      if (!detail::all_finite4(x)) detail::throw_numerical(kName, detail::bad_element4("x", x));
-      const std::string why = bad_state("");
-      if (!why.empty()) detail::throw_numerical(kName, why);
-      detail::throw_numerical(kName,
-                              "the output or the running statistics overflow (values too large "
-                              "or eps too small for the scalar type)");
-    }
-    commit_forward();
-    return output_;
-  }
+  const Tensor4<Scalar>& forward(const ConstTensor4Ref<Scalar>& x);
 
   //! Adds dL/dx to dx and dL/dγ, dL/dβ to gradients() for the cotangent dy of the last forward.
-  void backward(const ConstTensor4Ref<Scalar>& dy, Tensor4Ref<Scalar> dx) {
-    check_backward(kName, dy, dx);
-    // Fast path: finite sums and a finite bound on |dx| let dx be added to in place; otherwise
-    // dx is computed aside and checked exactly.
-    const bool bounded = backward_stats(dy.data());
-    if (!bounded) {
-      if (!detail::all_finite4(dy)) detail::throw_numerical(kName, detail::bad_element4("dy", dy));
-      dx_.resize(dy.dimensions());
-      write_dx(dy.data(), dx_.data(), false);
-    }
-    if ((!bounded && !detail::all_finite4(dx_)) ||
-        !detail::all_finite(grad_weight_ + pending_weight_) ||
-        !detail::all_finite(grad_bias_ + pending_bias_)) {
-      const std::string why = bad_state("");
-      if (!why.empty()) detail::throw_numerical(kName, why);
-      detail::throw_numerical(kName,
-                              "a gradient overflows (the cotangents are finite; check "
-                              "their scale and eps)");
-    }
-    if (bounded) {
-      write_dx(dy.data(), dx.data(), true);
-    } else {
-      detail::planes(dx) += detail::planes(dx_);
-    }
-    commit_backward();
-  }
+  void backward(const ConstTensor4Ref<Scalar>& dy, Tensor4Ref<Scalar> dx);
 
+  //! The output of the last forward.
   const Tensor4<Scalar>& output() const { return output_; }
 
+  //! Sets the parameter gradients to zero.
   void zero_grad() {
     grad_weight_.setZero(1, options_.channels);
     grad_bias_.setZero(1, options_.channels);
@@ -136,6 +105,7 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
   std::vector<ParameterView<Scalar>> parameters() {
     return {view("weight", weight_), view("bias", bias_)};
   }
+  //! The parameter gradients, paired by position with parameters().
   std::vector<ParameterView<Scalar>> gradients() {
     return {view("weight", grad_weight_), view("bias", grad_bias_)};
   }
@@ -349,5 +319,52 @@ class BatchNorm2d : detail::FloatingScalar<Scalar> {
   Index batch_m_ = 0;
   Tensor4<Scalar> output_, xhat_, dx_;
 };
+
+template <class Scalar>
+const Tensor4<Scalar>& BatchNorm2d<Scalar>::forward(const ConstTensor4Ref<Scalar>& x) {
+  check_input(kName, "x", x);
+  forward_pending(x.data(), x.dimension(0), x.dimension(2), x.dimension(3));
+  if (!output_finite() || !pending_finite()) {
+    has_forward_ = false;  // refuse a backward through this failed forward
+    if (!detail::all_finite4(x)) detail::throw_numerical(kName, detail::bad_element4("x", x));
+    const std::string why = bad_state("");
+    if (!why.empty()) detail::throw_numerical(kName, why);
+    detail::throw_numerical(kName,
+                            "the output or the running statistics overflow (values too large "
+                            "or eps too small for the scalar type)");
+  }
+  commit_forward();
+  return output_;
+}
+
+template <class Scalar>
+void BatchNorm2d<Scalar>::backward(const ConstTensor4Ref<Scalar>& dy, Tensor4Ref<Scalar> dx) {
+  check_backward(kName, dy, dx);
+  // Fast path: finite sums and a finite bound on |dx| let dx be added to in place; otherwise
+  // dx is computed aside and checked exactly.
+  const bool bounded = backward_stats(dy.data());
+  if (!bounded) {
+    if (!detail::all_finite4(dy)) detail::throw_numerical(kName, detail::bad_element4("dy", dy));
+    dx_.resize(dy.dimensions());
+    write_dx(dy.data(), dx_.data(), false);
+  }
+  if ((!bounded && !detail::all_finite4(dx_)) ||
+      !detail::all_finite(grad_weight_ + pending_weight_) ||
+      !detail::all_finite(grad_bias_ + pending_bias_)) {
+    const std::string why = bad_state("");
+    if (!why.empty()) detail::throw_numerical(kName, why);
+    detail::throw_numerical(kName,
+                            "a gradient overflows (the cotangents are finite; check "
+                            "their scale and eps)");
+  }
+  if (bounded) {
+    write_dx(dy.data(), dx.data(), true);
+  } else {
+    detail::planes(dx) += detail::planes(dx_);
+  }
+  commit_backward();
+}
+
+MMKD_EXTERN_TEMPLATE(BatchNorm2d)
 
 }  // namespace mmkd

@@ -562,6 +562,11 @@ void check_conv_args(const char* op, const ConstTensor4Ref<S>& x, const ConstMat
   }
 }
 
+MMKD_EXTERN_FUNCTION(conv1x1_forward)
+MMKD_EXTERN_FUNCTION(conv1x1_backward)
+MMKD_EXTERN_FUNCTION(conv3x3_forward)
+MMKD_EXTERN_FUNCTION(conv3x3_backward)
+
 }  // namespace detail
 
 /// 1x1 convolution y[n,o,p] = Σ_i W[o,i] x[n,i,p] + b[o]. x: N x C x H x W; weight: O x C;

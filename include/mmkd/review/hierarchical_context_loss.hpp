@@ -41,17 +41,22 @@ namespace mmkd {
 template <class Scalar = float>
 class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
  public:
+  //! The options; the defaults are those of the reference implementation.
   struct Options {
     std::vector<Index> levels = {4, 2, 1};  //!< pooled sizes, in weight order; each ≥ 1
     Scalar weight = Scalar(1);              //!< ≥ 0, scales value and gradient (e.g. a warm-up)
   };
 
   HierarchicalContextLoss() : HierarchicalContextLoss(Options{}) {}
+  //! Throws InvalidArgument for an invalid option.
   explicit HierarchicalContextLoss(const Options& options) : options_(options) { check_options(); }
 
+  //! The options.
   const Options& options() const { return options_; }
+  //! The options; may be changed between calls (validated at every call).
   Options& options() { return options_; }
 
+  //! The loss of the S student outputs against the S teacher features.
   Scalar value(const std::vector<ConstTensor4Ref<Scalar>>& student,
                const std::vector<ConstTensor4Ref<Scalar>>& teacher) {
     check_options();
@@ -131,61 +136,7 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
   // Planes run in parallel; their sums of squares are added afterwards, in a fixed order.
   Scalar compute(const std::vector<ConstTensor4Ref<Scalar>>& student,
                  const std::vector<ConstTensor4Ref<Scalar>>& teacher,
-                 const std::vector<Tensor4Ref<Scalar>>* grad) {
-    const std::size_t ns = student.size(), nl = options_.levels.size();
-    pooled_.resize(ns * nl);
-    Index max_hw = 0, max_planes = 0;  // scratch for every stage: it only grows
-    for (const auto& s : student) {
-      max_hw = std::max(max_hw, s.dimension(2) * s.dimension(3));
-      max_planes = std::max(max_planes, s.dimension(0) * s.dimension(1));
-    }
-    const Index threads = max_threads();
-    if (diff_.rows() < threads || diff_.cols() < max_hw)
-      diff_.resize(std::max(threads, diff_.rows()), std::max(max_hw, diff_.cols()));
-    if (plane_sq_.size() < max_planes) plane_sq_.resize(max_planes);
-    if (grad && plane_max_.size() < max_planes) plane_max_.resize(max_planes);
-    if (grad) stage_max_.resize(Index(ns));
-    double total = 0;
-    for (std::size_t k = 0; k < ns; ++k) {
-      const auto& s = student[k];
-      const Index planes = s.dimension(0) * s.dimension(1), h = s.dimension(2), w = s.dimension(3);
-      const Index hw = h * w;
-      const Scalar* sp = s.data();
-      const Scalar* tp = teacher[k].data();
-      for (std::size_t j = 0; j < nl; ++j) {
-        const Index l = options_.levels[j];
-        if (l < h) pooled_[k * nl + j].resize(planes * l * l);
-      }
-      detail::parallel_for(planes, 3 * hw, [&](Index p, int thread) {
-        OutArr d(diff_.row(thread).data(), hw);
-        d = Arr(sp + p * hw, hw) - Arr(tp + p * hw, hw);
-        plane_sq_(p) = double(d.square().sum());
-        if (grad) plane_max_(p) = d.abs().maxCoeff();
-        for (std::size_t j = 0; j < nl; ++j) {
-          const Index l = options_.levels[j];
-          if (l >= h) continue;
-          detail::pool_forward(d.data(), 1, h, w, pooled_[k * nl + j].data() + p * l * l, l, l);
-        }
-      });
-      double stage = plane_sq_.head(planes).sum() / double(planes * hw);
-      if (grad) stage_max_(Index(k)) = plane_max_.head(planes).maxCoeff();
-      Scalar wgt(1);
-      for (std::size_t j = 0; j < nl; ++j) {
-        const Index l = options_.levels[j];
-        if (l >= h) continue;
-        wgt /= Scalar(2);
-        stage += double(wgt) * double(pooled_[k * nl + j].square().sum()) / double(planes * l * l);
-      }
-      total += stage / double(total_weight(h));
-    }
-    const Scalar loss = options_.weight * Scalar(total);
-    if (!detail::is_finite(loss)) diagnose(student, teacher);
-    if (grad) {
-      check_gradient_bound(student);
-      add_gradient(student, teacher, *grad);
-    }
-    return loss;
-  }
+                 const std::vector<Tensor4Ref<Scalar>>* grad);
 
   // O(1) per stage, before anything is written: every gradient element is at most
   // max|d| · (c0 + 4 Σ_j scale·w_j / (planes·l_j²)) (a pooled mean is at most max|d|, and an
@@ -258,5 +209,66 @@ class HierarchicalContextLoss : detail::FloatingScalar<Scalar> {
   Eigen::Array<double, Eigen::Dynamic, 1> plane_sq_;  // Σ d² of each plane of a stage
   Eigen::Array<Scalar, Eigen::Dynamic, 1> plane_max_, stage_max_;  // max |d|, for the bound
 };
+
+template <class Scalar>
+Scalar HierarchicalContextLoss<Scalar>::compute(const std::vector<ConstTensor4Ref<Scalar>>& student,
+                                                const std::vector<ConstTensor4Ref<Scalar>>& teacher,
+                                                const std::vector<Tensor4Ref<Scalar>>* grad) {
+  const std::size_t ns = student.size(), nl = options_.levels.size();
+  pooled_.resize(ns * nl);
+  Index max_hw = 0, max_planes = 0;  // scratch for every stage: it only grows
+  for (const auto& s : student) {
+    max_hw = std::max(max_hw, s.dimension(2) * s.dimension(3));
+    max_planes = std::max(max_planes, s.dimension(0) * s.dimension(1));
+  }
+  const Index threads = max_threads();
+  if (diff_.rows() < threads || diff_.cols() < max_hw)
+    diff_.resize(std::max(threads, diff_.rows()), std::max(max_hw, diff_.cols()));
+  if (plane_sq_.size() < max_planes) plane_sq_.resize(max_planes);
+  if (grad && plane_max_.size() < max_planes) plane_max_.resize(max_planes);
+  if (grad) stage_max_.resize(Index(ns));
+  double total = 0;
+  for (std::size_t k = 0; k < ns; ++k) {
+    const auto& s = student[k];
+    const Index planes = s.dimension(0) * s.dimension(1), h = s.dimension(2), w = s.dimension(3);
+    const Index hw = h * w;
+    const Scalar* sp = s.data();
+    const Scalar* tp = teacher[k].data();
+    for (std::size_t j = 0; j < nl; ++j) {
+      const Index l = options_.levels[j];
+      if (l < h) pooled_[k * nl + j].resize(planes * l * l);
+    }
+    detail::parallel_for(planes, 3 * hw, [&](Index p, int thread) {
+      OutArr d(diff_.row(thread).data(), hw);
+      d = Arr(sp + p * hw, hw) - Arr(tp + p * hw, hw);
+      plane_sq_(p) = double(d.square().sum());
+      if (grad) plane_max_(p) = d.abs().maxCoeff();
+      for (std::size_t j = 0; j < nl; ++j) {
+        const Index l = options_.levels[j];
+        if (l >= h) continue;
+        detail::pool_forward(d.data(), 1, h, w, pooled_[k * nl + j].data() + p * l * l, l, l);
+      }
+    });
+    double stage = plane_sq_.head(planes).sum() / double(planes * hw);
+    if (grad) stage_max_(Index(k)) = plane_max_.head(planes).maxCoeff();
+    Scalar wgt(1);
+    for (std::size_t j = 0; j < nl; ++j) {
+      const Index l = options_.levels[j];
+      if (l >= h) continue;
+      wgt /= Scalar(2);
+      stage += double(wgt) * double(pooled_[k * nl + j].square().sum()) / double(planes * l * l);
+    }
+    total += stage / double(total_weight(h));
+  }
+  const Scalar loss = options_.weight * Scalar(total);
+  if (!detail::is_finite(loss)) diagnose(student, teacher);
+  if (grad) {
+    check_gradient_bound(student);
+    add_gradient(student, teacher, *grad);
+  }
+  return loss;
+}
+
+MMKD_EXTERN_TEMPLATE(HierarchicalContextLoss)
 
 }  // namespace mmkd

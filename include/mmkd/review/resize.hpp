@@ -126,6 +126,11 @@ void check_resample(const char* op, const char* xname, const X& x, const char* y
   }
 }
 
+MMKD_EXTERN_FUNCTION(nearest_forward)
+MMKD_EXTERN_FUNCTION(nearest_backward)
+MMKD_EXTERN_FUNCTION(pool_forward)
+MMKD_EXTERN_FUNCTION(pool_backward)
+
 }  // namespace detail
 
 /// Nearest resize of x (N x C x H x W) to y's size (N x C x H' x W'), y overwritten:

@@ -50,6 +50,7 @@ namespace mmkd {
 template <class Scalar = float>
 class ReviewFusion : detail::FloatingScalar<Scalar> {
  public:
+  //! The options; the defaults are those of the reference implementation.
   struct Options {
     std::vector<Index> in_channels;   //!< per stage, shallow → deep
     std::vector<Index> out_channels;  //!< per stage, shallow → deep
@@ -59,6 +60,7 @@ class ReviewFusion : detail::FloatingScalar<Scalar> {
     std::uint64_t seed = 0;           //!< initialisation seed
   };
 
+  //! Throws InvalidArgument for an invalid option.
   explicit ReviewFusion(const Options& options) : options_(options) {
     const Index s = Index(options_.in_channels.size());
     if (s == 0) detail::throw_invalid(kName, "in_channels is empty: need at least one stage");
@@ -105,6 +107,7 @@ class ReviewFusion : detail::FloatingScalar<Scalar> {
       : options_(other.options_), stages_(other.stages_), has_forward_(other.has_forward_) {
     rebuild_outputs(other.outputs_.size());
   }
+  //! A deep copy (see the copy constructor).
   ReviewFusion& operator=(const ReviewFusion& other) {
     if (this != &other) {
       options_ = other.options_;
@@ -114,92 +117,49 @@ class ReviewFusion : detail::FloatingScalar<Scalar> {
     }
     return *this;
   }
+  //! Keeps the stages' buffers: the output views stay valid.
   ReviewFusion(ReviewFusion&&) noexcept = default;
+  //! Keeps the stages' buffers: the output views stay valid.
   ReviewFusion& operator=(ReviewFusion&&) noexcept = default;
 
   const Options& options() const { return options_; }  //!< with the defaults filled in
+  //! The number of stages S.
   Index stages() const { return Index(stages_.size()); }
   //! Stage k, shallow → deep (stage S − 1 is the deepest, non-fusing one).
   const AttentionFusion<Scalar>& stage(Index k) const { return stages_.at(std::size_t(k)); }
 
+  //! Training mode (batch statistics; the running statistics are updated), or eval mode with false.
   void train(bool on = true) {
     for (auto& a : stages_) a.train(on);
   }
+  //! Eval mode: normalises with the running statistics.
   void eval() { train(false); }
+  //! Whether in training mode.
   bool is_training() const { return stages_.front().is_training(); }
 
   //! The S outputs for the student's S features, both shallow → deep. The views stay valid until
   //! the next forward.
   const std::vector<ConstTensor4Ref<Scalar>>& forward(
-      const std::vector<ConstTensor4Ref<Scalar>>& features) {
-    check_features(features);
-    has_forward_ = false;
-    const Index s = stages();
-    for (Index k = s - 1; k >= 0; --k) {
-      auto& a = stages_[std::size_t(k)];
-      const Index out = options_.out_shapes.empty() ? 0 : options_.out_shapes[std::size_t(k)];
-      const auto& x = features[std::size_t(k)];
-      if (k == s - 1) {
-        a.check_forward(x, nullptr, out);
-        a.forward_pending(x, nullptr, out);
-      } else {
-        const ConstTensor4Ref<Scalar> r(stages_[std::size_t(k + 1)].residual());
-        a.check_forward(x, &r, out);
-        a.forward_pending(x, &r, out);
-      }
-      a.check_output();
-    }
-    for (auto& a : stages_) a.commit_forward();
-    outputs_.clear();
-    for (auto& a : stages_) outputs_.emplace_back(a.output());
-    has_forward_ = true;
-    return outputs_;
-  }
+      const std::vector<ConstTensor4Ref<Scalar>>& features);
 
+  //! The S outputs of the last forward, shallow → deep.
   const std::vector<ConstTensor4Ref<Scalar>>& outputs() const { return outputs_; }
 
   //! Adds the feature gradients to `d_features` (shapes of the features) for the cotangents of the
   //! S outputs, and the parameter gradients to gradients().
   void backward(const std::vector<ConstTensor4Ref<Scalar>>& d_outputs,
-                const std::vector<Tensor4Ref<Scalar>>& d_features) {
-    if (!has_forward_) detail::throw_invalid(kName, "backward called before forward");
-    const Index s = stages();
-    check_count("d_outputs", d_outputs.size());
-    check_count("d_features", d_features.size());
-    for (Index k = 0; k < s; ++k) {
-      const auto& a = stages_[std::size_t(k)];
-      const auto& o = a.output().dimensions();
-      const auto& x = a.x_.dimensions();
-      const std::string ks = std::to_string(k);  // short: no allocation
-      detail::check_shape4(
-          kName, [&] { return stage_str(k) + ": d_outputs[" + ks + "]"; },
-          d_outputs[std::size_t(k)], o[0], o[1], o[2], o[3], "shape of its output");
-      detail::check_shape4(
-          kName, [&] { return stage_str(k) + ": d_features[" + ks + "]"; },
-          d_features[std::size_t(k)], x[0], x[1], x[2], x[3], "shape of its feature");
-      if (!detail::all_finite4(d_outputs[std::size_t(k)])) {
-        detail::throw_numerical(
-            kName, detail::bad_element4("d_outputs[" + ks + "]", d_outputs[std::size_t(k)]));
-      }
-    }
-    // The residual of stage k feeds stage k − 1, so its gradient is that stage's dres_in_.
-    for (Index k = 0; k < s; ++k) {
-      stages_[std::size_t(k)].backward_pending(
-          d_outputs[std::size_t(k)],
-          k == 0 ? nullptr : stages_[std::size_t(k - 1)].dres_in_.data());
-    }
-    for (const auto& a : stages_) a.check_pending();
-    for (Index k = 0; k < s; ++k)
-      stages_[std::size_t(k)].commit_backward(d_features[std::size_t(k)].data(), nullptr);
-  }
+                const std::vector<Tensor4Ref<Scalar>>& d_features);
 
+  //! Sets the parameter gradients to zero.
   void zero_grad() {
     for (auto& a : stages_) a.zero_grad();
   }
 
   //! Every stage's parameters, deepest first ("abfs.0.conv1.0.weight", ...).
   std::vector<ParameterView<Scalar>> parameters() { return collect(&Stage::parameters); }
+  //! The parameter gradients, paired by position with parameters().
   std::vector<ParameterView<Scalar>> gradients() { return collect(&Stage::gradients); }
+  //! The running statistics (updated in training mode, not trained).
   std::vector<ParameterView<Scalar>> buffers() { return collect(&Stage::buffers); }
 
  private:
@@ -268,5 +228,67 @@ class ReviewFusion : detail::FloatingScalar<Scalar> {
   std::vector<ConstTensor4Ref<Scalar>> outputs_;
   bool has_forward_ = false;
 };
+
+template <class Scalar>
+const std::vector<ConstTensor4Ref<Scalar>>& ReviewFusion<Scalar>::forward(
+    const std::vector<ConstTensor4Ref<Scalar>>& features) {
+  check_features(features);
+  has_forward_ = false;
+  const Index s = stages();
+  for (Index k = s - 1; k >= 0; --k) {
+    auto& a = stages_[std::size_t(k)];
+    const Index out = options_.out_shapes.empty() ? 0 : options_.out_shapes[std::size_t(k)];
+    const auto& x = features[std::size_t(k)];
+    if (k == s - 1) {
+      a.check_forward(x, nullptr, out);
+      a.forward_pending(x, nullptr, out);
+    } else {
+      const ConstTensor4Ref<Scalar> r(stages_[std::size_t(k + 1)].residual());
+      a.check_forward(x, &r, out);
+      a.forward_pending(x, &r, out);
+    }
+    a.check_output();
+  }
+  for (auto& a : stages_) a.commit_forward();
+  outputs_.clear();
+  for (auto& a : stages_) outputs_.emplace_back(a.output());
+  has_forward_ = true;
+  return outputs_;
+}
+
+template <class Scalar>
+void ReviewFusion<Scalar>::backward(const std::vector<ConstTensor4Ref<Scalar>>& d_outputs,
+                                    const std::vector<Tensor4Ref<Scalar>>& d_features) {
+  if (!has_forward_) detail::throw_invalid(kName, "backward called before forward");
+  const Index s = stages();
+  check_count("d_outputs", d_outputs.size());
+  check_count("d_features", d_features.size());
+  for (Index k = 0; k < s; ++k) {
+    const auto& a = stages_[std::size_t(k)];
+    const auto& o = a.output().dimensions();
+    const auto& x = a.x_.dimensions();
+    const std::string ks = std::to_string(k);  // short: no allocation
+    detail::check_shape4(
+        kName, [&] { return stage_str(k) + ": d_outputs[" + ks + "]"; }, d_outputs[std::size_t(k)],
+        o[0], o[1], o[2], o[3], "shape of its output");
+    detail::check_shape4(
+        kName, [&] { return stage_str(k) + ": d_features[" + ks + "]"; },
+        d_features[std::size_t(k)], x[0], x[1], x[2], x[3], "shape of its feature");
+    if (!detail::all_finite4(d_outputs[std::size_t(k)])) {
+      detail::throw_numerical(
+          kName, detail::bad_element4("d_outputs[" + ks + "]", d_outputs[std::size_t(k)]));
+    }
+  }
+  // The residual of stage k feeds stage k − 1, so its gradient is that stage's dres_in_.
+  for (Index k = 0; k < s; ++k) {
+    stages_[std::size_t(k)].backward_pending(
+        d_outputs[std::size_t(k)], k == 0 ? nullptr : stages_[std::size_t(k - 1)].dres_in_.data());
+  }
+  for (const auto& a : stages_) a.check_pending();
+  for (Index k = 0; k < s; ++k)
+    stages_[std::size_t(k)].commit_backward(d_features[std::size_t(k)].data(), nullptr);
+}
+
+MMKD_EXTERN_TEMPLATE(ReviewFusion)
 
 }  // namespace mmkd

@@ -51,28 +51,37 @@ enum class DecorrelationTarget {
 template <class Scalar = float>
 class ChannelDecorrelation : detail::FloatingScalar<Scalar> {
  public:
+  //! The options; the defaults are those of the reference implementation.
   struct Options {
-    ChannelStatistic statistic = ChannelStatistic::Correlation;
-    DecorrelationTarget target = DecorrelationTarget::Identity;
-    bool mean_off_diagonal = true;  //!< divide by C(C−1); false sums
-    Scalar eps = Scalar(1e-5);      //!< variance guard, > 0
-    Scalar weight = Scalar(1);      //!< ≥ 0
+    ChannelStatistic statistic = ChannelStatistic::Correlation;  //!< correlation or covariance of
+                                                                 //!< the channels over the batch
+    DecorrelationTarget target =
+        DecorrelationTarget::Identity;  //!< the identity, or the teacher's statistic
+    bool mean_off_diagonal = true;      //!< divide by C(C−1); false sums
+    Scalar eps = Scalar(1e-5);          //!< variance guard, > 0
+    Scalar weight = Scalar(1);          //!< ≥ 0
   };
 
   ChannelDecorrelation() : ChannelDecorrelation(Options{}) {}
+  //! Throws InvalidArgument for an invalid option.
   explicit ChannelDecorrelation(const Options& options) : options_(options) { validate(); }
 
+  //! The options; may be changed between calls (validated at every call).
   Options& options() { return options_; }
+  //! The options.
   const Options& options() const { return options_; }
 
+  //! The loss against the identity target.
   Scalar value(const ConstMatrixRef<Scalar>& features) { return run(features, nullptr, nullptr); }
   //! With `DecorrelationTarget::Teacher`: the teacher's features (N_t x C) give the target.
   Scalar value(const ConstMatrixRef<Scalar>& features, const ConstMatrixRef<Scalar>& teacher) {
     return run(features, &teacher, nullptr);
   }
+  //! The loss; adds dL/d(features) to `d_features`.
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& features, MatrixRef<Scalar> d_features) {
     return run(features, nullptr, &d_features);
   }
+  //! The loss against the teacher's statistic; adds dL/d(features).
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& features,
                         const ConstMatrixRef<Scalar>& teacher, MatrixRef<Scalar> d_features) {
     return run(features, &teacher, &d_features);
@@ -107,60 +116,7 @@ class ChannelDecorrelation : detail::FloatingScalar<Scalar> {
   }
 
   Scalar run(const ConstMatrixRef<Scalar>& z, const ConstMatrixRef<Scalar>* teacher,
-             MatrixRef<Scalar>* dz) {
-    validate();
-    const Index n = z.rows(), c = z.cols();
-    detail::check_nonempty(kName, "features", n, c);
-    if (n < 2) {
-      detail::throw_invalid(
-          kName, "features has 1 row; the channel statistic needs a batch of at least 2");
-    }
-    const bool use_teacher = options_.target == DecorrelationTarget::Teacher;
-    if (use_teacher && !teacher)
-      detail::throw_invalid(kName, "target Teacher needs the teacher's features");
-    if (!use_teacher && teacher)
-      detail::throw_invalid(kName, "teacher features given but target is Identity");
-    if (teacher) {
-      if (teacher->cols() != c || teacher->rows() < 2) {
-        detail::throw_invalid(
-            kName, "teacher has shape " + detail::shape_str(teacher->rows(), teacher->cols()) +
-                       ", expected at least 2 rows and " + std::to_string(c) + " columns");
-      }
-    }
-    if (dz) detail::check_shape(kName, "d_features", *dz, n, c, "same as features");
-
-    statistic(z, h_, r_, sigma_);
-    if (teacher) {
-      statistic(*teacher, g_, rt_, sigma_t_);  // g_ is scratch here
-      r_ -= rt_;
-    }
-    r_.diagonal().setZero();  // r_ now holds R − T below the diagonal, 0 elsewhere
-    const Scalar scale = options_.mean_off_diagonal
-                             ? (c > 1 ? Scalar(1) / (Scalar(c) * Scalar(c - 1)) : Scalar(0))
-                             : Scalar(1);
-    const Scalar raw = 2 * r_.squaredNorm();  // both triangles
-    if (!detail::is_finite(raw)) diagnose(z, teacher);
-    const Scalar value = detail::scaled_value(kName, options_.weight * scale, raw, Scalar(0));
-    if (!dz) return value;
-
-    // G_R = 2 s (R − T) off-diagonal; G_H = (2/N) H G_R.
-    // H · sym(R − T), computed as its transpose sym(R − T) · Hᵀ.
-    grad_.resize(n, c);
-    detail::tiled_symmetric_product(grad_.transpose(), r_, h_.transpose(),
-                                    Scalar(4) * options_.weight * scale / Scalar(n), false);
-    if (options_.statistic == ChannelStatistic::Correlation) {
-      // Standardisation backward, per channel: (g − mean g − h · mean(g∘h)) / sigma.
-      row_a_.noalias() = grad_.colwise().sum() / Scalar(n);
-      row_b_.noalias() = (grad_.array() * h_.array()).matrix().colwise().sum() / Scalar(n);
-      grad_.array() =
-          (grad_.array().rowwise() - row_a_.array() - h_.array().rowwise() * row_b_.array())
-              .rowwise() /
-          sigma_.transpose().array();
-    }
-    if (!detail::all_finite(grad_)) diagnose(z, teacher);
-    *dz += grad_;
-    return value;
-  }
+             MatrixRef<Scalar>* dz);
 
   [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& z,
                              const ConstMatrixRef<Scalar>* teacher) const {
@@ -176,5 +132,65 @@ class ChannelDecorrelation : detail::FloatingScalar<Scalar> {
   Eigen::Matrix<Scalar, 1, Eigen::Dynamic> row_a_, row_b_;  // per-channel means
   Vector<Scalar> sigma_, sigma_t_;
 };
+
+template <class Scalar>
+Scalar ChannelDecorrelation<Scalar>::run(const ConstMatrixRef<Scalar>& z,
+                                         const ConstMatrixRef<Scalar>* teacher,
+                                         MatrixRef<Scalar>* dz) {
+  validate();
+  const Index n = z.rows(), c = z.cols();
+  detail::check_nonempty(kName, "features", n, c);
+  if (n < 2) {
+    detail::throw_invalid(kName,
+                          "features has 1 row; the channel statistic needs a batch of at least 2");
+  }
+  const bool use_teacher = options_.target == DecorrelationTarget::Teacher;
+  if (use_teacher && !teacher)
+    detail::throw_invalid(kName, "target Teacher needs the teacher's features");
+  if (!use_teacher && teacher)
+    detail::throw_invalid(kName, "teacher features given but target is Identity");
+  if (teacher) {
+    if (teacher->cols() != c || teacher->rows() < 2) {
+      detail::throw_invalid(
+          kName, "teacher has shape " + detail::shape_str(teacher->rows(), teacher->cols()) +
+                     ", expected at least 2 rows and " + std::to_string(c) + " columns");
+    }
+  }
+  if (dz) detail::check_shape(kName, "d_features", *dz, n, c, "same as features");
+
+  statistic(z, h_, r_, sigma_);
+  if (teacher) {
+    statistic(*teacher, g_, rt_, sigma_t_);  // g_ is scratch here
+    r_ -= rt_;
+  }
+  r_.diagonal().setZero();  // r_ now holds R − T below the diagonal, 0 elsewhere
+  const Scalar scale = options_.mean_off_diagonal
+                           ? (c > 1 ? Scalar(1) / (Scalar(c) * Scalar(c - 1)) : Scalar(0))
+                           : Scalar(1);
+  const Scalar raw = 2 * r_.squaredNorm();  // both triangles
+  if (!detail::is_finite(raw)) diagnose(z, teacher);
+  const Scalar value = detail::scaled_value(kName, options_.weight * scale, raw, Scalar(0));
+  if (!dz) return value;
+
+  // G_R = 2 s (R − T) off-diagonal; G_H = (2/N) H G_R.
+  // H · sym(R − T), computed as its transpose sym(R − T) · Hᵀ.
+  grad_.resize(n, c);
+  detail::tiled_symmetric_product(grad_.transpose(), r_, h_.transpose(),
+                                  Scalar(4) * options_.weight * scale / Scalar(n), false);
+  if (options_.statistic == ChannelStatistic::Correlation) {
+    // Standardisation backward, per channel: (g − mean g − h · mean(g∘h)) / sigma.
+    row_a_.noalias() = grad_.colwise().sum() / Scalar(n);
+    row_b_.noalias() = (grad_.array() * h_.array()).matrix().colwise().sum() / Scalar(n);
+    grad_.array() =
+        (grad_.array().rowwise() - row_a_.array() - h_.array().rowwise() * row_b_.array())
+            .rowwise() /
+        sigma_.transpose().array();
+  }
+  if (!detail::all_finite(grad_)) diagnose(z, teacher);
+  *dz += grad_;
+  return value;
+}
+
+MMKD_EXTERN_TEMPLATE(ChannelDecorrelation)
 
 }  // namespace mmkd

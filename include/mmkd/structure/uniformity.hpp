@@ -59,27 +59,34 @@ enum class UniformityMode {
 template <class Scalar = float>
 class Uniformity : detail::FloatingScalar<Scalar> {
  public:
+  //! The options; the defaults are those of the reference implementation.
   struct Options {
-    UniformityMode mode = UniformityMode::Samples;
-    Scalar t = Scalar(2);                    //!< > 0
+    UniformityMode mode =
+        UniformityMode::Samples;  //!< samples (rows) or the spatial positions of feature maps
+    Scalar t = Scalar(2);         //!< > 0
     Scalar spatial_temperature = Scalar(1);  //!< T_s > 0 (SpatialEntropy)
     Scalar eps = Scalar(1e-12);              //!< norm guard, > 0
     Scalar weight = Scalar(1);               //!< ≥ 0
   };
 
   Uniformity() : Uniformity(Options{}) {}
+  //! Throws InvalidArgument for an invalid option.
   explicit Uniformity(const Options& options) : options_(options) { validate(); }
 
+  //! The options; may be changed between calls (validated at every call).
   Options& options() { return options_; }
+  //! The options.
   const Options& options() const { return options_; }
 
   //! N x D embeddings (Samples mode).
   Scalar value(const ConstMatrixRef<Scalar>& x) { return run_rows(x, nullptr); }
+  //! The loss of N x D embeddings; adds dL/dx to `dx`.
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> dx) {
     return run_rows(x, &dx);
   }
   //! N x C x H x W feature maps (every mode).
   Scalar value(const ConstTensor4Ref<Scalar>& f) { return run_maps(f, nullptr); }
+  //! The loss of N x C x H x W feature maps; adds dL/df to `df`.
   Scalar value_and_grad(const ConstTensor4Ref<Scalar>& f, Tensor4Ref<Scalar> df) {
     return run_maps(f, &df);
   }
@@ -153,91 +160,9 @@ class Uniformity : detail::FloatingScalar<Scalar> {
     return value;
   }
 
-  Scalar run_rows(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar>* dx) {
-    validate();
-    if (options_.mode != UniformityMode::Samples) {
-      detail::throw_invalid(kName,
-                            "SpatialTokens and SpatialEntropy need N x C x H x W feature maps");
-    }
-    detail::check_nonempty(kName, "x", x.rows(), x.cols());
-    if (x.rows() < 2)
-      detail::throw_invalid(kName, "x has 1 row; uniformity needs at least 2 samples");
-    if (dx) detail::check_shape(kName, "dx", *dx, x.rows(), x.cols(), "same as x");
-    const Scalar v = points(x, dx != nullptr, options_.weight);
-    check(v, x, dx != nullptr);
-    const Scalar value = detail::scaled_value(kName, options_.weight, v, Scalar(0));
-    if (dx) *dx += dx_;
-    return value;
-  }
+  Scalar run_rows(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar>* dx);
 
-  Scalar run_maps(const ConstTensor4Ref<Scalar>& f, Tensor4Ref<Scalar>* df) {
-    validate();
-    const Index n = f.dimension(0), c = f.dimension(1), hw = f.dimension(2) * f.dimension(3);
-    if (n == 0 || c == 0 || hw == 0) detail::throw_invalid(kName, "feature maps are empty");
-    if (df && (df->dimension(0) != n || df->dimension(1) != c ||
-               df->dimension(2) != f.dimension(2) || df->dimension(3) != f.dimension(3))) {
-      detail::throw_invalid(kName, "df has a different shape from the feature maps");
-    }
-    const Eigen::Map<const Matrix<Scalar>> rows(f.data(), n * c,
-                                                hw);  // row (n, c) = one channel map
-    const Scalar w = options_.weight;
-    Scalar value = 0;
-    switch (options_.mode) {
-      case UniformityMode::Samples: {
-        if (n < 2)
-          detail::throw_invalid(kName, "feature maps have 1 sample; uniformity needs at least 2");
-        const Eigen::Map<const Matrix<Scalar>> flat(f.data(), n, c * hw);
-        value = points(flat, df != nullptr, w);
-        check(value, flat, df != nullptr);
-        const Scalar scaled = detail::scaled_value(kName, w, value, Scalar(0));
-        if (df) Eigen::Map<Matrix<Scalar>>(df->data(), n, c * hw) += dx_;
-        return scaled;
-      }
-      case UniformityMode::SpatialTokens: {
-        if (hw < 2)
-          detail::throw_invalid(kName, "SpatialTokens needs at least 2 positions (H·W >= 2)");
-        if (df) grad_.resize(n * c, hw);
-        for (Index i = 0; i < n; ++i) {
-          x_ = rows.middleRows(i * c, c).transpose();  // the H·W points of sample i, C each
-          const Scalar v = points(x_, df != nullptr, w / Scalar(n));
-          value += v;
-          // A non-finite term leaves dx_ unset; check() below then throws.
-          if (df && detail::is_finite(v)) grad_.middleRows(i * c, c) = dx_.transpose();
-        }
-        value /= Scalar(n);
-        check(value, rows, false);  // the gradient is checked below
-        if (df && !detail::all_finite(grad_))
-          detail::throw_numerical(kName, "the gradient overflows");
-        const Scalar scaled = detail::scaled_value(kName, w, value, Scalar(0));
-        if (df) Eigen::Map<Matrix<Scalar>>(df->data(), n * c, hw) += grad_;
-        return scaled;
-      }
-      case UniformityMode::SpatialEntropy: {
-        // KL(softmax(F/T) ‖ uniform) per row: the shared KL rows kernel against zero logits.
-        zeros_.setZero(hw);
-        const Eigen::Map<const Matrix<Scalar>, 0, Eigen::OuterStride<>> uniform(
-            zeros_.data(), n * c, hw, Eigen::OuterStride<>(0));
-        const Scalar inv_t = Scalar(1) / options_.spatial_temperature;
-        const Scalar g = w / (Scalar(n) * Scalar(c)) * inv_t;
-        ws_.prepare(n * c, hw, df ? 1 : 0, 2);
-        detail::kd_rows(
-            uniform, rows, inv_t, [](Index) { return true; }, ws_, -1, df ? 0 : -1,
-            [g](Index) { return g; });
-        value = ws_.row_value.sum() / (Scalar(n) * Scalar(c));
-        check(value, rows, false);  // the gradient is checked below
-        if (df && !detail::all_finite(ws_.grad_matrix(0)))
-          detail::throw_numerical(kName, "the gradient overflows");
-        const Scalar scaled = detail::scaled_value(kName, w, value, Scalar(0));
-        if (df) {
-          Eigen::Map<Matrix<Scalar>> out(df->data(), n * c, hw);
-          MatrixRef<Scalar> ref(out);
-          ws_.commit(0, ref, [](Index) { return true; });
-        }
-        return scaled;
-      }
-    }
-    return value;
-  }
+  Scalar run_maps(const ConstTensor4Ref<Scalar>& f, Tensor4Ref<Scalar>* df);
 
   // The value, and the gradient dx_ of this call when it computed one (never a stale one).
   template <class X>
@@ -255,5 +180,95 @@ class Uniformity : detail::FloatingScalar<Scalar> {
   Vector<Scalar> norms_, zeros_, row_max_, row_sum_, sq_norms_;
   detail::RowWorkspace<Scalar> ws_;
 };
+
+template <class Scalar>
+Scalar Uniformity<Scalar>::run_rows(const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar>* dx) {
+  validate();
+  if (options_.mode != UniformityMode::Samples) {
+    detail::throw_invalid(kName,
+                          "SpatialTokens and SpatialEntropy need N x C x H x W feature maps");
+  }
+  detail::check_nonempty(kName, "x", x.rows(), x.cols());
+  if (x.rows() < 2)
+    detail::throw_invalid(kName, "x has 1 row; uniformity needs at least 2 samples");
+  if (dx) detail::check_shape(kName, "dx", *dx, x.rows(), x.cols(), "same as x");
+  const Scalar v = points(x, dx != nullptr, options_.weight);
+  check(v, x, dx != nullptr);
+  const Scalar value = detail::scaled_value(kName, options_.weight, v, Scalar(0));
+  if (dx) *dx += dx_;
+  return value;
+}
+
+template <class Scalar>
+Scalar Uniformity<Scalar>::run_maps(const ConstTensor4Ref<Scalar>& f, Tensor4Ref<Scalar>* df) {
+  validate();
+  const Index n = f.dimension(0), c = f.dimension(1), hw = f.dimension(2) * f.dimension(3);
+  if (n == 0 || c == 0 || hw == 0) detail::throw_invalid(kName, "feature maps are empty");
+  if (df && (df->dimension(0) != n || df->dimension(1) != c || df->dimension(2) != f.dimension(2) ||
+             df->dimension(3) != f.dimension(3))) {
+    detail::throw_invalid(kName, "df has a different shape from the feature maps");
+  }
+  const Eigen::Map<const Matrix<Scalar>> rows(f.data(), n * c,
+                                              hw);  // row (n, c) = one channel map
+  const Scalar w = options_.weight;
+  Scalar value = 0;
+  switch (options_.mode) {
+    case UniformityMode::Samples: {
+      if (n < 2)
+        detail::throw_invalid(kName, "feature maps have 1 sample; uniformity needs at least 2");
+      const Eigen::Map<const Matrix<Scalar>> flat(f.data(), n, c * hw);
+      value = points(flat, df != nullptr, w);
+      check(value, flat, df != nullptr);
+      const Scalar scaled = detail::scaled_value(kName, w, value, Scalar(0));
+      if (df) Eigen::Map<Matrix<Scalar>>(df->data(), n, c * hw) += dx_;
+      return scaled;
+    }
+    case UniformityMode::SpatialTokens: {
+      if (hw < 2)
+        detail::throw_invalid(kName, "SpatialTokens needs at least 2 positions (H·W >= 2)");
+      if (df) grad_.resize(n * c, hw);
+      for (Index i = 0; i < n; ++i) {
+        x_ = rows.middleRows(i * c, c).transpose();  // the H·W points of sample i, C each
+        const Scalar v = points(x_, df != nullptr, w / Scalar(n));
+        value += v;
+        // A non-finite term leaves dx_ unset; check() below then throws.
+        if (df && detail::is_finite(v)) grad_.middleRows(i * c, c) = dx_.transpose();
+      }
+      value /= Scalar(n);
+      check(value, rows, false);  // the gradient is checked below
+      if (df && !detail::all_finite(grad_))
+        detail::throw_numerical(kName, "the gradient overflows");
+      const Scalar scaled = detail::scaled_value(kName, w, value, Scalar(0));
+      if (df) Eigen::Map<Matrix<Scalar>>(df->data(), n * c, hw) += grad_;
+      return scaled;
+    }
+    case UniformityMode::SpatialEntropy: {
+      // KL(softmax(F/T) ‖ uniform) per row: the shared KL rows kernel against zero logits.
+      zeros_.setZero(hw);
+      const Eigen::Map<const Matrix<Scalar>, 0, Eigen::OuterStride<>> uniform(
+          zeros_.data(), n * c, hw, Eigen::OuterStride<>(0));
+      const Scalar inv_t = Scalar(1) / options_.spatial_temperature;
+      const Scalar g = w / (Scalar(n) * Scalar(c)) * inv_t;
+      ws_.prepare(n * c, hw, df ? 1 : 0, 2);
+      detail::kd_rows(
+          uniform, rows, inv_t, [](Index) { return true; }, ws_, -1, df ? 0 : -1,
+          [g](Index) { return g; });
+      value = ws_.row_value.sum() / (Scalar(n) * Scalar(c));
+      check(value, rows, false);  // the gradient is checked below
+      if (df && !detail::all_finite(ws_.grad_matrix(0)))
+        detail::throw_numerical(kName, "the gradient overflows");
+      const Scalar scaled = detail::scaled_value(kName, w, value, Scalar(0));
+      if (df) {
+        Eigen::Map<Matrix<Scalar>> out(df->data(), n * c, hw);
+        MatrixRef<Scalar> ref(out);
+        ws_.commit(0, ref, [](Index) { return true; });
+      }
+      return scaled;
+    }
+  }
+  return value;
+}
+
+MMKD_EXTERN_TEMPLATE(Uniformity)
 
 }  // namespace mmkd
