@@ -277,8 +277,9 @@ TEST_CASE("A copied ReviewFusion's outputs are its own", "[review][fusion]") {
   }
 }
 
-TEST_CASE("The ReviewKD snippet of docs/review.md: its gradient along a direction matches differences",
-          "[review][fusion]") {
+TEST_CASE(
+    "The ReviewKD snippet of docs/review.md: its gradient along a direction matches differences",
+    "[review][fusion]") {
   // The snippet's lines, in double, on two samples of the resnet20 shapes.
   mmkd::ReviewFusion<double>::Options o;
   o.in_channels = {16, 32, 64, 64};
