@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need from Debian's packages (libtorch for the cross-checks and the bridge,
-# OpenBLAS so libtorch runs on a real BLAS, OpenMPI for the distributed InfoNCE check), builds
+# OpenBLAS so libtorch runs on a real BLAS, OpenMPI for the distributed InfoNCE check, Doxygen for
+# the API reference check), builds
 # everything and runs the whole suite.
 #
 #   bash scripts/test.sh                  the whole suite (build/)
@@ -25,7 +26,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq cmake g++ make libeigen3-dev catch2 libbenchmark-dev libtorch-dev \
-  libopenblas0-openmp libopenblas-openmp-dev openmpi-bin libopenmpi-dev ccache time pkg-config \
+  libopenblas0-openmp libopenblas-openmp-dev openmpi-bin libopenmpi-dev ccache time pkg-config doxygen \
   >/dev/null
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DMMKD_OPENMP=ON "$(mmkd_launcher_option)"
 mmkd_ccache_zero

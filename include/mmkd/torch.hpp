@@ -17,6 +17,7 @@
 //
 // The functions live in namespace mmkd_torch, outside mmkd, so that `torch::` means libtorch
 // wherever both are used. Bad tensors throw mmkd::InvalidArgument ("mmkd_torch: <loss>: ...").
+// ReviewFusionModule is mmkd's ReviewFusion as a torch::nn::Module, for a libtorch student.
 // Row masks are 1-D bool or uint8 tensors of N entries (1 = the row takes part), viewed in
 // place; class labels follow PyTorch's convention that -100 marks a row to ignore.
 
@@ -385,5 +386,176 @@ at::Tensor hierarchical_context_loss(mmkd::HierarchicalContextLoss<S>& loss,
   };
   return run_loss(call, inputs);
 }
+
+template <class S>
+class ReviewFusionModule;
+
+namespace detail {
+
+// PyTorch's shape for a parameter or buffer of mmkd's ReviewFusion (the same memory): conv weights
+// (O, C, kh, kw) as the reference's state_dict holds them, everything else 1-D.
+inline std::vector<int64_t> torch_shape(const std::string& name, int64_t rows, int64_t cols) {
+  auto ends_with = [&](const std::string& s) {
+    return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
+  };
+  if (ends_with("conv2.0.weight")) return {rows, cols / 9, 3, 3};
+  if (ends_with(".0.weight")) return {rows, cols, 1, 1};
+  return {rows * cols};
+}
+
+// The autograd node of ReviewFusionModule: forward runs mmkd's forward and copies the outputs
+// out (mmkd overwrites them at the next forward); backward runs mmkd's backward for the incoming
+// cotangents and returns the feature and parameter gradients.
+template <class S>
+struct ReviewFusionFunction : torch::autograd::Function<ReviewFusionFunction<S>> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                ReviewFusionModule<S>* m, at::TensorList inputs) {
+    auto& fusion = m->fusion_;
+    const auto stages = static_cast<std::size_t>(fusion.stages());
+    std::vector<mmkd::ConstTensor4Ref<S>> views;
+    std::vector<int64_t> sizes;
+    for (std::size_t k = 0; k < stages; ++k) {
+      check<S>("ReviewFusion", ("features[" + std::to_string(k) + "]").c_str(), inputs[k], 4);
+      views.push_back(ct4<S>(inputs[k]));
+      for (int64_t d : inputs[k].sizes()) sizes.push_back(d);
+    }
+    const auto& outs = fusion.forward(views);
+    torch::autograd::variable_list result;
+    for (const auto& o : outs) {
+      const auto& d = o.dimensions();
+      at::Tensor t = at::empty({d[0], d[1], d[2], d[3]}, inputs[0].options());
+      std::copy(o.data(), o.data() + o.size(), t.data_ptr<S>());
+      result.push_back(t);
+    }
+    ctx->saved_data["module"] = reinterpret_cast<int64_t>(m);
+    ctx->saved_data["generation"] = ++m->generation_;
+    ctx->saved_data["sizes"] = sizes;
+    return result;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    auto* m = reinterpret_cast<ReviewFusionModule<S>*>(ctx->saved_data["module"].toInt());
+    if (ctx->saved_data["generation"].toInt() != m->generation_)
+      fail("ReviewFusion",
+           "backward of an earlier forward: the module keeps the state of its last forward "
+           "only (call backward before the next forward)");
+    auto& fusion = m->fusion_;
+    const auto stages = static_cast<std::size_t>(fusion.stages());
+    const auto sizes = ctx->saved_data["sizes"].toIntVector();
+    std::vector<at::Tensor> d_out(stages), d_feat(stages);
+    std::vector<mmkd::ConstTensor4Ref<S>> dov;
+    std::vector<mmkd::Tensor4Ref<S>> dfv;
+    const auto options = at::TensorOptions().dtype(dtype_of<S>());
+    for (std::size_t k = 0; k < stages; ++k) {
+      const auto& o = fusion.outputs()[k].dimensions();
+      d_out[k] = grad_outputs[k].defined()
+                     ? grad_outputs[k].contiguous()
+                     : at::zeros({o[0], o[1], o[2], o[3]}, options);  // an unused output
+      check<S>("ReviewFusion", ("grad of output " + std::to_string(k)).c_str(), d_out[k], 4);
+      dov.push_back(ct4<S>(d_out[k]));
+      d_feat[k] =
+          at::zeros({sizes[4 * k], sizes[4 * k + 1], sizes[4 * k + 2], sizes[4 * k + 3]}, options);
+      dfv.push_back(t4<S>(d_feat[k]));
+    }
+    fusion.zero_grad();
+    fusion.backward(dov, dfv);
+    torch::autograd::variable_list out{at::Tensor()};  // none for the module pointer
+    out.insert(out.end(), d_feat.begin(), d_feat.end());
+    auto grads = fusion.gradients();
+    for (std::size_t j = 0; j < grads.size(); ++j)
+      out.push_back(at::from_blob(grads[j].value.data(), m->params_[j].sizes(), options).clone());
+    return out;
+  }
+};
+
+}  // namespace detail
+
+/// mmkd's ReviewFusion (the student's ABF chain of ReviewKD) as a libtorch module, for a student
+/// trained with libtorch: `forward` takes the S student features N x C_k x H_k x W_k (shallow →
+/// deep, contiguous CPU tensors of the module's scalar type) and returns the S fused maps, which
+/// autograd differentiates with mmkd's analytic backward (features and parameters).
+///
+/// The parameters and the batch-norm buffers are registered under the reference's state_dict
+/// names ("abfs.0.conv1.0.weight", ..., conv weights shaped (O, C, kh, kw)) and are views of the
+/// mmkd module's own memory: a torch optimizer stepping `parameters()`, or `load_state_dict`-style
+/// copies into them, change the mmkd module in place. `train()` / `eval()` switch both.
+///
+/// mmkd keeps the state of one forward: the backward of a forward must run before the next
+/// forward (an older graph's backward throws mmkd::InvalidArgument, it never uses a newer
+/// forward's state).
+///
+/// ```cpp
+/// mmkd::ReviewFusion<float>::Options o;  // in_channels, out_channels, shapes, mid_channels
+/// auto review = std::make_shared<mmkd_torch::ReviewFusionModule<float>>(o);
+/// torch::optim::Adam opt(review->parameters(), 1e-3);
+/// auto fused = review->forward(student_features);
+/// auto loss = mmkd_torch::hierarchical_context_loss(hcl, fused, teacher_features);
+/// loss.backward();  opt.step();
+/// ```
+template <class S = float>
+class ReviewFusionModule : public torch::nn::Module {
+ public:
+  using Options = typename mmkd::ReviewFusion<S>::Options;  //!< mmkd::ReviewFusion's options
+
+  ReviewFusionModule(const ReviewFusionModule&) = delete;  // the registered tensors view fusion_
+  ReviewFusionModule& operator=(const ReviewFusionModule&) = delete;
+
+  //! Builds the mmkd module (seeded initialisation) and registers views of its tensors.
+  explicit ReviewFusionModule(const Options& options) : fusion_(options) {
+    for (auto& p : fusion_.parameters()) params_.push_back(register_view(p, true));
+    for (auto& b : fusion_.buffers()) register_view(b, false);
+    fusion_.train(is_training());
+  }
+
+  //! The S fused maps (shallow → deep) for the S student features, as new tensors.
+  std::vector<at::Tensor> forward(const std::vector<at::Tensor>& features) {
+    if (features.size() != static_cast<std::size_t>(fusion_.stages()))
+      detail::fail("ReviewFusion", "got " + std::to_string(features.size()) +
+                                       " features, expected " + std::to_string(fusion_.stages()) +
+                                       " (one per stage)");
+    std::vector<at::Tensor> inputs(features);
+    inputs.insert(inputs.end(), params_.begin(), params_.end());
+    return detail::ReviewFusionFunction<S>::apply(this, at::TensorList(inputs));
+  }
+
+  //! Training or (false) eval mode, for this module and the mmkd one.
+  void train(bool on = true) override {
+    torch::nn::Module::train(on);
+    fusion_.train(on);
+  }
+
+  /// The mmkd module whose memory the registered tensors view.
+  mmkd::ReviewFusion<S>& fusion() { return fusion_; }
+  const mmkd::ReviewFusion<S>& fusion() const { return fusion_; }  //!< read-only
+
+ private:
+  friend struct detail::ReviewFusionFunction<S>;
+
+  // Registers a view of `v` under its dotted name, creating the empty parent modules on the way.
+  at::Tensor register_view(mmkd::ParameterView<S> v, bool parameter) {
+    const std::string name = v.name;
+    torch::nn::Module* parent = this;
+    std::size_t start = 0;
+    for (std::size_t dot; (dot = name.find('.', start)) != std::string::npos; start = dot + 1) {
+      const std::string part = name.substr(start, dot - start);
+      auto children = parent->named_children();
+      if (auto* child = children.find(part)) {
+        parent = child->get();
+      } else {
+        parent = parent->register_module(part, std::make_shared<torch::nn::Module>()).get();
+      }
+    }
+    at::Tensor t =
+        at::from_blob(v.value.data(), detail::torch_shape(name, v.value.rows(), v.value.cols()),
+                      at::TensorOptions().dtype(detail::dtype_of<S>()));
+    const std::string leaf = name.substr(start);
+    return parameter ? parent->register_parameter(leaf, t) : parent->register_buffer(leaf, t);
+  }
+
+  mmkd::ReviewFusion<S> fusion_;
+  std::vector<at::Tensor> params_;  // the registered parameters, in fusion_.parameters() order
+  std::int64_t generation_ = 0;     // forwards so far
+};
 
 }  // namespace mmkd_torch
