@@ -21,10 +21,14 @@ namespace mmkd {
  * distillation): each query must pick out its positive key among all keys. Symmetric by default
  * (CLIP: the mean of the query→key and key→query directions).
  *
- *     U = normalize(Q) (N x D),  V = normalize(K) (K' x D),  S = U Vᵀ / τ,  positive of query i =
- * key i + offset L_q→k = Σ_i ( lse_j S_ij − S_i,i+offset ),   L_k→q = Σ_i ( lse_r S_r,i+offset −
- * S_i,i+offset ) L = weight / G · ( L_q→k, or (L_q→k + L_k→q) / 2 when symmetric ),   G =
- * global_batch or N
+ * @code
+ * U = normalize(Q) (N x D),   V = normalize(K) (K' x D),   S = U Vᵀ / τ
+ * positive of query i: key p(i) = i + offset
+ * L_q→k = Σ_i ( lse_j S_ij − S_i,p(i) )
+ * L_k→q = Σ_i ( lse_r S_r,p(i) − S_i,p(i) )
+ * L     = weight / G · L_q→k,   or weight / G · (L_q→k + L_k→q) / 2 when symmetric
+ * G     = global_batch, or N when it is 0
+ * @endcode
  *
  * Matches open_clip `ClipLoss` (symmetric) and the one-directional InfoNCE of the reference note;
  * τ = 0.07 (CLIP's initial value). With `learn_temperature`, 1/τ = exp(θ) with θ a parameter of
