@@ -3,6 +3,7 @@
 
 #include "mmkd/logit/cross_entropy.hpp"
 #include "mmkd/logit/decoupled_kd.hpp"
+#include "mmkd/logit/logit_divergence.hpp"
 #include "mmkd/logit/logit_kd.hpp"
 
 namespace mmkd {
@@ -11,6 +12,8 @@ template class CrossEntropy<float>;
 template class CrossEntropy<double>;
 template class DecoupledKD<float>;
 template class DecoupledKD<double>;
+template class LogitDivergence<float>;
+template class LogitDivergence<double>;
 template class LogitKD<float>;
 template class LogitKD<double>;
 

@@ -3,6 +3,7 @@
 #include <mmkd/core/loss_sum.hpp>
 #include <mmkd/logit/cross_entropy.hpp>
 #include <mmkd/logit/decoupled_kd.hpp>
+#include <mmkd/logit/logit_divergence.hpp>
 #include <mmkd/logit/logit_kd.hpp>
 
 using namespace mmkd_test;
@@ -21,6 +22,12 @@ TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][all
   ce_weighted.options().class_weights = random_matrix<T>(100, 1, 4).cwiseAbs();
   ce_weighted.options().label_smoothing = T(0.1);
   const Matrix<T> soft = t.cwiseAbs();
+  std::vector<mmkd::LogitDivergence<T>> divergences;
+  for (int k = 0; k < 6; ++k) {
+    typename mmkd::LogitDivergence<T>::Options o;
+    o.divergence = static_cast<mmkd::Divergence>(k);
+    divergences.emplace_back(o);
+  }
   mmkd::LossSum<T> total;  // its terms' calls, by name, add no allocation of their own
   total.add("kd", T(0.9), kd, [&](auto& l) { return l.value_and_grad(s, t, ds); });
   total.add("ce", T(0.1), ce, [&](auto& l) { return l.value_and_grad(s, y, ds); });
@@ -36,6 +43,11 @@ TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][all
     CHECK_NOTHROW(ce.value_and_grad(s, soft, mask, ds));
     CHECK_NOTHROW(ce_weighted.value_and_grad(s, y, ds));
     CHECK_NOTHROW(ce_weighted.value_and_grad(s, soft, ds));
+    for (auto& d : divergences) {
+      CHECK_NOTHROW(d.value_and_grad(s, t, mask, ds, dt));
+      CHECK_NOTHROW(d.value_and_grad(s, t, ds));
+      CHECK_NOTHROW(d.value(s, t));
+    }
     CHECK_NOTHROW(total.value_and_grad());
     CHECK_NOTHROW(total.value("kd"));
   }

@@ -2,6 +2,7 @@
 
 #include <mmkd/logit/cross_entropy.hpp>
 #include <mmkd/logit/decoupled_kd.hpp>
+#include <mmkd/logit/logit_divergence.hpp>
 #include <mmkd/logit/logit_kd.hpp>
 
 #include "core/parallel_support.hpp"
@@ -28,18 +29,25 @@ TEST_CASE("LogitKD gives bit-identical results with 1 and 2 threads", "[core][pa
 
 namespace {
 
-// LogitKD, DecoupledKD and CrossEntropy on one n x c batch, with 1 and then 2 threads.
+// LogitKD, DecoupledKD, CrossEntropy and the LogitDivergence kinds on one n x c batch, with 1 and
+// then 2 threads.
 template <class T>
 void logit_losses_same_with_1_and_2_threads(Index n, Index c) {
   const Matrix<T> s = random_matrix<T>(n, c, 1, 3), t = random_matrix<T>(n, c, 2, 3);
   const mmkd::Labels y = random_labels(n, c, 3);
   same_with_1_and_2_threads<T>([&](std::vector<Matrix<T>>& g) {
-    g.assign(3, Matrix<T>::Zero(n, c));
+    g.assign(5, Matrix<T>::Zero(n, c));
+    T divergences = 0;
+    for (int k = 1; k < 6; ++k) {  // ForwardKL is LogitKD's kernel
+      typename mmkd::LogitDivergence<T>::Options o;
+      o.divergence = static_cast<mmkd::Divergence>(k);
+      divergences += mmkd::LogitDivergence<T>(o).value_and_grad(s, t, g[3], g[4]);
+    }
     mmkd::LogitKD<T> kd;
     mmkd::DecoupledKD<T> dkd;
     mmkd::CrossEntropy<T> ce({T(0.1)});
     return kd.value_and_grad(s, t, g[0], g[1]) + dkd.value_and_grad(s, t, y, g[2]) +
-           ce.value_and_grad(s, y, g[2]);
+           ce.value_and_grad(s, y, g[2]) + divergences;
   });
 }
 

@@ -1,0 +1,132 @@
+#pragma once
+
+// Row kernels of the token-level divergences (LogitDivergence) other than the forward KL, which
+// is kl_row / kd_rows. Internal.
+
+#include <cmath>
+#include <limits>
+
+#include "mmkd/detail/kl.hpp"
+
+namespace mmkd {
+
+/// The divergence between the teacher's distribution p = softmax(t/T) and the student's
+/// q = softmax(s/T) that LogitDivergence computes per row.
+enum class Divergence {
+  ForwardKL,       //!< KL(p ‖ q), Hinton's KD
+  ReverseKL,       //!< KL(q ‖ p)
+  GeneralizedJSD,  //!< β·KL(p ‖ m) + (1−β)·KL(q ‖ m), m = β·p + (1−β)·q (TRL, GKD)
+  SkewForwardKL,   //!< KL(p ‖ λ·p + (1−λ)·q) (DistiLLM)
+  SkewReverseKL,   //!< KL(q ‖ λ·q + (1−λ)·p) (DistiLLM)
+  TotalVariation   //!< ½ Σ |p − q|
+};
+
+namespace detail {
+
+/// Scratch rows of one divergence row: the two distributions and their logs, and one more.
+template <class T>
+struct DivergenceBuffers {
+  RowMap<T> q, p, lq, lp, lm;
+};
+
+/// One row of a divergence other than ForwardKL, with a = s/T, b = t/T. Returns D; writes
+/// ga = ∂D/∂a and gb = ∂D/∂b (each optional: nullptr) unscaled. `mix` is β (GeneralizedJSD) or
+/// λ (the skew divergences).
+///
+/// Everything is formed in the log domain from the max-shifted logits: log q = (s − max s)/T −
+/// log Σ, log m = logaddexp(log β + log p, log(1−β) + log q), and the products q·p/m, p²/m as
+/// exp of sums of logs, so nothing is 0·∞ where a probability underflows. A class with logit −inf
+/// has probability 0 and adds 0 (0·log 0 = 0); a class the other side rules out while this side
+/// does not makes ReverseKL (and the skew forms at λ = 0) infinite, which the caller reports.
+///
+/// For f(q), ∂f/∂a = q ⊙ (g − Σ q g) with g = ∂f/∂q; likewise for b with p:
+///   ReverseKL:  ga = q ⊙ (log q − log p − D),                          gb = p − q
+///   JSD:        ga = (1−β) q ⊙ (log q − log m − KL(q‖m)),             gb = β p ⊙ (log p − log m −
+///   KL(p‖m)) SkewFwd:    ga = −(1−λ) (qp/m − q Σ qp/m),                         gb = p ⊙ (log p −
+///   log m − D) − λ (p²/m − p Σ p²/m) SkewRev:    ga = q ⊙ (log q − log m − D) − λ (q²/m − q Σ
+///   q²/m),    gb = −(1−λ) (qp/m − p Σ qp/m) TV:         ga = q ⊙ (g − Σ q g), g = −½ sign(p − q);
+///   gb = p ⊙ (h − Σ p h), h = −g
+template <class T, class S, class U>
+T divergence_row(Divergence kind, T mix, const Eigen::ArrayBase<S>& s, const Eigen::ArrayBase<U>& t,
+                 T inv_t, DivergenceBuffers<T>& b, RowMap<T>* ga, RowMap<T>* gb) {
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  const ShiftedExp<T> es = shifted_exp(s, inv_t, b.q);
+  const ShiftedExp<T> et = shifted_exp(t, inv_t, b.p);
+  if (!(es.sum > T(0)) || !(et.sum > T(0))) return std::numeric_limits<T>::quiet_NaN();
+  b.q /= es.sum;
+  b.p /= et.sum;
+  b.lq = (s - es.x_max) * inv_t - std::log(es.sum);
+  b.lp = (t - et.x_max) * inv_t - std::log(et.sum);
+  const auto live_s = s > ninf;  // classes the student allows
+  const auto live_t = t > ninf;
+  const ExpShifted<T> ex;
+  // log(α·x + (1−α)·y) from log x, log y; −inf where both are −inf.
+  auto log_mix = [&](T alpha, const RowMap<T>& lx, const RowMap<T>& ly) {
+    const T la = std::log(alpha), lb = std::log1p(-alpha);
+    const auto x = lx + la;
+    const auto y = ly + lb;
+    const auto hi = x.max(y);
+    b.lm = (hi > ninf).select(hi + ((-(x - y).abs()).unaryExpr(ex)).log1p(), ninf);
+  };
+  T d = 0;
+  switch (kind) {
+    case Divergence::ReverseKL: {
+      d = live_s.select(b.q * (b.lq - b.lp), T(0)).sum();
+      if (ga) *ga = live_s.select(b.q * ((b.lq - b.lp) - d), T(0));
+      if (gb) *gb = b.p - b.q;
+      break;
+    }
+    case Divergence::GeneralizedJSD: {
+      log_mix(mix, b.lp, b.lq);  // m = β p + (1−β) q
+      const T kp = live_t.select(b.p * (b.lp - b.lm), T(0)).sum();
+      const T kq = live_s.select(b.q * (b.lq - b.lm), T(0)).sum();
+      d = mix * kp + (T(1) - mix) * kq;
+      if (ga) *ga = live_s.select((T(1) - mix) * b.q * ((b.lq - b.lm) - kq), T(0));
+      if (gb) *gb = live_t.select(mix * b.p * ((b.lp - b.lm) - kp), T(0));
+      break;
+    }
+    case Divergence::SkewForwardKL: {
+      log_mix(mix, b.lp, b.lq);  // m = λ p + (1−λ) q
+      d = live_t.select(b.p * (b.lp - b.lm), T(0)).sum();
+      if (ga) {
+        *ga = (b.lq + b.lp - b.lm).unaryExpr(ex);  // q p / m
+        const T sum = ga->sum();
+        *ga = -(T(1) - mix) * (*ga - b.q * sum);
+      }
+      if (gb) {
+        *gb = (T(2) * b.lp - b.lm).unaryExpr(ex);  // p² / m
+        const T sum = gb->sum();
+        *gb = live_t.select(b.p * ((b.lp - b.lm) - d), T(0)) - mix * (*gb - b.p * sum);
+      }
+      break;
+    }
+    case Divergence::SkewReverseKL: {
+      log_mix(mix, b.lq, b.lp);  // m = λ q + (1−λ) p
+      d = live_s.select(b.q * (b.lq - b.lm), T(0)).sum();
+      if (ga) {
+        *ga = (T(2) * b.lq - b.lm).unaryExpr(ex);  // q² / m
+        const T sum = ga->sum();
+        *ga = live_s.select(b.q * ((b.lq - b.lm) - d), T(0)) - mix * (*ga - b.q * sum);
+      }
+      if (gb) {
+        *gb = (b.lq + b.lp - b.lm).unaryExpr(ex);  // q p / m
+        const T sum = gb->sum();
+        *gb = -(T(1) - mix) * (*gb - b.p * sum);
+      }
+      break;
+    }
+    case Divergence::TotalVariation: {
+      b.lm = (b.p - b.q).sign() * T(0.5);  // h = ∂D/∂p; ∂D/∂q = −h
+      d = (b.p - b.q).abs().sum() * T(0.5);
+      if (ga) *ga = -b.q * (b.lm - (b.q * b.lm).sum());
+      if (gb) *gb = b.p * (b.lm - (b.p * b.lm).sum());
+      break;
+    }
+    case Divergence::ForwardKL:  // kd_rows
+      break;
+  }
+  return d;
+}
+
+}  // namespace detail
+}  // namespace mmkd
