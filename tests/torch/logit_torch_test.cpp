@@ -3,6 +3,7 @@
 
 #include <mmkd/logit/cross_entropy.hpp>
 #include <mmkd/logit/decoupled_kd.hpp>
+#include <mmkd/logit/logit_divergence.hpp>
 #include <mmkd/logit/logit_kd.hpp>
 
 #include <array>
@@ -67,6 +68,73 @@ TEST_CASE("LogitKD equals libtorch kl_div + autograd on random shapes", "[torch]
       CHECK(v == Approx(loss.item<double>()).epsilon(1e-10));
       CHECK(max_rel_diff(ds, from_torch(ts.grad())) < 1e-10);
       CHECK(max_rel_diff(dt, from_torch(tt.grad())) < 1e-10);
+    }
+  }
+}
+
+namespace {
+
+// The token-level divergences per row, written with libtorch ops from their references: TRL's
+// generalized_jsd_loss (log-mixture by logsumexp of the log-probabilities plus log β, log(1−β);
+// kl_div with log_target), DistiLLM's skewed KLs (mixture of probabilities), total variation.
+torch::Tensor torch_divergence_rows(mmkd::Divergence kind, double mix, const torch::Tensor& s,
+                                    const torch::Tensor& t, double temp) {
+  const auto lq = torch::log_softmax(s / temp, 1), lp = torch::log_softmax(t / temp, 1);
+  auto kl = [](const torch::Tensor& lx, const torch::Tensor& ly) {  // KL(x ‖ y) per row
+    return F::kl_div(ly, lx, F::KLDivFuncOptions().reduction(torch::kNone).log_target(true)).sum(1);
+  };
+  switch (kind) {
+    case mmkd::Divergence::ForwardKL:
+      return kl(lp, lq);
+    case mmkd::Divergence::ReverseKL:
+      return kl(lq, lp);
+    case mmkd::Divergence::GeneralizedJSD: {
+      const auto lm =
+          torch::logsumexp(torch::stack({lq + std::log(1 - mix), lp + std::log(mix)}), 0);
+      return mix * kl(lp, lm) + (1 - mix) * kl(lq, lm);
+    }
+    case mmkd::Divergence::SkewForwardKL:
+      return kl(lp, torch::log(mix * lp.exp() + (1 - mix) * lq.exp()));
+    case mmkd::Divergence::SkewReverseKL:
+      return kl(lq, torch::log(mix * lq.exp() + (1 - mix) * lp.exp()));
+    case mmkd::Divergence::TotalVariation:
+      return 0.5 * (lp.exp() - lq.exp()).abs().sum(1);
+  }
+  return {};
+}
+
+}  // namespace
+
+TEST_CASE("LogitDivergence equals TRL's and DistiLLM's formulas in libtorch on random shapes",
+          "[torch][logit][divergence]") {
+  for (const Case& k : random_cases(8, 515)) {
+    const Matrix<double> s = random_matrix<double>(k.n, k.c, k.seed, 3.0);
+    const Matrix<double> t = random_matrix<double>(k.n, k.c, k.seed + 1, 3.0);
+    const mmkd::RowMask mask = random_mask(k.n, k.seed + 2);
+    for (int kind = 0; kind < 6; ++kind) {
+      for (double mix : {0.1, 0.5, 0.9}) {
+        const auto d = static_cast<mmkd::Divergence>(kind);
+        INFO("N " << k.n << " C " << k.c << " T " << k.temp << " kind " << kind << " mix " << mix);
+        auto ts = to_torch(s, true), tt = to_torch(t, true);
+        const auto m = to_torch(mask);
+        const auto rows = torch_divergence_rows(d, mix, ts, tt, k.temp);
+        const auto loss = 0.7 * k.temp * k.temp * (rows * m).sum() / m.sum();  // batchmean
+        loss.backward();
+
+        mmkd::LogitDivergence<double>::Options o;
+        o.divergence = d;
+        o.beta = mix;
+        o.skew = mix;
+        o.temperature = k.temp;
+        o.scale_by_t2 = true;
+        o.weight = 0.7;
+        mmkd::LogitDivergence<double> loss_mmkd(o);
+        Matrix<double> ds = Matrix<double>::Zero(k.n, k.c), dt = Matrix<double>::Zero(k.n, k.c);
+        const double v = loss_mmkd.value_and_grad(s, t, mask, ds, dt);
+        CHECK(v == Approx(loss.item<double>()).epsilon(1e-10));
+        CHECK(max_rel_diff(ds, from_torch(ts.grad())) < 1e-10);
+        CHECK(max_rel_diff(dt, from_torch(tt.grad())) < 1e-10);
+      }
     }
   }
 }
