@@ -192,6 +192,16 @@ at::Tensor matrix_pair(Loss& loss, const std::string& name, const char* first, c
   return run_loss(call, {a, b});
 }
 
+// A student/teacher logit loss with an optional row mask (undefined: every row).
+template <class S, class Loss>
+at::Tensor masked_logit_pair(Loss& loss, const char* name, const at::Tensor& student,
+                             const at::Tensor& teacher, const at::Tensor& mask) {
+  if (!mask.defined()) return matrix_pair<S>(loss, name, "student", "teacher", student, teacher);
+  check<S>(name, "student", student, 2);  // the mask's length is its row count
+  return matrix_pair<S>(loss, name, "student", "teacher", student, teacher,
+                        mask_view(name, mask, student.size(0)));
+}
+
 }  // namespace detail
 
 /// LogitKD on N x C logits; the teacher's gradient too when it requires grad. `mask` (N, bool or
@@ -199,11 +209,15 @@ at::Tensor matrix_pair(Loss& loss, const std::string& name, const char* first, c
 template <class S>
 at::Tensor logit_kd(mmkd::LogitKD<S>& loss, const at::Tensor& student, const at::Tensor& teacher,
                     const at::Tensor& mask = at::Tensor()) {
-  if (!mask.defined())
-    return detail::matrix_pair<S>(loss, "LogitKD", "student", "teacher", student, teacher);
-  detail::check<S>("LogitKD", "student", student, 2);  // the mask's length is its row count
-  return detail::matrix_pair<S>(loss, "LogitKD", "student", "teacher", student, teacher,
-                                detail::mask_view("LogitKD", mask, student.size(0)));
+  return detail::masked_logit_pair<S>(loss, "LogitKD", student, teacher, mask);
+}
+
+/// LogitDivergence (any divergence) on N x V logits; the teacher's gradient too when it
+/// requires grad; `mask` (N, bool or uint8) drops rows, e.g. padding tokens.
+template <class S>
+at::Tensor logit_divergence(mmkd::LogitDivergence<S>& loss, const at::Tensor& student,
+                            const at::Tensor& teacher, const at::Tensor& mask = at::Tensor()) {
+  return detail::masked_logit_pair<S>(loss, "LogitDivergence", student, teacher, mask);
 }
 
 /// DecoupledKD on N x C logits with N integer labels; rows labelled -100 or masked out by

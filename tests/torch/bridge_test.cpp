@@ -55,6 +55,22 @@ TEST_CASE("bridge: logit losses equal libtorch autograd", "[torch][bridge]") {
                           torch::ones({6}, torch::kFloat64));
         });
   }
+  for (int kind = 0; kind < 6; ++kind) {
+    mmkd::LogitDivergence<double>::Options o;
+    o.divergence = static_cast<mmkd::Divergence>(kind);
+    o.temperature = 2;
+    mmkd::LogitDivergence<double> div(o);
+    const auto mask = torch::tensor({1, 0, 1, 1, 1, 0}, torch::kBool);
+    compare(
+        {randn({6, 7}, 3), randn({6, 7}, 3)}, {true, kind % 2 == 0},
+        [&](const Tensors& x) { return mmkd_torch::logit_divergence(div, x[0], x[1], mask); },
+        [&](const Tensors& x) {
+          const auto rows = torch_divergence_rows(
+              o.divergence, o.divergence == mmkd::Divergence::GeneralizedJSD ? 0.5 : 0.1, x[0],
+              x[1], 2.0);
+          return (rows * mask.to(torch::kFloat64)).sum() / 4;
+        });
+  }
   mmkd::DecoupledKD<double> dkd;
   compare(
       {randn({6, 7}, 3), randn({6, 7}, 3)}, {true, false},

@@ -72,39 +72,6 @@ TEST_CASE("LogitKD equals libtorch kl_div + autograd on random shapes", "[torch]
   }
 }
 
-namespace {
-
-// The token-level divergences per row, written with libtorch ops from their references: TRL's
-// generalized_jsd_loss (log-mixture by logsumexp of the log-probabilities plus log β, log(1−β);
-// kl_div with log_target), DistiLLM's skewed KLs (mixture of probabilities), total variation.
-torch::Tensor torch_divergence_rows(mmkd::Divergence kind, double mix, const torch::Tensor& s,
-                                    const torch::Tensor& t, double temp) {
-  const auto lq = torch::log_softmax(s / temp, 1), lp = torch::log_softmax(t / temp, 1);
-  auto kl = [](const torch::Tensor& lx, const torch::Tensor& ly) {  // KL(x ‖ y) per row
-    return F::kl_div(ly, lx, F::KLDivFuncOptions().reduction(torch::kNone).log_target(true)).sum(1);
-  };
-  switch (kind) {
-    case mmkd::Divergence::ForwardKL:
-      return kl(lp, lq);
-    case mmkd::Divergence::ReverseKL:
-      return kl(lq, lp);
-    case mmkd::Divergence::GeneralizedJSD: {
-      const auto lm =
-          torch::logsumexp(torch::stack({lq + std::log(1 - mix), lp + std::log(mix)}), 0);
-      return mix * kl(lp, lm) + (1 - mix) * kl(lq, lm);
-    }
-    case mmkd::Divergence::SkewForwardKL:
-      return kl(lp, torch::log(mix * lp.exp() + (1 - mix) * lq.exp()));
-    case mmkd::Divergence::SkewReverseKL:
-      return kl(lq, torch::log(mix * lq.exp() + (1 - mix) * lp.exp()));
-    case mmkd::Divergence::TotalVariation:
-      return 0.5 * (lp.exp() - lq.exp()).abs().sum(1);
-  }
-  return {};
-}
-
-}  // namespace
-
 TEST_CASE("LogitDivergence equals TRL's and DistiLLM's formulas in libtorch on random shapes",
           "[torch][logit][divergence]") {
   for (const Case& k : random_cases(8, 515)) {
