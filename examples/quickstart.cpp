@@ -42,7 +42,12 @@ int main() {
   // Token-level use: rows = batch x positions, mask = 0 at padding; the mean is over real tokens.
   mmkd::RowMask mask(n);
   mask << 1, 1, 1, 0;
-  std::printf("  LogitKD over 3 unmasked rows: %.6f\n\n", kd.value(student, teacher, mask));
+  std::printf("  LogitKD over 3 unmasked rows: %.6f\n", kd.value(student, teacher, mask));
+  // The divergences of LLM distillation, e.g. TRL's generalized JSD (beta 0.5, T 1).
+  mmkd::LogitDivergence<double>::Options jo;
+  jo.divergence = mmkd::Divergence::GeneralizedJSD;
+  mmkd::LogitDivergence<double> jsd(jo);
+  std::printf("  generalized JSD over the same rows: %.6f\n\n", jsd.value(student, teacher, mask));
 
   // Check the summed gradient against central differences.
   auto total = [&](const mmkd::Matrix<double>& s) {
