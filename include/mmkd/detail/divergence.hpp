@@ -40,12 +40,16 @@ struct DivergenceBuffers {
 /// does not makes ReverseKL (and the skew forms at λ = 0) infinite, which the caller reports.
 ///
 /// For f(q), ∂f/∂a = q ⊙ (g − Σ q g) with g = ∂f/∂q; likewise for b with p:
-///   ReverseKL:  ga = q ⊙ (log q − log p − D),                          gb = p − q
-///   JSD:        ga = (1−β) q ⊙ (log q − log m − KL(q‖m)),             gb = β p ⊙ (log p − log m −
-///   KL(p‖m)) SkewFwd:    ga = −(1−λ) (qp/m − q Σ qp/m),                         gb = p ⊙ (log p −
-///   log m − D) − λ (p²/m − p Σ p²/m) SkewRev:    ga = q ⊙ (log q − log m − D) − λ (q²/m − q Σ
-///   q²/m),    gb = −(1−λ) (qp/m − p Σ qp/m) TV:         ga = q ⊙ (g − Σ q g), g = −½ sign(p − q);
-///   gb = p ⊙ (h − Σ p h), h = −g
+///
+///     ReverseKL  ga = q ⊙ (log q − log p − D)
+///                gb = p − q
+///     JSD        ga = (1−β) q ⊙ (log q − log m − KL(q‖m))
+///                gb = β p ⊙ (log p − log m − KL(p‖m))
+///     SkewFwd    ga = −(1−λ) (qp/m − q Σ qp/m)
+///                gb = p ⊙ (log p − log m − D) − λ (p²/m − p Σ p²/m)
+///     SkewRev    the same with (q, a) and (p, b) exchanged
+///     TV         ga = q ⊙ (g − Σ q g), g = −½ sign(p − q)
+///                gb = p ⊙ (h − Σ p h), h = −g
 template <class T, class S, class U>
 T divergence_row(Divergence kind, T mix, const Eigen::ArrayBase<S>& s, const Eigen::ArrayBase<U>& t,
                  T inv_t, DivergenceBuffers<T>& b, RowMap<T>* ga, RowMap<T>* gb) {
@@ -68,6 +72,24 @@ T divergence_row(Divergence kind, T mix, const Eigen::ArrayBase<S>& s, const Eig
     const auto hi = x.max(y);
     b.lm = (hi > ninf).select(hi + ((-(x - y).abs()).unaryExpr(ex)).log1p(), ninf);
   };
+  // KL(x ‖ λ·x + (1−λ)·y) and its gradients gx, gy: SkewForwardKL with (x, y) = (p, q),
+  // SkewReverseKL with (q, p).
+  auto skew_kl = [&](const RowMap<T>& x, const RowMap<T>& lx, const auto& live_x,
+                     const RowMap<T>& y, const RowMap<T>& ly, RowMap<T>* gx, RowMap<T>* gy) {
+    log_mix(mix, lx, ly);  // m = λ x + (1−λ) y
+    const T dv = live_x.select(x * (lx - b.lm), T(0)).sum();
+    if (gy) {
+      *gy = (ly + lx - b.lm).unaryExpr(ex);  // x y / m
+      const T sum = gy->sum();
+      *gy = -(T(1) - mix) * (*gy - y * sum);
+    }
+    if (gx) {
+      *gx = (T(2) * lx - b.lm).unaryExpr(ex);  // x² / m
+      const T sum = gx->sum();
+      *gx = live_x.select(x * ((lx - b.lm) - dv), T(0)) - mix * (*gx - x * sum);
+    }
+    return dv;
+  };
   T d = 0;
   switch (kind) {
     case Divergence::ReverseKL: {
@@ -85,36 +107,12 @@ T divergence_row(Divergence kind, T mix, const Eigen::ArrayBase<S>& s, const Eig
       if (gb) *gb = live_t.select(mix * b.p * ((b.lp - b.lm) - kp), T(0));
       break;
     }
-    case Divergence::SkewForwardKL: {
-      log_mix(mix, b.lp, b.lq);  // m = λ p + (1−λ) q
-      d = live_t.select(b.p * (b.lp - b.lm), T(0)).sum();
-      if (ga) {
-        *ga = (b.lq + b.lp - b.lm).unaryExpr(ex);  // q p / m
-        const T sum = ga->sum();
-        *ga = -(T(1) - mix) * (*ga - b.q * sum);
-      }
-      if (gb) {
-        *gb = (T(2) * b.lp - b.lm).unaryExpr(ex);  // p² / m
-        const T sum = gb->sum();
-        *gb = live_t.select(b.p * ((b.lp - b.lm) - d), T(0)) - mix * (*gb - b.p * sum);
-      }
+    case Divergence::SkewForwardKL:
+      d = skew_kl(b.p, b.lp, live_t, b.q, b.lq, gb, ga);
       break;
-    }
-    case Divergence::SkewReverseKL: {
-      log_mix(mix, b.lq, b.lp);  // m = λ q + (1−λ) p
-      d = live_s.select(b.q * (b.lq - b.lm), T(0)).sum();
-      if (ga) {
-        *ga = (T(2) * b.lq - b.lm).unaryExpr(ex);  // q² / m
-        const T sum = ga->sum();
-        *ga = live_s.select(b.q * ((b.lq - b.lm) - d), T(0)) - mix * (*ga - b.q * sum);
-      }
-      if (gb) {
-        *gb = (b.lq + b.lp - b.lm).unaryExpr(ex);  // q p / m
-        const T sum = gb->sum();
-        *gb = -(T(1) - mix) * (*gb - b.p * sum);
-      }
+    case Divergence::SkewReverseKL:
+      d = skew_kl(b.q, b.lq, live_s, b.p, b.lp, ga, gb);
       break;
-    }
     case Divergence::TotalVariation: {
       b.lm = (b.p - b.q).sign() * T(0.5);  // h = ∂D/∂p; ∂D/∂q = −h
       d = (b.p - b.q).abs().sum() * T(0.5);
