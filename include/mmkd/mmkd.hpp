@@ -21,6 +21,7 @@
 #include "mmkd/logit/decoupled_kd.hpp"
 #include "mmkd/logit/logit_divergence.hpp"
 #include "mmkd/logit/logit_kd.hpp"
+#include "mmkd/logit/sparse_logit_kd.hpp"
 #include "mmkd/multimodal/modality_gram_kd.hpp"
 #include "mmkd/multimodal/modality_saliency.hpp"
 #include "mmkd/multimodal/modality_specific_kd.hpp"

@@ -5,6 +5,7 @@
 #include "mmkd/logit/decoupled_kd.hpp"
 #include "mmkd/logit/logit_divergence.hpp"
 #include "mmkd/logit/logit_kd.hpp"
+#include "mmkd/logit/sparse_logit_kd.hpp"
 
 namespace mmkd {
 
@@ -16,5 +17,7 @@ template class LogitDivergence<float>;
 template class LogitDivergence<double>;
 template class LogitKD<float>;
 template class LogitKD<double>;
+template class SparseLogitKD<float>;
+template class SparseLogitKD<double>;
 
 }  // namespace mmkd

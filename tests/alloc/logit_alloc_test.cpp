@@ -5,6 +5,7 @@
 #include <mmkd/logit/decoupled_kd.hpp>
 #include <mmkd/logit/logit_divergence.hpp>
 #include <mmkd/logit/logit_kd.hpp>
+#include <mmkd/logit/sparse_logit_kd.hpp>
 
 using namespace mmkd_test;
 
@@ -28,6 +29,12 @@ TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][all
     o.divergence = static_cast<mmkd::Divergence>(k);
     divergences.emplace_back(o);
   }
+  // a top-8 teacher: the first 8 classes of each row, with mass 0.8
+  mmkd::IndexMatrix idx(64, 8);
+  for (Index i = 0; i < 64; ++i)
+    for (Index j = 0; j < 8; ++j) idx(i, j) = int((i + 3 * j) % 100);
+  const Matrix<T> lp = Matrix<T>::Constant(64, 8, std::log(T(0.1)));
+  mmkd::SparseLogitKD<T> sparse_tail, sparse_ren({mmkd::SparseSupport::Renormalized});
   mmkd::LossSum<T> total;  // its terms' calls, by name, add no allocation of their own
   total.add("kd", T(0.9), kd, [&](auto& l) { return l.value_and_grad(s, t, ds); });
   total.add("ce", T(0.1), ce, [&](auto& l) { return l.value_and_grad(s, y, ds); });
@@ -47,6 +54,10 @@ TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][all
       CHECK_NOTHROW(d.value_and_grad(s, t, mask, ds, dt));
       CHECK_NOTHROW(d.value_and_grad(s, t, ds));
       CHECK_NOTHROW(d.value(s, t));
+    }
+    for (auto* sp : {&sparse_tail, &sparse_ren}) {
+      CHECK_NOTHROW(sp->value_and_grad(s, idx, lp, mask, ds));
+      CHECK_NOTHROW(sp->value(s, idx, lp));
     }
     CHECK_NOTHROW(total.value_and_grad());
     CHECK_NOTHROW(total.value("kd"));

@@ -4,6 +4,7 @@
 #include <mmkd/logit/decoupled_kd.hpp>
 #include <mmkd/logit/logit_divergence.hpp>
 #include <mmkd/logit/logit_kd.hpp>
+#include <mmkd/logit/sparse_logit_kd.hpp>
 
 #include "core/parallel_support.hpp"
 
@@ -43,6 +44,20 @@ void logit_losses_same_with_1_and_2_threads(Index n, Index c) {
       o.divergence = static_cast<mmkd::Divergence>(k);
       divergences += mmkd::LogitDivergence<T>(o).value_and_grad(s, t, g[3], g[4]);
     }
+    // a sparse teacher: k = 7 classes per row, the student's own log-softmax shifted
+    const Index k = 7;
+    mmkd::IndexMatrix idx(n, k);
+    Matrix<T> lp(n, k);
+    mmkd::Vector<T> lse(n);
+    mmkd::log_sum_exp(t, lse);
+    for (Index i = 0; i < n; ++i) {
+      for (Index j = 0; j < k; ++j) {
+        idx(i, j) = int((i + 5 * j) % c);
+        lp(i, j) = t(i, idx(i, j)) - lse(i);
+      }
+    }
+    for (auto support : {mmkd::SparseSupport::TailBucket, mmkd::SparseSupport::Renormalized})
+      divergences += mmkd::SparseLogitKD<T>({support}).value_and_grad(s, idx, lp, g[2]);
     mmkd::LogitKD<T> kd;
     mmkd::DecoupledKD<T> dkd;
     mmkd::CrossEntropy<T> ce({T(0.1)});

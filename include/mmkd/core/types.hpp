@@ -182,4 +182,9 @@ using ConstLabelsRef = detail::LabelsView<detail::ConstRef<Labels>>;
 using RowMask = Eigen::Matrix<std::uint8_t, Eigen::Dynamic, 1>;
 using ConstRowMaskRef = detail::ConstRef<RowMask>;
 
+/// Class indices, N x k, row-major (int32): a sparse teacher's top-k token ids per row, the
+/// layout of a contiguous `torch::kInt` tensor.
+using IndexMatrix = Eigen::Matrix<std::int32_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using ConstIndexMatrixRef = detail::ConstRef<IndexMatrix>;
+
 }  // namespace mmkd
