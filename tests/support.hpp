@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include <catch2/catch.hpp>
 // The core only: each file includes the headers of the losses it uses, so a change to one
@@ -62,6 +63,22 @@ inline mmkd::Labels random_labels(Index n, Index c, std::uint64_t seed) {
   mmkd::Labels y(n);
   for (Index i = 0; i < n; ++i) y(i) = int(rng.next() % std::uint64_t(c));
   return y;
+}
+
+/// k distinct classes in [0, v) per row, drawn without replacement (a sparse teacher's support).
+inline mmkd::IndexMatrix random_indices(Index n, Index v, Index k, std::uint64_t seed) {
+  mmkd::SplitMix64 rng(seed);
+  mmkd::IndexMatrix idx(n, k);
+  std::vector<int> pool(static_cast<std::size_t>(v));
+  for (Index i = 0; i < n; ++i) {
+    for (Index c = 0; c < v; ++c) pool[std::size_t(c)] = int(c);
+    for (Index j = 0; j < k; ++j) {
+      const auto r = std::size_t(j) + std::size_t(rng.next() % std::uint64_t(v - j));
+      std::swap(pool[std::size_t(j)], pool[r]);
+      idx(i, j) = pool[std::size_t(j)];
+    }
+  }
+  return idx;
 }
 
 /// True when the two matrices hold the same bits (NaN-safe, -0 vs +0 distinguished).

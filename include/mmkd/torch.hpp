@@ -220,6 +220,38 @@ at::Tensor logit_divergence(mmkd::LogitDivergence<S>& loss, const at::Tensor& st
   return detail::masked_logit_pair<S>(loss, "LogitDivergence", student, teacher, mask);
 }
 
+/// SparseLogitKD on N x V student logits against a top-k teacher: `teacher_indices` N x k
+/// (int32 viewed in place, int64 as `torch::topk` returns them converted), `teacher_logprobs`
+/// N x k of the student's dtype (no gradient); `mask` (N, bool or uint8) drops rows.
+template <class S>
+at::Tensor sparse_logit_kd(mmkd::SparseLogitKD<S>& loss, const at::Tensor& student,
+                           const at::Tensor& teacher_indices, const at::Tensor& teacher_logprobs,
+                           const at::Tensor& mask = at::Tensor()) {
+  const std::string name = "SparseLogitKD";
+  detail::check<S>(name, "student", student, 2);
+  detail::check<S>(name, "teacher_logprobs", teacher_logprobs, 2);
+  if (!teacher_indices.defined() || teacher_indices.dim() != 2 ||
+      !at::isIntegralType(teacher_indices.scalar_type(), false) ||
+      !teacher_indices.device().is_cpu())
+    detail::fail(name, "teacher_indices must be a 2-D integer CPU tensor");
+  const at::Tensor idx = teacher_indices.to(at::kInt).contiguous();
+  if (mask.defined()) detail::mask_view(name, mask, student.size(0));  // its checks
+  const LossCall call{
+      name,
+      {"student", "teacher_logprobs"},
+      {Grad::Always, Grad::Never},
+      [&](const std::vector<at::Tensor>& g) -> double {
+        const Eigen::Map<const mmkd::IndexMatrix> i(idx.data_ptr<int>(), idx.size(0), idx.size(1));
+        const auto s = detail::cmat<S>(student);
+        const auto lp = detail::cmat<S>(teacher_logprobs);
+        if (mask.defined())
+          return loss.value_and_grad(s, i, lp, detail::mask_view(name, mask, student.size(0)),
+                                     detail::mat<S>(g[0]));
+        return loss.value_and_grad(s, i, lp, detail::mat<S>(g[0]));
+      }};
+  return run_loss(call, {student, teacher_logprobs});
+}
+
 /// DecoupledKD on N x C logits with N integer labels; rows labelled -100 or masked out by
 /// `mask` (N, bool or uint8) are dropped.
 template <class S>

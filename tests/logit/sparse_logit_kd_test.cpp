@@ -18,22 +18,6 @@ const char* name(Support s) {
   return s == Support::TailBucket ? "TailBucket" : "Renormalized";
 }
 
-// k distinct classes per row, drawn without replacement.
-mmkd::IndexMatrix random_indices(Index n, Index v, Index k, std::uint64_t seed) {
-  mmkd::SplitMix64 rng(seed);
-  mmkd::IndexMatrix idx(n, k);
-  for (Index i = 0; i < n; ++i) {
-    std::vector<int> pool(static_cast<std::size_t>(v));
-    for (Index c = 0; c < v; ++c) pool[std::size_t(c)] = int(c);
-    for (Index j = 0; j < k; ++j) {
-      const auto r = std::size_t(j) + std::size_t(rng.next() % std::uint64_t(v - j));
-      std::swap(pool[std::size_t(j)], pool[r]);
-      idx(i, j) = pool[std::size_t(j)];
-    }
-  }
-  return idx;
-}
-
 // A teacher's log-probabilities at its chosen classes: log softmax(t/T) of random logits t,
 // gathered at idx, in long double then rounded.
 template <class T>

@@ -71,6 +71,24 @@ TEST_CASE("bridge: logit losses equal libtorch autograd", "[torch][bridge]") {
           return (rows * mask.to(torch::kFloat64)).sum() / 4;
         });
   }
+  // a top-3 teacher as torch::topk gives it (int64 indices), with and without a mask
+  const auto teacher_lp = torch::log_softmax(randn({6, 7}, 3), 1);
+  const auto top = teacher_lp.topk(3, 1);
+  const auto top_lp = std::get<0>(top), top_idx = std::get<1>(top);
+  for (bool tail : {true, false}) {
+    mmkd::SparseLogitKD<double> sparse(
+        {tail ? mmkd::SparseSupport::TailBucket : mmkd::SparseSupport::Renormalized});
+    const auto mask = torch::tensor({1, 1, 0, 1, 0, 1}, torch::kBool);
+    compare(
+        {randn({6, 7}, 3)}, {true},
+        [&](const Tensors& x) {
+          return mmkd_torch::sparse_logit_kd(sparse, x[0], top_idx, top_lp, mask);
+        },
+        [&](const Tensors& x) {
+          const auto rows = torch_sparse_kd_rows(x[0], top_idx, top_lp, 1.0, tail);
+          return (rows * mask.to(torch::kFloat64)).sum() / 4;
+        });
+  }
   mmkd::DecoupledKD<double> dkd;
   compare(
       {randn({6, 7}, 3), randn({6, 7}, 3)}, {true, false},

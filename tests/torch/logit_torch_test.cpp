@@ -5,6 +5,7 @@
 #include <mmkd/logit/decoupled_kd.hpp>
 #include <mmkd/logit/logit_divergence.hpp>
 #include <mmkd/logit/logit_kd.hpp>
+#include <mmkd/logit/sparse_logit_kd.hpp>
 
 #include <array>
 #include <cstdio>
@@ -102,6 +103,42 @@ TEST_CASE("LogitDivergence equals TRL's and DistiLLM's formulas in libtorch on r
         CHECK(max_rel_diff(ds, from_torch(ts.grad())) < 1e-10);
         CHECK(max_rel_diff(dt, from_torch(tt.grad())) < 1e-10);
       }
+    }
+  }
+}
+
+TEST_CASE("SparseLogitKD equals TRL's top-k KL (tail bucket, renormalised) in libtorch",
+          "[torch][logit][sparse]") {
+  for (const Case& k : random_cases(8, 616)) {
+    const Index top = 1 + Index(k.seed % std::uint64_t(std::min<Index>(k.c - 1, 40)));
+    const Matrix<double> s = random_matrix<double>(k.n, k.c, k.seed, 3.0);
+    const Matrix<double> t = random_matrix<double>(k.n, k.c, k.seed + 1, 3.0);
+    const mmkd::RowMask mask = random_mask(k.n, k.seed + 2);
+    const mmkd::IndexMatrix idx = random_indices(k.n, k.c, top, k.seed + 3);
+    // the teacher's log-softmax at the loss's temperature, at its k classes (a mass below 1,
+    // k < C, so TRL's clamp of the log-mass at −1e-7 does not bind)
+    const auto tidx =
+        torch::from_blob(const_cast<int*>(idx.data()), {k.n, top}, torch::kInt).to(torch::kLong);
+    const auto tlp = torch::log_softmax(to_torch(t) / k.temp, 1).gather(1, tidx);
+    const Matrix<double> lp = from_torch(tlp);
+    for (bool tail : {true, false}) {
+      INFO("N " << k.n << " C " << k.c << " k " << top << " T " << k.temp << " tail " << tail);
+      auto ts = to_torch(s, true);
+      const auto m = to_torch(mask);
+      const auto rows = torch_sparse_kd_rows(ts, tidx, tlp, k.temp, tail);
+      const auto loss = 0.7 * k.temp * k.temp * (rows * m).sum() / m.sum();  // batchmean
+      loss.backward();
+
+      mmkd::SparseLogitKD<double>::Options o;
+      o.support = tail ? mmkd::SparseSupport::TailBucket : mmkd::SparseSupport::Renormalized;
+      o.temperature = k.temp;
+      o.scale_by_t2 = true;
+      o.weight = 0.7;
+      mmkd::SparseLogitKD<double> sparse(o);
+      Matrix<double> ds = Matrix<double>::Zero(k.n, k.c);
+      const double v = sparse.value_and_grad(s, idx, lp, mask, ds);
+      CHECK(v == Approx(loss.item<double>()).epsilon(1e-10));
+      CHECK(max_rel_diff(ds, from_torch(ts.grad())) < 1e-10);
     }
   }
 }

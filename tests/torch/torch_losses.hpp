@@ -43,6 +43,29 @@ inline torch::Tensor torch_divergence_rows(mmkd::Divergence kind, double mix,
   return {};
 }
 
+/// TRL's top-k forward KL per row (its DistillationTrainer's sparse-teacher path, β = 0): the
+/// student's full log-softmax gathered at the teacher's indices, then either a tail bucket
+/// log(1 − Σ exp) appended to both sides (log-mass clamped at −1e-7, as TRL) or both sides
+/// renormalised by their log-sum-exp; per bucket p·(log p − log q), NaN (0·(−inf − x)) → 0.
+inline torch::Tensor torch_sparse_kd_rows(const torch::Tensor& s, const torch::Tensor& idx,
+                                          const torch::Tensor& teacher_logprobs, double temp,
+                                          bool tail_bucket) {
+  auto lq = torch::log_softmax(s / temp, 1).gather(1, idx);
+  auto lp = teacher_logprobs;
+  if (tail_bucket) {
+    auto add_tail = [](const torch::Tensor& l) {
+      const auto log_mass = torch::logsumexp(l, 1, true).clamp_max(-1e-7);
+      return torch::cat({l, torch::log(-torch::expm1(log_mass))}, 1);
+    };
+    lq = add_tail(lq);
+    lp = add_tail(lp);
+  } else {
+    lq = lq - torch::logsumexp(lq, 1, true);
+    lp = lp - torch::logsumexp(lp, 1, true);
+  }
+  return torch::nan_to_num(lp.exp() * (lp - lq), 0.0).sum(1);
+}
+
 /// mdistiller kd_loss with a row mask: T² · Σ_i m_i Σ_k kl_div, divided per the reduction.
 inline torch::Tensor torch_kd(const torch::Tensor& s, const torch::Tensor& t, double temp,
                               mmkd::Reduction red, const torch::Tensor& row_mask) {
