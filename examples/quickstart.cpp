@@ -3,6 +3,7 @@
 
 #include <mmkd/mmkd.hpp>
 
+#include <cmath>
 #include <cstdio>
 #include <vector>
 
@@ -47,7 +48,26 @@ int main() {
   mmkd::LogitDivergence<double>::Options jo;
   jo.divergence = mmkd::Divergence::GeneralizedJSD;
   mmkd::LogitDivergence<double> jsd(jo);
-  std::printf("  generalized JSD over the same rows: %.6f\n\n", jsd.value(student, teacher, mask));
+  std::printf("  generalized JSD over the same rows: %.6f\n", jsd.value(student, teacher, mask));
+  // A teacher kept as its top-2 per row (a logit cache): classes and log-probabilities.
+  mmkd::IndexMatrix top(n, 2);
+  mmkd::Matrix<double> top_logprobs(n, 2);
+  for (mmkd::Index i = 0; i < n; ++i) {
+    const double lse = std::log((teacher.row(i).array() - teacher.row(i).maxCoeff()).exp().sum()) +
+                       teacher.row(i).maxCoeff();
+    mmkd::Index first = 0, second = 0;
+    teacher.row(i).maxCoeff(&first);
+    double best = -1e300;
+    for (mmkd::Index j = 0; j < c; ++j)
+      if (j != first && teacher(i, j) > best) best = teacher(i, second = j);
+    top(i, 0) = int(first);
+    top(i, 1) = int(second);
+    top_logprobs(i, 0) = teacher(i, first) - lse;
+    top_logprobs(i, 1) = teacher(i, second) - lse;
+  }
+  mmkd::SparseLogitKD<double> sparse;  // KL over the top-2 plus a bucket for the rest
+  std::printf("  top-2 teacher KL over the same rows: %.6f\n\n",
+              sparse.value(student, top, top_logprobs, mask));
 
   // Check the summed gradient against central differences.
   auto total = [&](const mmkd::Matrix<double>& s) {

@@ -1,3 +1,4 @@
+#include <mmkd/logit/logit_divergence.hpp>
 #include <mmkd/logit/logit_kd.hpp>
 #include <mmkd/logit/sparse_logit_kd.hpp>
 
@@ -363,4 +364,47 @@ TEST_CASE("SparseLogitKD errors name the row and column and leave the buffer unt
   mmkd::SparseLogitKD<double>::Options o;
   o.support = static_cast<Support>(5);
   CHECK_THROWS_AS(mmkd::SparseLogitKD<double>(o), mmkd::InvalidArgument);
+}
+
+TEST_CASE("The README's token-level lines train on the gradient of their sum",
+          "[logit][sparse][divergence]") {
+  const Index b = 2, len = 4, v = 10, k = 3;  // two sequences of four tokens
+  const Matrix<double> student0 = random_matrix<double>(b * len, v, 39, 2),
+                       teacher_logits = random_matrix<double>(b * len, v, 40, 2);
+  mmkd::RowMask mask(b * len);
+  mask << 1, 1, 1, 0, 1, 1, 0, 0;  // padding at the ends
+  const mmkd::IndexMatrix ids = random_indices(b * len, v, k, 41);
+  const Matrix<double> logprobs = teacher_logprobs<double>(teacher_logits, ids, 1.0);
+  // The README's lines, in double.
+  auto example = [&](const Matrix<double>& student_logits, Matrix<double>& d_student) {
+    mmkd::LogitDivergence<double>::Options o;
+    o.divergence = mmkd::Divergence::GeneralizedJSD;
+    mmkd::LogitDivergence<double> jsd(o);
+    double l1 = jsd.value_and_grad(student_logits, teacher_logits, mask, d_student);
+    mmkd::SparseLogitKD<double> topk;
+    double l2 = topk.value_and_grad(student_logits, ids, logprobs, mask, d_student);
+    return l1 + l2;
+  };
+  Matrix<double> grad = Matrix<double>::Zero(b * len, v);
+  const double value = example(student0, grad);
+  auto loss = [&](const Matrix<double>& s) {
+    Matrix<double> scratch = Matrix<double>::Zero(b * len, v);
+    return example(s, scratch);
+  };
+  const auto r = mmkd::check_gradient(loss, student0, grad, tight());
+  INFO(r.message());
+  CHECK(r.passed);
+  // the mean over the 5 real tokens of each term, from the definitions
+  long double jsd = 0, topk = 0;
+  for (Index i = 0; i < b * len; ++i) {
+    if (!mask(i)) continue;
+    long double lp = ref_lse(teacher_logits.row(i), 1), lq = ref_lse(student0.row(i), 1), m = 0;
+    for (Index c = 0; c < v; ++c) {
+      const long double p = std::exp(teacher_logits(i, c) - lp), q = std::exp(student0(i, c) - lq);
+      m = (p + q) / 2;
+      jsd += (p * std::log(p / m) + q * std::log(q / m)) / 2;
+    }
+    topk += ref_row(Support::TailBucket, student0.row(i), ids, logprobs, i, 1);
+  }
+  CHECK(value == Approx(double((jsd + topk) / 5)).epsilon(1e-12));
 }
