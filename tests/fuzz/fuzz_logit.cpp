@@ -1,10 +1,13 @@
-// libFuzzer target: LogitKD, DecoupledKD and CrossEntropy (hard labels or soft targets, class
-// weights) with shapes, options, labels, masks and values decoded from the input (see
-// fuzz_support.hpp for the contract checked).
+// libFuzzer target: LogitKD, DecoupledKD, CrossEntropy (hard labels or soft targets, class
+// weights), LogitDivergence (every divergence) and SparseLogitKD (both supports) with shapes,
+// options, labels, masks and values decoded from the input (see fuzz_support.hpp for the contract
+// checked).
 
 #include <mmkd/logit/cross_entropy.hpp>
 #include <mmkd/logit/decoupled_kd.hpp>
+#include <mmkd/logit/logit_divergence.hpp>
 #include <mmkd/logit/logit_kd.hpp>
+#include <mmkd/logit/sparse_logit_kd.hpp>
 
 #include "fuzz_support.hpp"
 
@@ -31,7 +34,7 @@ void run(Reader& r) {
   auto check = [&](const char* what, auto&& call) {
     dense_or_strided<S>(what, Buffers(), strided, pad, call, s, t, ds, dt);
   };
-  switch (r.pick(3)) {
+  switch (r.pick(5)) {
     case 0: {
       typename mmkd::LogitKD<S>::Options o;
       o.temperature = S(r.option(4));
@@ -58,6 +61,54 @@ void run(Reader& r) {
         mmkd::DecoupledKD<S> dkd(o);
         return masked ? dkd.value_and_grad(s, t, y, mask, ds) : dkd.value_and_grad(s, t, y, ds);
       });
+      break;
+    }
+    case 2: {
+      typename mmkd::LogitDivergence<S>::Options o;
+      o.divergence = mmkd::Divergence(r.pick(7));  // 6 is not a valid divergence
+      o.beta = S(r.option(0.5));
+      o.skew = S(r.option(0.1));
+      o.temperature = S(r.option(1));
+      o.scale_by_t2 = r.flag();
+      o.reduction = reduction;
+      o.weight = S(r.option(1));
+      const bool teacher_grad = r.flag();
+      check("LogitDivergence", [&](const CRef& s, const CRef& t, Ref ds, Ref dt) {
+        mmkd::LogitDivergence<S> d(o);
+        if (teacher_grad)
+          return masked ? d.value_and_grad(s, t, mask, ds, dt) : d.value_and_grad(s, t, ds, dt);
+        return masked ? d.value_and_grad(s, t, mask, ds) : d.value_and_grad(s, t, ds);
+      });
+      break;
+    }
+    case 3: {
+      typename mmkd::SparseLogitKD<S>::Options o;
+      o.support = mmkd::SparseSupport(r.pick(3));  // 2 is not a valid support
+      o.temperature = S(r.option(1));
+      o.scale_by_t2 = r.flag();
+      o.reduction = reduction;
+      o.weight = S(r.option(1));
+      // The teacher's top-k: consecutive classes from a per-row start (distinct when k ≤ C),
+      // now and then a byte instead (duplicates, out of range); the log-probabilities the
+      // teacher matrix's log-softmax over its k columns, lowered, or its raw values.
+      mmkd::IndexMatrix idx(nt, ct);
+      mmkd::Matrix<S> lp = t;
+      const bool normalised = r.byte() < 200;
+      for (Index i = 0; i < nt; ++i) {
+        const Index start = Index(r.byte());
+        for (Index j = 0; j < ct; ++j) {
+          const std::uint8_t b = r.byte();
+          idx(i, j) = b < 240 ? int((start + j) % std::max<Index>(c, 1)) : int(b) - 245;
+        }
+        if (normalised && ct > 0)
+          lp.row(i).array() -=
+              mmkd::detail::log_sum_exp_row(t.row(i).array(), S(1)) + S(r.byte()) / S(32);
+      }
+      auto call = [&](const CRef& s, const CRef& l, Ref ds, Ref) {
+        mmkd::SparseLogitKD<S> kd(o);
+        return masked ? kd.value_and_grad(s, idx, l, mask, ds) : kd.value_and_grad(s, idx, l, ds);
+      };
+      dense_or_strided<S>("SparseLogitKD", Buffers(), strided, pad, call, s, lp, ds, dt);
       break;
     }
     default: {
