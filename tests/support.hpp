@@ -81,6 +81,12 @@ inline mmkd::IndexMatrix random_indices(Index n, Index v, Index k, std::uint64_t
   return idx;
 }
 
+/// max_k |a_k − b_k| / max(1, |b_k|) over two same-shaped matrices or vectors (double).
+template <class A, class B>
+double max_rel_diff(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b) {
+  return ((a - b).array().abs() / b.array().abs().max(1.0)).maxCoeff();
+}
+
 /// True when the two matrices hold the same bits (NaN-safe, -0 vs +0 distinguished).
 template <class T>
 bool bit_identical(const Matrix<T>& a, const Matrix<T>& b) {

@@ -19,6 +19,7 @@
 #include "mmkd/gradcheck.hpp"
 #include "mmkd/logit/cross_entropy.hpp"
 #include "mmkd/logit/decoupled_kd.hpp"
+#include "mmkd/logit/fused_linear_kd.hpp"
 #include "mmkd/logit/logit_divergence.hpp"
 #include "mmkd/logit/logit_kd.hpp"
 #include "mmkd/logit/sparse_logit_kd.hpp"

@@ -3,6 +3,7 @@
 
 #include "mmkd/logit/cross_entropy.hpp"
 #include "mmkd/logit/decoupled_kd.hpp"
+#include "mmkd/logit/fused_linear_kd.hpp"
 #include "mmkd/logit/logit_divergence.hpp"
 #include "mmkd/logit/logit_kd.hpp"
 #include "mmkd/logit/sparse_logit_kd.hpp"
@@ -13,6 +14,8 @@ template class CrossEntropy<float>;
 template class CrossEntropy<double>;
 template class DecoupledKD<float>;
 template class DecoupledKD<double>;
+template class FusedLinearKD<float>;
+template class FusedLinearKD<double>;
 template class LogitDivergence<float>;
 template class LogitDivergence<double>;
 template class LogitKD<float>;

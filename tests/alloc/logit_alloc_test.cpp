@@ -3,6 +3,7 @@
 #include <mmkd/core/loss_sum.hpp>
 #include <mmkd/logit/cross_entropy.hpp>
 #include <mmkd/logit/decoupled_kd.hpp>
+#include <mmkd/logit/fused_linear_kd.hpp>
 #include <mmkd/logit/logit_divergence.hpp>
 #include <mmkd/logit/logit_kd.hpp>
 #include <mmkd/logit/sparse_logit_kd.hpp>
@@ -35,6 +36,17 @@ TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][all
     for (Index j = 0; j < 8; ++j) idx(i, j) = int((i + 3 * j) % 100);
   const Matrix<T> lp = Matrix<T>::Constant(64, 8, std::log(T(0.1)));
   mmkd::SparseLogitKD<T> sparse_tail, sparse_ren({mmkd::SparseSupport::Renormalized});
+  // a fused head: 64 tokens, d = 16, the 100 classes, in chunks of 24 rows
+  const Matrix<T> h = random_matrix<T>(64, 16, 5), w = random_matrix<T>(100, 16, 6),
+                  ht = random_matrix<T>(64, 8, 7), wt = random_matrix<T>(100, 8, 8);
+  const mmkd::Vector<T> b = random_matrix<T>(100, 1, 9);
+  Matrix<T> dh = Matrix<T>::Zero(64, 16), dw = Matrix<T>::Zero(100, 16);
+  mmkd::Vector<T> db = mmkd::Vector<T>::Zero(100);
+  typename mmkd::FusedLinearKD<T>::Options fo;
+  fo.chunk_rows = 24;
+  fo.hard_weight = T(0.5);
+  fo.divergence.divergence = mmkd::Divergence::GeneralizedJSD;
+  mmkd::FusedLinearKD<T> fused(fo);
   mmkd::LossSum<T> total;  // its terms' calls, by name, add no allocation of their own
   total.add("kd", T(0.9), kd, [&](auto& l) { return l.value_and_grad(s, t, ds); });
   total.add("ce", T(0.1), ce, [&](auto& l) { return l.value_and_grad(s, y, ds); });
@@ -59,6 +71,10 @@ TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][all
       CHECK_NOTHROW(sp->value_and_grad(s, idx, lp, mask, ds));
       CHECK_NOTHROW(sp->value(s, idx, lp));
     }
+    CHECK_NOTHROW(fused.value_and_grad(h, w, ht, wt, y, dh, dw));
+    CHECK_NOTHROW(fused.value_and_grad(h, w, ht, wt, y, b, b, dh, dw, db));
+    CHECK_NOTHROW(fused.value_and_grad(h, w, t, y, dh, dw));
+    CHECK_NOTHROW(fused.value(h, w, t, y, b));
     CHECK_NOTHROW(total.value_and_grad());
     CHECK_NOTHROW(total.value("kd"));
   }

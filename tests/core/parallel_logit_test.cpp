@@ -2,6 +2,7 @@
 
 #include <mmkd/logit/cross_entropy.hpp>
 #include <mmkd/logit/decoupled_kd.hpp>
+#include <mmkd/logit/fused_linear_kd.hpp>
 #include <mmkd/logit/logit_divergence.hpp>
 #include <mmkd/logit/logit_kd.hpp>
 #include <mmkd/logit/sparse_logit_kd.hpp>
@@ -71,6 +72,31 @@ void logit_losses_same_with_1_and_2_threads(Index n, Index c) {
 TEST_CASE("logit losses give bit-identical results with 1 and 2 threads", "[core][parallel]") {
   // Sizes large enough for mmkd's loops to run in parallel (rows x work >= 2^15).
   logit_losses_same_with_1_and_2_threads<double>(512, 96);
+}
+
+TEMPLATE_TEST_CASE("FusedLinearKD gives bit-identical results with 1 and 2 threads",
+                   "[core][parallel]", float, double) {
+  using T = TestType;
+  // 600 tokens through a 1001-class head of width 96, in chunks of 256: tiled products and
+  // parallel rows
+  const Index n = 600, d = 96, v = 1001;
+  const Matrix<T> h = random_matrix<T>(n, d, 4), w = random_matrix<T>(v, d, 5, 0.2),
+                  ht = random_matrix<T>(n, 40, 6), wt = random_matrix<T>(v, 40, 7, 0.2);
+  const mmkd::Vector<T> b = random_matrix<T>(v, 1, 8);
+  const mmkd::Labels y = random_labels(n, v, 9);
+  same_with_1_and_2_threads<T>([&](std::vector<Matrix<T>>& g) {
+    g.assign(3, Matrix<T>());
+    g[0] = Matrix<T>::Zero(n, d);
+    g[1] = Matrix<T>::Zero(v, d);
+    mmkd::Vector<T> db = mmkd::Vector<T>::Zero(v);
+    typename mmkd::FusedLinearKD<T>::Options o;
+    o.chunk_rows = 256;
+    o.hard_weight = T(0.3);
+    o.divergence.divergence = mmkd::Divergence::GeneralizedJSD;
+    const T value = mmkd::FusedLinearKD<T>(o).value_and_grad(h, w, ht, wt, y, b, b, g[0], g[1], db);
+    g[2] = db;
+    return value;
+  });
 }
 
 TEST_CASE("float logit losses are bit-identical with 1 and 2 threads at odd widths",

@@ -29,9 +29,6 @@ inline Matrix<double> from_torch(const torch::Tensor& t) {
 }
 
 /// Largest |a - b| relative to max(1, |b|).
-inline double max_rel_diff(const Matrix<double>& a, const Matrix<double>& b) {
-  return ((a - b).array().abs() / b.array().abs().max(1.0)).maxCoeff();
-}
 
 }  // namespace mmkd_test
 

@@ -126,5 +126,20 @@ T divergence_row(Divergence kind, T mix, const Eigen::ArrayBase<S>& s, const Eig
   return d;
 }
 
+/// Any divergence's row with the student's gradient only: returns D and writes ga = ∂D/∂a
+/// unscaled (a = s/T). ForwardKL goes through kl_row (ga = q − p), the others through
+/// divergence_row. `ga` must not alias s or t.
+template <class T, class S, class U>
+T divergence_row_student(Divergence kind, T mix, const Eigen::ArrayBase<S>& s,
+                         const Eigen::ArrayBase<U>& t, T inv_t, DivergenceBuffers<T>& b,
+                         RowMap<T>& ga) {
+  if (kind == Divergence::ForwardKL) {
+    const KlRow<T> r = kl_row(s, t, inv_t, b.q, b.p);
+    ga = b.q * (T(1) / r.s.sum) - b.p * (T(1) / r.t.sum);
+    return r.value;
+  }
+  return divergence_row(kind, mix, s, t, inv_t, b, &ga, static_cast<RowMap<T>*>(nullptr));
+}
+
 }  // namespace detail
 }  // namespace mmkd
