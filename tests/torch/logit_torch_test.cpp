@@ -3,6 +3,7 @@
 
 #include <mmkd/logit/cross_entropy.hpp>
 #include <mmkd/logit/decoupled_kd.hpp>
+#include <mmkd/logit/fused_linear_kd.hpp>
 #include <mmkd/logit/logit_divergence.hpp>
 #include <mmkd/logit/logit_kd.hpp>
 #include <mmkd/logit/sparse_logit_kd.hpp>
@@ -139,6 +140,61 @@ TEST_CASE("SparseLogitKD equals TRL's top-k KL (tail bucket, renormalised) in li
       const double v = sparse.value_and_grad(s, idx, lp, mask, ds);
       CHECK(v == Approx(loss.item<double>()).epsilon(1e-10));
       CHECK(max_rel_diff(ds, from_torch(ts.grad())) < 1e-10);
+    }
+  }
+}
+
+TEST_CASE("FusedLinearKD equals Liger's fused linear distillation written with libtorch ops",
+          "[torch][logit][fused]") {
+  // Liger's base: logits = h wᵀ + b per head, the cross-entropy (T = 1) summed over the labelled
+  // tokens, the divergence summed over them, both divided by their count.
+  for (const Case& k : random_cases(6, 717)) {
+    const Index d = 1 + Index(k.seed % 9), dt = 1 + Index((k.seed >> 8) % 7);
+    const Matrix<double> h = random_matrix<double>(k.n, d, k.seed),
+                         w = random_matrix<double>(k.c, d, k.seed + 1),
+                         ht = random_matrix<double>(k.n, dt, k.seed + 2),
+                         wt = random_matrix<double>(k.c, dt, k.seed + 3),
+                         b = random_matrix<double>(k.c, 1, k.seed + 4),
+                         bt = random_matrix<double>(k.c, 1, k.seed + 5);
+    mmkd::Labels y = random_labels(k.n, k.c, k.seed + 6);
+    const mmkd::RowMask keep = random_mask(k.n, k.seed + 7);
+    for (Index i = 0; i < k.n; ++i)
+      if (!keep(i)) y(i) = -100;
+    for (int kind = 0; kind < 6; ++kind) {
+      const auto div = static_cast<mmkd::Divergence>(kind);
+      INFO("N " << k.n << " V " << k.c << " d " << d << " T " << k.temp << " kind " << kind);
+      auto th = to_torch(h, true), tw = to_torch(w, true),
+           tb = to_torch(b).view({-1}).detach().requires_grad_(true);
+      const auto s = torch::matmul(th, tw.t()) + tb;
+      const auto t = torch::matmul(to_torch(ht), to_torch(wt).t()) + to_torch(bt).view({-1});
+      const auto ty = to_torch(y).to(torch::kLong);
+      const auto m = (ty != -100).to(torch::kFloat64);
+      const double mix = div == mmkd::Divergence::GeneralizedJSD ? 0.3 : 0.2;
+      const auto soft = (torch_divergence_rows(div, mix, s, t, k.temp) * m).sum();
+      const auto hard = F::cross_entropy(
+          s, ty, F::CrossEntropyFuncOptions().reduction(torch::kSum).ignore_index(-100));
+      const auto loss = (0.4 * hard + 0.7 * 0.9 * k.temp * k.temp * soft) / m.sum();
+      loss.backward();
+
+      mmkd::FusedLinearKD<double>::Options o;
+      o.divergence.divergence = div;
+      o.divergence.beta = 0.3;
+      o.divergence.skew = 0.2;
+      o.divergence.temperature = k.temp;
+      o.divergence.scale_by_t2 = true;
+      o.divergence.weight = 0.9;
+      o.soft_weight = 0.7;
+      o.hard_weight = 0.4;
+      o.chunk_rows = 1 + Index(k.seed % 16);
+      mmkd::FusedLinearKD<double> fused(o);
+      Matrix<double> dh = Matrix<double>::Zero(k.n, d), dw = Matrix<double>::Zero(k.c, d);
+      Eigen::VectorXd db = Eigen::VectorXd::Zero(k.c);
+      const Eigen::VectorXd bv = b, btv = bt;
+      const double v = fused.value_and_grad(h, w, ht, wt, y, bv, btv, dh, dw, db);
+      CHECK(v == Approx(loss.item<double>()).epsilon(1e-10));
+      CHECK(max_rel_diff(dh, from_torch(th.grad())) < 1e-10);
+      CHECK(max_rel_diff(dw, from_torch(tw.grad())) < 1e-10);
+      CHECK(max_rel_diff(Matrix<double>(db), from_torch(tb.grad().view({-1, 1}))) < 1e-10);
     }
   }
 }
