@@ -252,6 +252,91 @@ at::Tensor sparse_logit_kd(mmkd::SparseLogitKD<S>& loss, const at::Tensor& stude
   return run_loss(call, {student, teacher_logprobs});
 }
 
+namespace detail {
+
+// FusedLinearKD through the autograd node: gradients to h_s, w_s and (when given) b_s; the
+// teacher (its head, or its logits) gets none.
+template <class S>
+at::Tensor fused_linear(mmkd::FusedLinearKD<S>& loss, const at::Tensor& h_s, const at::Tensor& w_s,
+                        const at::Tensor& h_t, const at::Tensor& w_t, const at::Tensor& logits,
+                        const at::Tensor& labels, const at::Tensor& b_s, const at::Tensor& b_t) {
+  const std::string name = "FusedLinearKD";
+  check<S>(name, "h_s", h_s, 2);
+  check<S>(name, "w_s", w_s, 2);
+  const bool heads = !logits.defined();
+  if (heads) {
+    check<S>(name, "h_t", h_t, 2);
+    check<S>(name, "w_t", w_t, 2);
+  } else {
+    check<S>(name, "teacher_logits", logits, 2);
+  }
+  if (b_s.defined()) check<S>(name, "b_s", b_s, 1);
+  if (b_t.defined()) check<S>(name, "b_t", b_t, 1);
+  const at::Tensor y = labels_int32(name, labels);  // -100 stays -100
+  auto vec = [](const at::Tensor& b) {
+    return b.defined() ? Eigen::Map<const mmkd::Vector<S>>(b.data_ptr<S>(), b.size(0))
+                       : Eigen::Map<const mmkd::Vector<S>>(nullptr, 0);
+  };
+  std::vector<at::Tensor> inputs{h_s, w_s};
+  std::vector<std::string> names{"h_s", "w_s"};
+  std::vector<Grad> grads{Grad::Always, Grad::Always};
+  if (b_s.defined()) {
+    inputs.push_back(b_s);
+    names.push_back("b_s");
+    grads.push_back(Grad::Always);
+  }
+  const at::Tensor teacher[] = {h_t, w_t, logits, b_t};
+  const char* teacher_names[] = {"h_t", "w_t", "teacher_logits", "b_t"};
+  for (int k = 0; k < 4; ++k) {
+    if (!teacher[k].defined()) continue;
+    inputs.push_back(teacher[k]);
+    names.push_back(teacher_names[k]);
+    grads.push_back(Grad::Never);
+  }
+  const LossCall call{
+      name, names, grads, [&](const std::vector<at::Tensor>& g) -> double {
+        const auto hs = cmat<S>(h_s), ws = cmat<S>(w_s);
+        const auto l = labels_view(y);
+        const auto bs = vec(b_s), bt = vec(b_t);
+        if (b_s.defined()) {
+          Eigen::Map<mmkd::Vector<S>> db(g[2].data_ptr<S>(), g[2].size(0));
+          if (heads)
+            return loss.value_and_grad(hs, ws, cmat<S>(h_t), cmat<S>(w_t), l, bs, bt, mat<S>(g[0]),
+                                       mat<S>(g[1]), db);
+          return loss.value_and_grad(hs, ws, cmat<S>(logits), l, bs, mat<S>(g[0]), mat<S>(g[1]),
+                                     db);
+        }
+        if (heads)
+          return loss.value_and_grad(hs, ws, cmat<S>(h_t), cmat<S>(w_t), l, bs, bt, mat<S>(g[0]),
+                                     mat<S>(g[1]), Eigen::Map<mmkd::Vector<S>>(nullptr, 0));
+        return loss.value_and_grad(hs, ws, cmat<S>(logits), l, mat<S>(g[0]), mat<S>(g[1]));
+      }};
+  return run_loss(call, inputs);
+}
+
+}  // namespace detail
+
+/// FusedLinearKD: the student's hidden states h_s (N x d) and head weight w_s (V x d) with the
+/// teacher's h_t, w_t, and N integer labels (-100: the row takes no part); optional head biases
+/// (V). Gradients flow to h_s, w_s and b_s; the teacher's tensors must not require grad.
+template <class S>
+at::Tensor fused_linear_kd(mmkd::FusedLinearKD<S>& loss, const at::Tensor& h_s,
+                           const at::Tensor& w_s, const at::Tensor& h_t, const at::Tensor& w_t,
+                           const at::Tensor& labels, const at::Tensor& b_s = at::Tensor(),
+                           const at::Tensor& b_t = at::Tensor()) {
+  return detail::fused_linear(loss, h_s, w_s, h_t, w_t, at::Tensor(), labels, b_s, b_t);
+}
+
+/// FusedLinearKD with the teacher's precomputed logits (N x V) instead of its head.
+template <class S>
+at::Tensor fused_linear_kd_with_logits(mmkd::FusedLinearKD<S>& loss, const at::Tensor& h_s,
+                                       const at::Tensor& w_s, const at::Tensor& teacher_logits,
+                                       const at::Tensor& labels,
+                                       const at::Tensor& b_s = at::Tensor()) {
+  return detail::fused_linear(loss, h_s, w_s, at::Tensor(), at::Tensor(), teacher_logits, labels,
+                              b_s, at::Tensor());
+}
+
 /// DecoupledKD on N x C logits with N integer labels; rows labelled -100 or masked out by
 /// `mask` (N, bool or uint8) are dropped.
 template <class S>

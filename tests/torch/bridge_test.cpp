@@ -89,6 +89,39 @@ TEST_CASE("bridge: logit losses equal libtorch autograd", "[torch][bridge]") {
           return (rows * mask.to(torch::kFloat64)).sum() / 4;
         });
   }
+  // the fused head: student hidden states, weight and bias get gradients; labels with -100
+  {
+    const auto ht = randn({6, 3}), wt = randn({7, 3});
+    const auto yi = torch::tensor({1, -100, 4, 0, -100, 6}, torch::kLong);
+    mmkd::FusedLinearKD<double>::Options fo;
+    fo.hard_weight = 0.5;
+    fo.chunk_rows = 4;
+    fo.divergence.divergence = mmkd::Divergence::ReverseKL;
+    mmkd::FusedLinearKD<double> fused(fo);
+    auto unfused = [&](const Tensors& x, const torch::Tensor& t) {
+      const auto s = torch::matmul(x[0], x[1].t()) +
+                     (x.size() > 2 ? x[2] : torch::zeros({7}, torch::kFloat64));
+      const auto m = (yi != -100).to(torch::kFloat64);
+      const auto hard = torch::nn::functional::cross_entropy(
+          s, yi, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+      return (0.5 * hard +
+              (torch_divergence_rows(mmkd::Divergence::ReverseKL, 0.1, s, t, 1.0) * m).sum()) /
+             4;
+    };
+    compare(
+        {randn({6, 5}), randn({7, 5}), randn({7})}, {true, true, true},
+        [&](const Tensors& x) {
+          return mmkd_torch::fused_linear_kd(fused, x[0], x[1], ht, wt, yi, x[2]);
+        },
+        [&](const Tensors& x) { return unfused(x, torch::matmul(ht, wt.t())); });
+    const auto tl = randn({6, 7}, 2);
+    compare(
+        {randn({6, 5}), randn({7, 5})}, {true, true},
+        [&](const Tensors& x) {
+          return mmkd_torch::fused_linear_kd_with_logits(fused, x[0], x[1], tl, yi);
+        },
+        [&](const Tensors& x) { return unfused(x, tl); });
+  }
   mmkd::DecoupledKD<double> dkd;
   compare(
       {randn({6, 7}, 3), randn({6, 7}, 3)}, {true, false},
