@@ -66,8 +66,20 @@ int main() {
     top_logprobs(i, 1) = teacher(i, second) - lse;
   }
   mmkd::SparseLogitKD<double> sparse;  // KL over the top-2 plus a bucket for the rest
-  std::printf("  top-2 teacher KL over the same rows: %.6f\n\n",
+  std::printf("  top-2 teacher KL over the same rows: %.6f\n",
               sparse.value(student, top, top_logprobs, mask));
+  // The output head fused with the KL: the student's logits are hidden · head^T (d = 3), formed
+  // two rows at a time and never stored whole; the teacher's logits are given.
+  mmkd::Matrix<double> hidden(n, 3), head(c, 3);
+  for (mmkd::Index k = 0; k < hidden.size(); ++k) hidden.data()[k] = rng.normal();
+  for (mmkd::Index k = 0; k < head.size(); ++k) head.data()[k] = rng.normal();
+  mmkd::Labels token_labels = labels;
+  token_labels(3) = -100;  // the padding row
+  mmkd::FusedLinearKD<double>::Options fo;
+  fo.chunk_rows = 2;
+  mmkd::FusedLinearKD<double> fused(fo);
+  std::printf("  fused head + KL over the same rows: %.6f\n\n",
+              fused.value(hidden, head, teacher, token_labels));
 
   // Check the summed gradient against central differences.
   auto total = [&](const mmkd::Matrix<double>& s) {

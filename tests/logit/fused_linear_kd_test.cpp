@@ -277,3 +277,35 @@ TEST_CASE("FusedLinearKD errors are found before anything is written", "[logit][
   CHECK(dh.isConstant(0.5, 0));
   CHECK(dw.isConstant(0.5, 0));
 }
+
+TEST_CASE("The README's fused-head lines train on the gradient of their loss", "[logit][fused]") {
+  const Index n = 8, d = 5, v = 11;
+  const Matrix<double> h0 = random_matrix<double>(n, d, 74), w_s = random_matrix<double>(v, d, 75);
+  const Matrix<double> h_t = random_matrix<double>(n, 4, 76), w_t = random_matrix<double>(v, 4, 77);
+  mmkd::Labels labels = random_labels(n, v, 78);
+  labels(6) = labels(7) = -100;  // padding
+  // The README's lines, in double.
+  auto example = [&](const Matrix<double>& h_s, Matrix<double>& d_h_s, Matrix<double>& d_w_s) {
+    mmkd::FusedLinearKD<double>::Options fo;
+    fo.divergence.divergence = mmkd::Divergence::GeneralizedJSD;
+    fo.hard_weight = 0.5;
+    mmkd::FusedLinearKD<double> fused(fo);
+    double l3 = fused.value_and_grad(h_s, w_s, h_t, w_t, labels, d_h_s, d_w_s);
+    return l3;
+  };
+  Matrix<double> gh = Matrix<double>::Zero(n, d), gw = Matrix<double>::Zero(v, d);
+  const double value = example(h0, gh, gw);
+  const auto r = mmkd::check_gradient(
+      [&](const Matrix<double>& x) {
+        Matrix<double> a = Matrix<double>::Zero(n, d), b = Matrix<double>::Zero(v, d);
+        return example(x, a, b);
+      },
+      h0, gh, tight());
+  INFO(r.message());
+  CHECK(r.passed);
+  Fused::Options o;
+  o.divergence.divergence = Divergence::GeneralizedJSD;
+  o.hard_weight = 0.5;
+  CHECK(value == Approx(unfused(o, h0, w_s, Eigen::VectorXd(), h_t * w_t.transpose(), labels).value)
+                     .epsilon(1e-12));
+}
