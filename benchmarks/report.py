@@ -62,6 +62,10 @@ def share(entry):
         parts.append(f"{100 * c['BW_share']:.0f}% of bandwidth")
     if "exp_share" in c:
         parts.append(f"{100 * c['exp_share']:.0f}% of exp")
+    if "products_share" in c:
+        parts.append(f"{100 * c['products_share']:.0f}% of its products")
+    if "peak_extra" in c:
+        parts.append(f"peak extra memory {c['peak_extra']:.2f}·chunk·V")
     return ", ".join(parts)
 
 
