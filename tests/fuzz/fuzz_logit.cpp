@@ -1,10 +1,12 @@
 // libFuzzer target: LogitKD, DecoupledKD, CrossEntropy (hard labels or soft targets, class
-// weights), LogitDivergence (every divergence) and SparseLogitKD (both supports) with shapes,
+// weights), LogitDivergence (every divergence), SparseLogitKD (both supports) and FusedLinearKD
+// (heads or teacher logits, biases, chunk sizes) with shapes,
 // options, labels, masks and values decoded from the input (see fuzz_support.hpp for the contract
 // checked).
 
 #include <mmkd/logit/cross_entropy.hpp>
 #include <mmkd/logit/decoupled_kd.hpp>
+#include <mmkd/logit/fused_linear_kd.hpp>
 #include <mmkd/logit/logit_divergence.hpp>
 #include <mmkd/logit/logit_kd.hpp>
 #include <mmkd/logit/sparse_logit_kd.hpp>
@@ -34,7 +36,7 @@ void run(Reader& r) {
   auto check = [&](const char* what, auto&& call) {
     dense_or_strided<S>(what, Buffers(), strided, pad, call, s, t, ds, dt);
   };
-  switch (r.pick(5)) {
+  switch (r.pick(6)) {
     case 0: {
       typename mmkd::LogitKD<S>::Options o;
       o.temperature = S(r.option(4));
@@ -109,6 +111,44 @@ void run(Reader& r) {
         return masked ? kd.value_and_grad(s, idx, l, mask, ds) : kd.value_and_grad(s, idx, l, ds);
       };
       dense_or_strided<S>("SparseLogitKD", Buffers(), strided, pad, call, s, lp, ds, dt);
+      break;
+    }
+    case 4: {
+      // Hidden states and heads of their own shapes: rows n, classes c (the student's), widths
+      // decoded here; the teacher as a head or as the logits matrix t.
+      typename mmkd::FusedLinearKD<S>::Options o;
+      o.divergence.divergence = mmkd::Divergence(r.pick(6));
+      o.divergence.beta = S(r.option(0.5));
+      o.divergence.skew = S(r.option(0.1));
+      o.divergence.temperature = S(r.option(1));
+      o.divergence.scale_by_t2 = r.flag();
+      o.divergence.reduction = r.byte() < 240 ? mmkd::Reduction::BatchMean : reduction;
+      o.soft_weight = S(r.option(1));
+      o.hard_weight = S(r.option(0.5));
+      o.chunk_rows = Index(r.byte()) % 9;  // 0 is invalid
+      const Index d = r.dim(5), dt = r.dim(5);
+      const mmkd::Matrix<S> h = r.matrix<S>(n, d),
+                            w = r.matrix<S>(r.byte() < 240 ? c : r.dim(6), d),
+                            ht = r.matrix<S>(n, dt), wt = r.matrix<S>(c, dt);
+      const mmkd::Vector<S> b = r.flag()
+                                    ? mmkd::Vector<S>(r.matrix<S>(r.byte() < 240 ? c : r.dim(6), 1))
+                                    : mmkd::Vector<S>();
+      mmkd::Labels yl = y;
+      for (Index i = 0; i < yl.size(); ++i)
+        if (r.byte() < 60) yl(i) = -100;
+      mmkd::Matrix<S> dh = mmkd::Matrix<S>::Zero(n, d), dw = mmkd::Matrix<S>::Zero(w.rows(), d);
+      mmkd::Vector<S> db = mmkd::Vector<S>::Zero(b.size());
+      const int form = int(r.pick(3));
+      Buffers buffers;
+      buffers.add(dh);
+      buffers.add(dw);
+      buffers.add(db.data(), db.size());
+      buffers.check("FusedLinearKD", [&] {
+        mmkd::FusedLinearKD<S> kd(o);
+        if (form == 0) return kd.value_and_grad(h, w, ht, wt, yl, dh, dw);
+        if (form == 1) return kd.value_and_grad(h, w, ht, wt, yl, b, b, dh, dw, db);
+        return kd.value_and_grad(h, w, t, yl, b, dh, dw, db);
+      });
       break;
     }
     default: {
