@@ -29,6 +29,33 @@ struct DivergenceBuffers {
   RowMap<T> q, p, lq, lp, lm;
 };
 
+/// w·d with w = 0 giving 0 whatever d is: a term w·log(...) of a divergence, where a probability
+/// of exactly 0 (a −inf logit, or an exponential below the smallest normal number) adds nothing
+/// even against a log of −inf. A binary functor, so that it vectorises (Eigen 3.4's `select`
+/// does not).
+template <class T>
+struct ZeroTimes {
+  T operator()(T w, T d) const { return w == T(0) ? T(0) : w * d; }
+  template <class Packet>
+  Packet packetOp(const Packet& w, const Packet& d) const {
+    using namespace Eigen::internal;
+    return pselect(pcmp_eq(w, pzero(w)), pzero(w), pmul(w, d));
+  }
+};
+
+/// log(exp(x) + exp(y)) elementwise, −inf where both are −inf: hi + log1p(exp(lo − hi)).
+template <class T>
+struct LogAddExp {
+  T operator()(T x, T y) const { return log_add_exp(x, y); }
+  template <class Packet>
+  Packet packetOp(const Packet& x, const Packet& y) const {
+    using namespace Eigen::internal;
+    const Packet hi = pmax(x, y), lo = pmin(x, y);
+    const Packet r = padd(hi, plog1p(ExpShifted<T>().packetOp(psub(lo, hi))));  // NaN at −inf, −inf
+    return pselect(pcmp_eq(hi, pset1<Packet>(-std::numeric_limits<T>::infinity())), hi, r);
+  }
+};
+
 /// One row of a divergence other than ForwardKL, with a = s/T, b = t/T. Returns D; writes
 /// ga = ∂D/∂a and gb = ∂D/∂b (each optional: nullptr) unscaled. `mix` is β (GeneralizedJSD) or
 /// λ (the skew divergences).
@@ -53,7 +80,6 @@ struct DivergenceBuffers {
 template <class T, class S, class U>
 T divergence_row(Divergence kind, T mix, const Eigen::ArrayBase<S>& s, const Eigen::ArrayBase<U>& t,
                  T inv_t, DivergenceBuffers<T>& b, RowMap<T>* ga, RowMap<T>* gb) {
-  constexpr T ninf = -std::numeric_limits<T>::infinity();
   const ShiftedExp<T> es = shifted_exp(s, inv_t, b.q);
   const ShiftedExp<T> et = shifted_exp(t, inv_t, b.p);
   if (!(es.sum > T(0)) || !(et.sum > T(0))) return std::numeric_limits<T>::quiet_NaN();
@@ -61,23 +87,19 @@ T divergence_row(Divergence kind, T mix, const Eigen::ArrayBase<S>& s, const Eig
   b.p /= et.sum;
   b.lq = (s - es.x_max) * inv_t - std::log(es.sum);
   b.lp = (t - et.x_max) * inv_t - std::log(et.sum);
-  const auto live_s = s > ninf;  // classes the student allows
-  const auto live_t = t > ninf;
   const ExpShifted<T> ex;
+  const ZeroTimes<T> times;  // 0 where the weight (a probability) is 0
   // log(α·x + (1−α)·y) from log x, log y; −inf where both are −inf.
   auto log_mix = [&](T alpha, const RowMap<T>& lx, const RowMap<T>& ly) {
     const T la = std::log(alpha), lb = std::log1p(-alpha);
-    const auto x = lx + la;
-    const auto y = ly + lb;
-    const auto hi = x.max(y);
-    b.lm = (hi > ninf).select(hi + ((-(x - y).abs()).unaryExpr(ex)).log1p(), ninf);
+    b.lm = (lx + la).binaryExpr(ly + lb, LogAddExp<T>());
   };
   // KL(x ‖ λ·x + (1−λ)·y) and its gradients gx, gy: SkewForwardKL with (x, y) = (p, q),
   // SkewReverseKL with (q, p).
-  auto skew_kl = [&](const RowMap<T>& x, const RowMap<T>& lx, const auto& live_x,
-                     const RowMap<T>& y, const RowMap<T>& ly, RowMap<T>* gx, RowMap<T>* gy) {
+  auto skew_kl = [&](const RowMap<T>& x, const RowMap<T>& lx, const RowMap<T>& y,
+                     const RowMap<T>& ly, RowMap<T>* gx, RowMap<T>* gy) {
     log_mix(mix, lx, ly);  // m = λ x + (1−λ) y
-    const T dv = live_x.select(x * (lx - b.lm), T(0)).sum();
+    const T dv = x.binaryExpr(lx - b.lm, times).sum();
     if (gy) {
       *gy = (ly + lx - b.lm).unaryExpr(ex);  // x y / m
       const T sum = gy->sum();
@@ -86,32 +108,32 @@ T divergence_row(Divergence kind, T mix, const Eigen::ArrayBase<S>& s, const Eig
     if (gx) {
       *gx = (T(2) * lx - b.lm).unaryExpr(ex);  // x² / m
       const T sum = gx->sum();
-      *gx = live_x.select(x * ((lx - b.lm) - dv), T(0)) - mix * (*gx - x * sum);
+      *gx = x.binaryExpr((lx - b.lm) - dv, times) - mix * (*gx - x * sum);
     }
     return dv;
   };
   T d = 0;
   switch (kind) {
     case Divergence::ReverseKL: {
-      d = live_s.select(b.q * (b.lq - b.lp), T(0)).sum();
-      if (ga) *ga = live_s.select(b.q * ((b.lq - b.lp) - d), T(0));
+      d = b.q.binaryExpr(b.lq - b.lp, times).sum();
+      if (ga) *ga = b.q.binaryExpr((b.lq - b.lp) - d, times);
       if (gb) *gb = b.p - b.q;
       break;
     }
     case Divergence::GeneralizedJSD: {
       log_mix(mix, b.lp, b.lq);  // m = β p + (1−β) q
-      const T kp = live_t.select(b.p * (b.lp - b.lm), T(0)).sum();
-      const T kq = live_s.select(b.q * (b.lq - b.lm), T(0)).sum();
+      const T kp = b.p.binaryExpr(b.lp - b.lm, times).sum();
+      const T kq = b.q.binaryExpr(b.lq - b.lm, times).sum();
       d = mix * kp + (T(1) - mix) * kq;
-      if (ga) *ga = live_s.select((T(1) - mix) * b.q * ((b.lq - b.lm) - kq), T(0));
-      if (gb) *gb = live_t.select(mix * b.p * ((b.lp - b.lm) - kp), T(0));
+      if (ga) *ga = b.q.binaryExpr(((b.lq - b.lm) - kq) * (T(1) - mix), times);
+      if (gb) *gb = b.p.binaryExpr(((b.lp - b.lm) - kp) * mix, times);
       break;
     }
     case Divergence::SkewForwardKL:
-      d = skew_kl(b.p, b.lp, live_t, b.q, b.lq, gb, ga);
+      d = skew_kl(b.p, b.lp, b.q, b.lq, gb, ga);
       break;
     case Divergence::SkewReverseKL:
-      d = skew_kl(b.q, b.lq, live_s, b.p, b.lp, ga, gb);
+      d = skew_kl(b.q, b.lq, b.p, b.lp, ga, gb);
       break;
     case Divergence::TotalVariation: {
       b.lm = (b.p - b.q).sign() * T(0.5);  // h = ∂D/∂p; ∂D/∂q = −h
@@ -143,3 +165,19 @@ T divergence_row_student(Divergence kind, T mix, const Eigen::ArrayBase<S>& s,
 
 }  // namespace detail
 }  // namespace mmkd
+
+namespace Eigen {
+namespace internal {
+template <class T>
+struct functor_traits<mmkd::detail::ZeroTimes<T>> {
+  enum { Cost = 2 * NumTraits<T>::MulCost, PacketAccess = packet_traits<T>::HasCmp };
+};
+template <class T>
+struct functor_traits<mmkd::detail::LogAddExp<T>> {
+  enum {
+    Cost = 40 * NumTraits<T>::MulCost,
+    PacketAccess = packet_traits<T>::HasExp && packet_traits<T>::HasLog1p
+  };
+};
+}  // namespace internal
+}  // namespace Eigen
