@@ -278,6 +278,40 @@ TEST_CASE("FusedLinearKD errors are found before anything is written", "[logit][
   CHECK(dw.isConstant(0.5, 0));
 }
 
+TEST_CASE("FusedLinearKD: the reverse KL's log-ratio gradient is in the overflow bound",
+          "[logit][fused][errors]") {
+  // Teacher logits about ±5e33 (a gap of 8e33 in float): the reverse KL's student gradient
+  // q ⊙ (log q − log p − D) is about 4e33 per class, and d_h = g w_s with |w_s| = 2e30 passes
+  // float's 3.4e38. The forward KL's gradient q − p stays below 1 per row: its d_h is finite.
+  Matrix<float> hs(2, 2), ws = Matrix<float>::Constant(2, 2, -1.625e30f);
+  Matrix<float> ht = Matrix<float>::Constant(2, 2, -1625.0f), wt(2, 2);
+  hs << 0.00353125f, -0.001625f, -0.001625f, -0.001625f;
+  wt << 3.53125e30f, -1.625e30f, -1.625e30f, -1.625e30f;
+  mmkd::Labels y(2);
+  y << 1, 0;
+  mmkd::FusedLinearKD<float>::Options o;
+  o.hard_weight = 0.5;
+  Matrix<float> dh = Matrix<float>::Zero(2, 2), dw = Matrix<float>::Zero(2, 2);
+  const float forward = mmkd::FusedLinearKD<float>(o).value_and_grad(hs, ws, ht, wt, y, dh, dw);
+  CHECK(std::isfinite(forward));
+  CHECK(dh.allFinite());
+  CHECK(dw.allFinite());
+  o.divergence.divergence = Divergence::ReverseKL;
+  dh.setConstant(0.5f);
+  dw.setConstant(0.5f);
+  mmkd::FusedLinearKD<float> reverse(o);
+  CHECK_THROWS_AS(reverse.value_and_grad(hs, ws, ht, wt, y, dh, dw), mmkd::NumericalError);
+  CHECK(dh.isConstant(0.5f, 0));
+  CHECK(dw.isConstant(0.5f, 0));
+  // The reverse skew with λ = 0.1 bounds the log ratio by log 10: finite again.
+  o.divergence.divergence = Divergence::SkewReverseKL;
+  dh.setZero();
+  dw.setZero();
+  CHECK(std::isfinite(mmkd::FusedLinearKD<float>(o).value_and_grad(hs, ws, ht, wt, y, dh, dw)));
+  CHECK(dh.allFinite());
+  CHECK(dw.allFinite());
+}
+
 TEST_CASE("The README's fused-head lines train on the gradient of their loss", "[logit][fused]") {
   const Index n = 8, d = 5, v = 11;
   const Matrix<double> h0 = random_matrix<double>(n, d, 74), w_s = random_matrix<double>(v, d, 75);

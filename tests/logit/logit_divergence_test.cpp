@@ -233,6 +233,41 @@ TEST_CASE("LogitDivergence: ForwardKL is LogitKD; JSD at beta near 0 and 1 appro
   CHECK(mmkd::LogitDivergence<double>(k).value(s, t) == Approx(0.0).margin(1e-15));
 }
 
+TEMPLATE_TEST_CASE("LogitDivergence: the skew KLs at 0 and 1 where a probability underflows",
+                   "[logit][divergence]", float, double) {
+  using T = TestType;
+  // Teacher logits spread by 1e4: most of p underflows to exactly 0, while its logs stay finite.
+  // At λ = 0 the skew KLs are the plain KLs, value and gradient (their λ·x²/m term vanishes
+  // although x²/m alone is +inf); at λ = 1 they are 0 with a zero gradient (to rounding).
+  const Matrix<T> s = random_matrix<double>(6, 9, 17, 3.0).cast<T>(),
+                  t = random_matrix<double>(6, 9, 18, 1e4).cast<T>();
+  const T tol = std::is_same<T, float>::value ? T(2e-5) : T(1e-12);
+  for (const auto [skew_kind, plain_kind] :
+       {std::pair{Divergence::SkewForwardKL, Divergence::ForwardKL},
+        std::pair{Divergence::SkewReverseKL, Divergence::ReverseKL}}) {
+    INFO(name(skew_kind));
+    typename mmkd::LogitDivergence<T>::Options o;
+    o.divergence = skew_kind;
+    o.skew = 0;
+    Matrix<T> g = Matrix<T>::Zero(6, 9), g_plain = g, gt = g, gt_plain = g;
+    const T v = mmkd::LogitDivergence<T>(o).value_and_grad(s, t, g, gt);
+    o.divergence = plain_kind;
+    const T v_plain = mmkd::LogitDivergence<T>(o).value_and_grad(s, t, g_plain, gt_plain);
+    CHECK(v == Approx(v_plain).epsilon(tol));
+    CHECK(max_rel_diff(g, g_plain) < tol);
+    CHECK(max_rel_diff(gt, gt_plain) < tol);
+    o.divergence = skew_kind;
+    o.skew = 1;
+    g.setZero();
+    gt.setZero();
+    CHECK(mmkd::LogitDivergence<T>(o).value_and_grad(s, t, g, gt) == T(0));
+    // m = x through exp(log x): a few ulps of 1 per class.
+    const T ulps = 16 * std::numeric_limits<T>::epsilon();
+    CHECK(g.cwiseAbs().maxCoeff() < ulps);
+    CHECK(gt.cwiseAbs().maxCoeff() < ulps);
+  }
+}
+
 TEST_CASE("LogitDivergence: a two-class row by hand", "[logit][divergence]") {
   // s = (0, 0): q = (1/2, 1/2); t = (log 3, 0): p = (3/4, 1/4).
   Matrix<double> s(1, 2), t(1, 2);

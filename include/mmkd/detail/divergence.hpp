@@ -100,15 +100,19 @@ T divergence_row(Divergence kind, T mix, const Eigen::ArrayBase<S>& s, const Eig
                      const RowMap<T>& ly, RowMap<T>* gx, RowMap<T>* gy) {
     log_mix(mix, lx, ly);  // m = λ x + (1−λ) y
     const T dv = x.binaryExpr(lx - b.lm, times).sum();
+    // The weights λ and 1−λ go inside the exponentials: (1−λ)·x·y/m ≤ y and λ·x²/m ≤ x never
+    // overflow, and λ = 0 gives 0 where x²/m alone would be +inf (p underflowed to 0). The
+    // difference with log m first: it is exact where m is one side (λ = 0 or 1) and the logs
+    // are large.
     if (gy) {
-      *gy = (ly + lx - b.lm).unaryExpr(ex);  // x y / m
+      *gy = ((ly - b.lm) + lx + std::log1p(-mix)).unaryExpr(ex);  // (1−λ) x y / m
       const T sum = gy->sum();
-      *gy = -(T(1) - mix) * (*gy - y * sum);
+      *gy = y * sum - *gy;
     }
     if (gx) {
-      *gx = (T(2) * lx - b.lm).unaryExpr(ex);  // x² / m
+      *gx = ((lx - b.lm) + lx + std::log(mix)).unaryExpr(ex);  // λ x² / m
       const T sum = gx->sum();
-      *gx = x.binaryExpr((lx - b.lm) - dv, times) - mix * (*gx - x * sum);
+      *gx = x.binaryExpr((lx - b.lm) - dv, times) - (*gx - x * sum);
     }
     return dv;
   };

@@ -313,11 +313,17 @@ Scalar FusedLinearKD<Scalar>::run(const Inputs& in, MatrixRef<Scalar>* d_h, Matr
   const Scalar soft_g = soft * inv_t / Scalar(used), hard_g = hard / Scalar(used);
   {
     // Each row's term is at most its logits' range over T plus log V (both the divergences and
-    // the cross-entropy); each gradient element of a row at most a few times its scale.
+    // the cross-entropy). A row's gradient has an L1 norm of at most a few times its scale,
+    // except where it carries log(q/p): the reverse KL's q ⊙ (log q − log p − D) reaches the
+    // range itself (and the reverse skew's, whose mixture bounds the log by log(1/λ)).
     const double top = double(std::numeric_limits<Scalar>::max()) / 16;
     const double range = 2 * (bound_s + bound_t) * std::max(1.0, double(inv_t));
     const double per_row = (double(soft) + double(hard)) * (range + std::log(double(v)) + 1);
-    const double g_row = 8 * (double(soft_g) + double(hard_g));
+    double log_ratio = 0;
+    if (div.divergence == Divergence::ReverseKL) log_ratio = range;
+    if (div.divergence == Divergence::SkewReverseKL)
+      log_ratio = div.skew > Scalar(0) ? std::min(range, -std::log(double(div.skew))) : range;
+    const double g_row = (8 + 4 * log_ratio) * (double(soft_g) + double(hard_g));
     const double g_max = g_row * std::max({ws_norm, double(n) * hs_norm, double(n)});
     if (!(range < top && per_row * double(n) < top && g_max < top))
       detail::throw_numerical(kName,
