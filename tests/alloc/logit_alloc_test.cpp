@@ -47,6 +47,10 @@ TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][all
   fo.hard_weight = T(0.5);
   fo.divergence.divergence = mmkd::Divergence::GeneralizedJSD;
   mmkd::FusedLinearKD<T> fused(fo);
+  // bfloat16 storage of the logits and of the gradients
+  const Matrix<mmkd::bfloat16> s16 = s.template cast<mmkd::bfloat16>(),
+                               t16 = t.template cast<mmkd::bfloat16>();
+  Matrix<mmkd::bfloat16> ds16 = Matrix<mmkd::bfloat16>::Zero(64, 100), dt16 = ds16;
   mmkd::LossSum<T> total;  // its terms' calls, by name, add no allocation of their own
   total.add("kd", T(0.9), kd, [&](auto& l) { return l.value_and_grad(s, t, ds); });
   total.add("ce", T(0.1), ce, [&](auto& l) { return l.value_and_grad(s, y, ds); });
@@ -75,6 +79,11 @@ TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][all
     CHECK_NOTHROW(fused.value_and_grad(h, w, ht, wt, y, b, b, dh, dw, db));
     CHECK_NOTHROW(fused.value_and_grad(h, w, t, y, dh, dw));
     CHECK_NOTHROW(fused.value(h, w, t, y, b));
+    CHECK_NOTHROW(kd.value_and_grad(s16, t16, mask, ds16, dt16));
+    CHECK_NOTHROW(kd.value_and_grad(s16, t16, ds));
+    CHECK_NOTHROW(ce.value_and_grad(s16, y, mask, ds16));
+    CHECK_NOTHROW(divergences[2].value_and_grad(s16, t16, ds16));
+    CHECK_NOTHROW(divergences[0].value(s16, t16));
     CHECK_NOTHROW(total.value_and_grad());
     CHECK_NOTHROW(total.value("kd"));
   }

@@ -11,6 +11,10 @@ namespace mmkd {
 
 using Index = Eigen::Index;
 
+/// The 16-bit storage type of LLM logits (8 exponent bits, as float's; 8 significant bits).
+/// The logit losses read it into their scalar type and round their gradients back to it.
+using bfloat16 = Eigen::bfloat16;
+
 /// A batch: rows are samples, row-major, the memory layout of a contiguous PyTorch tensor.
 template <class Scalar>
 using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -92,6 +96,13 @@ class OutRef : public Eigen::Ref<PlainType> {
   template <class D>
   static constexpr bool binds = std::is_same<typename Plain<D>::Scalar, Element>::value&&
       writable<D>&& bool(Match<Plain<D>>::MatchAtCompileTime);
+  // The arguments this view takes part in overload resolution for: its own scalar type, and
+  // (for the error message) float or double where it is float or double. A bfloat16 view takes
+  // only bfloat16 and a float view never takes bfloat16, so both overloads can coexist.
+  template <class S>
+  static constexpr bool candidate = std::is_same<S, Element>::value ||
+                                    (std::is_floating_point<Element>::value &&
+                                     std::is_floating_point<S>::value);
 
   // The argument itself when it binds; otherwise (the build fails at the static_asserts) a
   // stand-in that keeps the base's constructor from adding errors of its own.
@@ -108,7 +119,7 @@ class OutRef : public Eigen::Ref<PlainType> {
  public:
   template <class D,
             std::enable_if_t<is_eigen_dense<D> && !std::is_base_of<Base, Plain<D>>::value &&
-                                 std::is_floating_point<typename Plain<D>::Scalar>::value,
+                                 candidate<typename Plain<D>::Scalar>,
                              int> = 0>
   OutRef(D&& x)  // NOLINT(google-explicit-constructor): as implicit as Eigen's Ref
       : Base(bindable(std::forward<D>(x))) {

@@ -68,15 +68,14 @@ T soft_ce_row(const Eigen::ArrayBase<Z>& z, T inv_t, const Eigen::ArrayBase<W>& 
 /// the teacher's probability is positive (an infinite KL); "" if none of these.
 template <class MS, class MT>
 std::string kd_row_reason(const char* sname, const MS& s, const char* tname, const MT& t, Index i) {
-  using T = typename MS::Scalar;
-  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  constexpr double ninf = -std::numeric_limits<double>::infinity();  // any storage type
   std::string why = bad_element_in_row(sname, s, i, true);
   if (why.empty()) why = bad_element_in_row(tname, t, i, true);
   if (why.empty()) why = all_neg_inf_row(tname, t, i);
   if (why.empty()) why = all_neg_inf_row(sname, s, i);
   for (Index j = 0; j < s.cols() && why.empty(); ++j) {
-    if (s(i, j) == ninf && t(i, j) > ninf) {
-      why = element_str(sname, i, j, s(i, j)) +
+    if (double(s(i, j)) == ninf && double(t(i, j)) > ninf) {
+      why = element_str(sname, i, j, ninf) +
             " where the teacher's probability is positive: the KL divergence is infinite";
     }
   }
@@ -84,7 +83,8 @@ std::string kd_row_reason(const char* sname, const MS& s, const char* tname, con
 }
 
 /// The temperature-KD rows of two logit matrices (N x C), computed into a workspace prepared
-/// with two buffers per thread: for each row with rows(i), ws.row_value(i) = KL_i, and
+/// with two buffers per thread (and two staging rows for bfloat16 inputs): for each row with
+/// rows(i), ws.row_value(i) = KL_i, and
 ///   slot_s ≥ 0:  ws.grad_row(slot_s, i) = scale(i) · (p_s − p_t)                 (dKL/da)
 ///   slot_t ≥ 0:  ws.grad_row(slot_t, i) = scale(i) · p_t ⊙ (log p_t − log p_s − KL_i)  (dKL/db)
 /// with a = s/T, b = t/T; other rows get row_value 0. Every temperature-KD loss runs this loop.
@@ -100,8 +100,8 @@ void kd_rows(const MS& s, const MT& t, T inv_t, Rows&& rows, RowWorkspace<T>& ws
     }
     auto es = slot_s >= 0 ? ws.grad_row(slot_s, i) : ws.buffer(thread, 2, 0);
     auto et = ws.buffer(thread, 2, 1);
-    const auto srow = const_row_map(s, i);
-    const auto trow = const_row_map(t, i);
+    const auto srow = input_row(s, i, ws, thread, 0);
+    const auto trow = input_row(t, i, ws, thread, 1);
     const auto r = kl_row(srow, trow, inv_t, es, et);
     ws.row_value(i) = r.value;
     hook(i, r, et);

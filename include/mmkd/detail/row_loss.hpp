@@ -7,11 +7,13 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "mmkd/core/errors.hpp"
 #include "mmkd/core/parallel.hpp"
 #include "mmkd/core/reduction.hpp"
 #include "mmkd/core/types.hpp"
+#include "mmkd/detail/bf16.hpp"
 #include "mmkd/detail/softmax_kernels.hpp"
 
 namespace mmkd {
@@ -89,13 +91,16 @@ class RowWorkspace {
  public:
   Vector<T> row_value;  // the loss term of each row
 
-  void prepare(Index n, Index c, int grads, int per_thread) {
+  /// `staged`: rows per thread for inputs stored in another type (bfloat16), read by input_row.
+  void prepare(Index n, Index c, int grads, int per_thread, int staged = 0) {
     cols_ = c;
     const Index pad = Index(64 / sizeof(T));
     const Index stride = (c + pad - 1) / pad * pad;
     row_value.resize(n);
     for (int g = 0; g < grads; ++g) grad_[g].resize(n, stride);
     thread_rows_.resize(Index(max_threads()) * per_thread, stride);
+    staged_ = staged;
+    if (staged > 0) stage_rows_.resize(Index(max_threads()) * staged, stride);
   }
   /// Row i of scratch gradient g (the gradient before it is committed to the caller).
   RowMap<T> grad_row(int g, Index i) {
@@ -110,11 +115,21 @@ class RowWorkspace {
     return RowMap<T>(thread_rows_.data() + (Index(thread) * per_thread + k) * thread_rows_.cols(),
                      cols_);
   }
-  /// dst.row(i) += scratch gradient g, row i, for the rows that take part.
+  /// Staging row k of thread `thread` (see prepare).
+  RowMap<T> stage(int thread, int k) {
+    return RowMap<T>(stage_rows_.data() + (Index(thread) * staged_ + k) * stage_rows_.cols(),
+                     cols_);
+  }
+  /// dst.row(i) += scratch gradient g, row i, for the rows that take part; a bfloat16 `dst`
+  /// gets the sum rounded to nearest even.
   template <class Dst, class Rows>
   void commit(int g, Dst& dst, Rows&& rows) {
     parallel_for(dst.rows(), cols_, [&](Index i, int) {
-      if (rows(i)) row_map(dst, i) += grad_row(g, i);
+      if (!rows(i)) return;
+      if constexpr (std::is_same<typename Dst::Scalar, bfloat16>::value)
+        add_to_bf16(dst.data() + i * dst.outerStride(), grad_row(g, i).data(), cols_);
+      else
+        row_map(dst, i) += grad_row(g, i);
     });
   }
   void release() {
@@ -122,13 +137,35 @@ class RowWorkspace {
     grad_[0] = Matrix<T>();
     grad_[1] = Matrix<T>();
     thread_rows_ = Matrix<T>();
+    stage_rows_ = Matrix<T>();
   }
 
  private:
   Index cols_ = 0;
+  int staged_ = 0;
   Matrix<T> grad_[2];
-  Matrix<T> thread_rows_;
+  Matrix<T> thread_rows_, stage_rows_;
 };
+
+/// Row i of an input matrix in the compute type T: a view of the row itself, or for storage in
+/// bfloat16 the row read into staging row k of the thread (prepared with prepare's `staged`).
+template <class T, class M>
+ConstRowMap<T> input_row(const M& m, Index i, RowWorkspace<T>& ws, int thread, int k) {
+  if constexpr (std::is_same<typename M::Scalar, T>::value) {
+    return const_row_map(m, i);
+  } else {
+    static_assert(std::is_same<typename M::Scalar, bfloat16>::value, "float, double or bfloat16");
+    RowMap<T> b = ws.stage(thread, k);
+    load_bf16(m.data() + i * m.outerStride(), b.data(), m.cols());
+    return ConstRowMap<T>(b.data(), m.cols());
+  }
+}
+
+/// Staging rows per thread for a loss reading `inputs` matrices of scalar type In in type T.
+template <class T, class In>
+constexpr int staged_rows(int inputs) {
+  return std::is_same<T, In>::value ? 0 : inputs;
+}
 
 /// First NaN or +Inf (and -Inf unless allowed) of row i of `m`, as "name[i,j] is NaN"; "" if none.
 template <class M>
@@ -157,7 +194,10 @@ std::string bad_element(const char* name, const M& m, bool allow_neg_inf) {
 /// "name row i is entirely -Inf" when it is; "" otherwise.
 template <class M>
 std::string all_neg_inf_row(const char* name, const M& m, Index i) {
-  if ((m.row(i).array() == -std::numeric_limits<typename M::Scalar>::infinity()).all()) {
+  bool all = true;
+  for (Index j = 0; j < m.cols() && all; ++j)
+    all = double(m(i, j)) == -std::numeric_limits<double>::infinity();
+  if (all) {
     return std::string(name) + " row " + std::to_string(i) +
            " is entirely -Inf (no class has positive probability)";
   }

@@ -45,6 +45,9 @@ namespace mmkd {
  * \post `value_and_grad` adds the gradient (`+=`); on any exception nothing has been written.
  *       A Mean whose denominator is 0 (no row, or class weights 0 at every label) is 0.
  *
+ * bfloat16 storage: with class labels, the logits may be `mmkd::bfloat16`, read row by row into
+ * Scalar (no copy), with a Scalar or bfloat16 gradient buffer (sums rounded to nearest even).
+ *
  * **Example**:
  * @code
  * mmkd::CrossEntropy<float> ce({0.1f});          // label smoothing 0.1
@@ -90,6 +93,36 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
   //! With a row mask; masked rows get no gradient.
   Scalar value_and_grad(const ConstMatrixRef<Scalar>& logits, const ConstLabelsRef& labels,
                         const ConstRowMaskRef& mask, MatrixRef<Scalar> d_logits) {
+    return run(logits, &labels, nullptr, &mask, &d_logits);
+  }
+
+  //! bfloat16 logits with class labels, computed in Scalar without a copy of the logits.
+  Scalar value(const ConstMatrixRef<bfloat16>& logits, const ConstLabelsRef& labels) {
+    return run(logits, &labels, nullptr, nullptr, kNoGrad);
+  }
+  //! bfloat16 logits with class labels and a row mask.
+  Scalar value(const ConstMatrixRef<bfloat16>& logits, const ConstLabelsRef& labels,
+               const ConstRowMaskRef& mask) {
+    return run(logits, &labels, nullptr, &mask, kNoGrad);
+  }
+  //! bfloat16 logits; adds dL/d(logits) to a Scalar `d_logits`.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& logits, const ConstLabelsRef& labels,
+                        MatrixRef<Scalar> d_logits) {
+    return run(logits, &labels, nullptr, nullptr, &d_logits);
+  }
+  //! bfloat16 logits and gradient: d_logits = bf16(d_logits + dL/d(logits)), to nearest even.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& logits, const ConstLabelsRef& labels,
+                        MatrixRef<bfloat16> d_logits) {
+    return run(logits, &labels, nullptr, nullptr, &d_logits);
+  }
+  //! bfloat16 logits with a row mask; adds to a Scalar `d_logits`.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& logits, const ConstLabelsRef& labels,
+                        const ConstRowMaskRef& mask, MatrixRef<Scalar> d_logits) {
+    return run(logits, &labels, nullptr, &mask, &d_logits);
+  }
+  //! bfloat16 logits and gradient with a row mask.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& logits, const ConstLabelsRef& labels,
+                        const ConstRowMaskRef& mask, MatrixRef<bfloat16> d_logits) {
     return run(logits, &labels, nullptr, &mask, &d_logits);
   }
 
@@ -162,9 +195,22 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
     }
   }
 
+  static constexpr MatrixRef<Scalar>* kNoGrad = nullptr;
+
+  // One body (run_rows) for each storage type of the logits and of the gradient.
   Scalar run(const ConstMatrixRef<Scalar>& z, const ConstLabelsRef* labels,
              const ConstMatrixRef<Scalar>* targets, const ConstRowMaskRef* mask,
              MatrixRef<Scalar>* dz);
+  Scalar run(const ConstMatrixRef<bfloat16>& z, const ConstLabelsRef* labels,
+             const ConstMatrixRef<Scalar>* targets, const ConstRowMaskRef* mask,
+             MatrixRef<Scalar>* dz);
+  Scalar run(const ConstMatrixRef<bfloat16>& z, const ConstLabelsRef* labels,
+             const ConstMatrixRef<Scalar>* targets, const ConstRowMaskRef* mask,
+             MatrixRef<bfloat16>* dz);
+  template <class In, class G>
+  Scalar run_rows(const ConstMatrixRef<In>& z, const ConstLabelsRef* labels,
+                  const ConstMatrixRef<Scalar>* targets, const ConstRowMaskRef* mask,
+                  MatrixRef<G>* dz);
 
   template <class Rows>
   static Scalar max_target_sum(const ConstMatrixRef<Scalar>& y, Rows&& rows) {
@@ -174,20 +220,21 @@ class CrossEntropy : detail::FloatingScalar<Scalar> {
     return m;
   }
 
-  [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& z, const ConstLabelsRef* labels,
+  template <class In>
+  [[noreturn]] void diagnose(const ConstMatrixRef<In>& z, const ConstLabelsRef* labels,
                              const ConstMatrixRef<Scalar>* targets, detail::RowSelect rows) const {
-    constexpr Scalar ninf = -std::numeric_limits<Scalar>::infinity();
+    constexpr double ninf = -std::numeric_limits<double>::infinity();  // any storage type
     const Index i = detail::first_nonfinite_row(ws_.row_value, rows);
     std::string why;
     if (i >= 0) {
       why = detail::bad_element_in_row("logits", z, i, true);
       if (why.empty()) why = detail::all_neg_inf_row("logits", z, i);
-      if (why.empty() && labels && z(i, (*labels)(i)) == ninf) {
+      if (why.empty() && labels && double(z(i, (*labels)(i))) == ninf) {
         why = detail::element_str("logits", i, (*labels)(i), ninf) +
               " at the label: the loss is infinite";
       }
       for (Index k = 0; why.empty() && targets && k < z.cols(); ++k) {
-        if (z(i, k) == ninf && (*targets)(i, k) > 0) {
+        if (double(z(i, k)) == ninf && (*targets)(i, k) > 0) {
           why = detail::element_str("logits", i, k, ninf) +
                 " where the target is positive: the loss is infinite";
         }
@@ -211,6 +258,26 @@ template <class Scalar>
 Scalar CrossEntropy<Scalar>::run(const ConstMatrixRef<Scalar>& z, const ConstLabelsRef* labels,
                                  const ConstMatrixRef<Scalar>* targets, const ConstRowMaskRef* mask,
                                  MatrixRef<Scalar>* dz) {
+  return run_rows(z, labels, targets, mask, dz);
+}
+template <class Scalar>
+Scalar CrossEntropy<Scalar>::run(const ConstMatrixRef<bfloat16>& z, const ConstLabelsRef* labels,
+                                 const ConstMatrixRef<Scalar>* targets, const ConstRowMaskRef* mask,
+                                 MatrixRef<Scalar>* dz) {
+  return run_rows(z, labels, targets, mask, dz);
+}
+template <class Scalar>
+Scalar CrossEntropy<Scalar>::run(const ConstMatrixRef<bfloat16>& z, const ConstLabelsRef* labels,
+                                 const ConstMatrixRef<Scalar>* targets, const ConstRowMaskRef* mask,
+                                 MatrixRef<bfloat16>* dz) {
+  return run_rows(z, labels, targets, mask, dz);
+}
+
+template <class Scalar>
+template <class In, class G>
+Scalar CrossEntropy<Scalar>::run_rows(const ConstMatrixRef<In>& z, const ConstLabelsRef* labels,
+                                      const ConstMatrixRef<Scalar>* targets,
+                                      const ConstRowMaskRef* mask, MatrixRef<G>* dz) {
   const Index n = z.rows(), c = z.cols();
   validate(c);
   detail::check_nonempty(kName, "logits", n, c);
@@ -239,13 +306,13 @@ Scalar CrossEntropy<Scalar>::run(const ConstMatrixRef<Scalar>& z, const ConstLab
                                                ? Scalar(used > 0)
                                                : (denom > 0 ? Scalar(1) / denom : Scalar(0)));
 
-  ws_.prepare(n, c, dz ? 1 : 0, 1);
+  ws_.prepare(n, c, dz ? 1 : 0, 1, detail::staged_rows<Scalar, In>(1));
   detail::parallel_for(n, c, [&](Index i, int thread) {
     if (!rows(i)) {
       ws_.row_value(i) = Scalar(0);
       return;
     }
-    const auto zrow = detail::const_row_map(z, i);
+    const auto zrow = detail::input_row(z, i, ws_, thread, 0);
     auto e = dz ? ws_.grad_row(0, i) : ws_.buffer(thread, 1, 0);
     detail::ShiftedExp<Scalar> st;
     Scalar loss, y_sum;

@@ -43,6 +43,10 @@ namespace mmkd {
  * the teacher does not, ReverseKL the other way round, the skew forms at λ = 0 likewise) throws
  * `NumericalError` naming the element. TotalVariation takes sign(0) = 0 where p_k = q_k.
  *
+ * bfloat16 storage: as LogitKD, both logit matrices may be `mmkd::bfloat16`, read row by row
+ * into Scalar (no copy of the inputs), with Scalar or bfloat16 gradient buffers (sums rounded
+ * to nearest even).
+ *
  * \pre  student and teacher are N x V with N, V ≥ 1; a mask has N entries, each 0 or 1; gradient
  *       buffers are N x V. Options: temperature > 0, weight ≥ 0, 0 < beta < 1, 0 ≤ skew ≤ 1.
  * \post `value_and_grad` adds the gradient to the buffers (`+=`) and returns the same value as
@@ -113,6 +117,62 @@ class LogitDivergence : detail::FloatingScalar<Scalar> {
     return run(student, teacher, &mask, &d_student, &d_teacher);
   }
 
+  //! bfloat16 logits (both), computed in Scalar without a copy of the inputs.
+  Scalar value(const ConstMatrixRef<bfloat16>& student, const ConstMatrixRef<bfloat16>& teacher) {
+    return run(student, teacher, nullptr, kNoGrad, kNoGrad);
+  }
+  //! bfloat16 logits with a row mask.
+  Scalar value(const ConstMatrixRef<bfloat16>& student, const ConstMatrixRef<bfloat16>& teacher,
+               const ConstRowMaskRef& mask) {
+    return run(student, teacher, &mask, kNoGrad, kNoGrad);
+  }
+  //! bfloat16 logits; adds dL/d(student) to a Scalar `d_student`.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, MatrixRef<Scalar> d_student) {
+    return run(student, teacher, nullptr, &d_student, kNoGrad);
+  }
+  //! bfloat16 logits and gradient: d_student = bf16(d_student + dL/d(student)), to nearest even.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, MatrixRef<bfloat16> d_student) {
+    return run(student, teacher, nullptr, &d_student, kNoGrad16);
+  }
+  //! bfloat16 logits; adds to both gradients (Scalar).
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, MatrixRef<Scalar> d_student,
+                        MatrixRef<Scalar> d_teacher) {
+    return run(student, teacher, nullptr, &d_student, &d_teacher);
+  }
+  //! bfloat16 logits; adds to both gradients (bfloat16).
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, MatrixRef<bfloat16> d_student,
+                        MatrixRef<bfloat16> d_teacher) {
+    return run(student, teacher, nullptr, &d_student, &d_teacher);
+  }
+  //! bfloat16 logits with a row mask; adds dL/d(student) to a Scalar `d_student`.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, const ConstRowMaskRef& mask,
+                        MatrixRef<Scalar> d_student) {
+    return run(student, teacher, &mask, &d_student, kNoGrad);
+  }
+  //! bfloat16 logits and gradient with a row mask.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, const ConstRowMaskRef& mask,
+                        MatrixRef<bfloat16> d_student) {
+    return run(student, teacher, &mask, &d_student, kNoGrad16);
+  }
+  //! bfloat16 logits with a row mask; adds to both gradients (Scalar).
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, const ConstRowMaskRef& mask,
+                        MatrixRef<Scalar> d_student, MatrixRef<Scalar> d_teacher) {
+    return run(student, teacher, &mask, &d_student, &d_teacher);
+  }
+  //! bfloat16 logits with a row mask; adds to both gradients (bfloat16).
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, const ConstRowMaskRef& mask,
+                        MatrixRef<bfloat16> d_student, MatrixRef<bfloat16> d_teacher) {
+    return run(student, teacher, &mask, &d_student, &d_teacher);
+  }
+
   //! weight·(T²)·D_i of each row of the last call (0 for masked rows), before the reduction.
   const Vector<Scalar>& row_values() const { return ws_.row_value; }
 
@@ -144,10 +204,22 @@ class LogitDivergence : detail::FloatingScalar<Scalar> {
     return options_.divergence == Divergence::GeneralizedJSD ? options_.beta : options_.skew;
   }
 
+  static constexpr MatrixRef<Scalar>* kNoGrad = nullptr;
+  static constexpr MatrixRef<bfloat16>* kNoGrad16 = nullptr;
+
+  // One body (run_rows) for each storage type of the logits and of the gradients.
   Scalar run(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
              const ConstRowMaskRef* mask, MatrixRef<Scalar>* ds, MatrixRef<Scalar>* dt);
+  Scalar run(const ConstMatrixRef<bfloat16>& s, const ConstMatrixRef<bfloat16>& t,
+             const ConstRowMaskRef* mask, MatrixRef<Scalar>* ds, MatrixRef<Scalar>* dt);
+  Scalar run(const ConstMatrixRef<bfloat16>& s, const ConstMatrixRef<bfloat16>& t,
+             const ConstRowMaskRef* mask, MatrixRef<bfloat16>* ds, MatrixRef<bfloat16>* dt);
+  template <class In, class G>
+  Scalar run_rows(const ConstMatrixRef<In>& s, const ConstMatrixRef<In>& t,
+                  const ConstRowMaskRef* mask, MatrixRef<G>* ds, MatrixRef<G>* dt);
 
-  [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
+  template <class In>
+  [[noreturn]] void diagnose(const ConstMatrixRef<In>& s, const ConstMatrixRef<In>& t,
                              detail::RowSelect rows) const;
 
   Options options_;
@@ -159,6 +231,26 @@ template <class Scalar>
 Scalar LogitDivergence<Scalar>::run(const ConstMatrixRef<Scalar>& s,
                                     const ConstMatrixRef<Scalar>& t, const ConstRowMaskRef* mask,
                                     MatrixRef<Scalar>* ds, MatrixRef<Scalar>* dt) {
+  return run_rows(s, t, mask, ds, dt);
+}
+template <class Scalar>
+Scalar LogitDivergence<Scalar>::run(const ConstMatrixRef<bfloat16>& s,
+                                    const ConstMatrixRef<bfloat16>& t, const ConstRowMaskRef* mask,
+                                    MatrixRef<Scalar>* ds, MatrixRef<Scalar>* dt) {
+  return run_rows(s, t, mask, ds, dt);
+}
+template <class Scalar>
+Scalar LogitDivergence<Scalar>::run(const ConstMatrixRef<bfloat16>& s,
+                                    const ConstMatrixRef<bfloat16>& t, const ConstRowMaskRef* mask,
+                                    MatrixRef<bfloat16>* ds, MatrixRef<bfloat16>* dt) {
+  return run_rows(s, t, mask, ds, dt);
+}
+
+template <class Scalar>
+template <class In, class G>
+Scalar LogitDivergence<Scalar>::run_rows(const ConstMatrixRef<In>& s, const ConstMatrixRef<In>& t,
+                                         const ConstRowMaskRef* mask, MatrixRef<G>* ds,
+                                         MatrixRef<G>* dt) {
   validate();
   const Index n = s.rows(), c = s.cols();
   detail::check_nonempty(kName, "student", n, c);
@@ -178,13 +270,13 @@ Scalar LogitDivergence<Scalar>::run(const ConstMatrixRef<Scalar>& s,
 
   Scalar bound = 0;  // a bound on the scaled gradient elements, when one exists
   if (kind == Divergence::ForwardKL) {
-    ws_.prepare(n, c, (ds ? 1 : 0) + (dt ? 1 : 0), 2);
+    ws_.prepare(n, c, (ds ? 1 : 0) + (dt ? 1 : 0), 2, detail::staged_rows<Scalar, In>(2));
     detail::kd_rows(s, t, inv_t, rows, ws_, gs, gt, [g_scale](Index) { return g_scale; });
     bound = ds ? 2 * g_scale : Scalar(0);
   }
   const bool scan = kind != Divergence::ForwardKL || dt;  // gradients without an O(1) bound
   if (kind != Divergence::ForwardKL) {
-    ws_.prepare(n, c, (ds ? 1 : 0) + (dt ? 1 : 0), kBuffers);
+    ws_.prepare(n, c, (ds ? 1 : 0) + (dt ? 1 : 0), kBuffers, detail::staged_rows<Scalar, In>(2));
     const Scalar m = mix();
     detail::parallel_for(n, c, [&](Index i, int thread) {
       if (!rows(i)) {
@@ -197,9 +289,9 @@ Scalar LogitDivergence<Scalar>::run(const ConstMatrixRef<Scalar>& s,
           ws_.buffer(thread, kBuffers, 4)};
       detail::RowMap<Scalar> ga = gs >= 0 ? ws_.grad_row(gs, i) : b.q;
       detail::RowMap<Scalar> gb = gt >= 0 ? ws_.grad_row(gt, i) : b.q;
-      ws_.row_value(i) =
-          detail::divergence_row(kind, m, detail::const_row_map(s, i), detail::const_row_map(t, i),
-                                 inv_t, b, gs >= 0 ? &ga : nullptr, gt >= 0 ? &gb : nullptr);
+      ws_.row_value(i) = detail::divergence_row(kind, m, detail::input_row(s, i, ws_, thread, 0),
+                                                detail::input_row(t, i, ws_, thread, 1), inv_t, b,
+                                                gs >= 0 ? &ga : nullptr, gt >= 0 ? &gb : nullptr);
       if (gs >= 0) ga *= g_scale;
       if (gt >= 0) gb *= g_scale;
     });
@@ -230,10 +322,10 @@ Scalar LogitDivergence<Scalar>::run(const ConstMatrixRef<Scalar>& s,
 }
 
 template <class Scalar>
-void LogitDivergence<Scalar>::diagnose(const ConstMatrixRef<Scalar>& s,
-                                       const ConstMatrixRef<Scalar>& t,
+template <class In>
+void LogitDivergence<Scalar>::diagnose(const ConstMatrixRef<In>& s, const ConstMatrixRef<In>& t,
                                        detail::RowSelect rows) const {
-  constexpr Scalar ninf = -std::numeric_limits<Scalar>::infinity();
+  constexpr double ninf = -std::numeric_limits<double>::infinity();  // any storage type
   const Index i = detail::first_nonfinite_row(ws_.row_value, rows);
   if (i < 0) detail::throw_numerical(kName, "the sum over rows overflows");
   std::string why = detail::bad_element_in_row("student", s, i, true);
@@ -247,11 +339,12 @@ void LogitDivergence<Scalar>::diagnose(const ConstMatrixRef<Scalar>& s,
   const bool reverse =
       kind == Divergence::ReverseKL || (kind == Divergence::SkewReverseKL && zero_skew);
   for (Index j = 0; j < s.cols() && why.empty(); ++j) {
-    if (forward && s(i, j) == ninf && t(i, j) > ninf)
-      why = detail::element_str("student", i, j, s(i, j)) +
+    const double sij = double(s(i, j)), tij = double(t(i, j));
+    if (forward && sij == ninf && tij > ninf)
+      why = detail::element_str("student", i, j, sij) +
             " where the teacher's probability is positive: the divergence is infinite";
-    if (reverse && t(i, j) == ninf && s(i, j) > ninf)
-      why = detail::element_str("teacher", i, j, t(i, j)) +
+    if (reverse && tij == ninf && sij > ninf)
+      why = detail::element_str("teacher", i, j, tij) +
             " where the student's probability is positive: the divergence is infinite";
   }
   if (why.empty())

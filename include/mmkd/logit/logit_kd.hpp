@@ -40,6 +40,11 @@ namespace mmkd {
  * 0 at padding tokens; `BatchMean` then averages over the real tokens only, and masked rows are
  * never read (they may hold garbage) and get exactly zero gradient.
  *
+ * bfloat16 storage: student and teacher may both be `mmkd::bfloat16` matrices (the dtype LLM
+ * logits come in). Each row is read into a per-thread row of Scalar (exact) and computed as a
+ * Scalar row would be; the inputs are never copied whole. Gradient buffers are then Scalar or
+ * bfloat16; a bfloat16 buffer gets each element's sum d + g rounded to nearest even.
+ *
  * \pre  student and teacher are N x C with N, C ≥ 1; a mask has N entries, each 0 or 1;
  *       gradient buffers are N x C. Options: temperature > 0, weight ≥ 0 (finite).
  * \post `value_and_grad` adds the gradient to the buffers (`+=`) and returns the same value as
@@ -114,6 +119,62 @@ class LogitKD : detail::FloatingScalar<Scalar> {
     return run(student, teacher, &mask, &d_student, &d_teacher);
   }
 
+  //! bfloat16 logits (both), computed in Scalar without a copy of the inputs.
+  Scalar value(const ConstMatrixRef<bfloat16>& student, const ConstMatrixRef<bfloat16>& teacher) {
+    return run(student, teacher, nullptr, kNoGrad, kNoGrad);
+  }
+  //! bfloat16 logits with a row mask.
+  Scalar value(const ConstMatrixRef<bfloat16>& student, const ConstMatrixRef<bfloat16>& teacher,
+               const ConstRowMaskRef& mask) {
+    return run(student, teacher, &mask, kNoGrad, kNoGrad);
+  }
+  //! bfloat16 logits; adds dL/d(student) to a Scalar `d_student`.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, MatrixRef<Scalar> d_student) {
+    return run(student, teacher, nullptr, &d_student, kNoGrad);
+  }
+  //! bfloat16 logits and gradient: d_student = bf16(d_student + dL/d(student)), to nearest even.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, MatrixRef<bfloat16> d_student) {
+    return run(student, teacher, nullptr, &d_student, kNoGrad16);
+  }
+  //! bfloat16 logits; adds to both gradients (Scalar).
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, MatrixRef<Scalar> d_student,
+                        MatrixRef<Scalar> d_teacher) {
+    return run(student, teacher, nullptr, &d_student, &d_teacher);
+  }
+  //! bfloat16 logits; adds to both gradients (bfloat16).
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, MatrixRef<bfloat16> d_student,
+                        MatrixRef<bfloat16> d_teacher) {
+    return run(student, teacher, nullptr, &d_student, &d_teacher);
+  }
+  //! bfloat16 logits with a row mask; adds dL/d(student) to a Scalar `d_student`.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, const ConstRowMaskRef& mask,
+                        MatrixRef<Scalar> d_student) {
+    return run(student, teacher, &mask, &d_student, kNoGrad);
+  }
+  //! bfloat16 logits and gradient with a row mask.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, const ConstRowMaskRef& mask,
+                        MatrixRef<bfloat16> d_student) {
+    return run(student, teacher, &mask, &d_student, kNoGrad16);
+  }
+  //! bfloat16 logits with a row mask; adds to both gradients (Scalar).
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, const ConstRowMaskRef& mask,
+                        MatrixRef<Scalar> d_student, MatrixRef<Scalar> d_teacher) {
+    return run(student, teacher, &mask, &d_student, &d_teacher);
+  }
+  //! bfloat16 logits with a row mask; adds to both gradients (bfloat16).
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstMatrixRef<bfloat16>& teacher, const ConstRowMaskRef& mask,
+                        MatrixRef<bfloat16> d_student, MatrixRef<bfloat16> d_teacher) {
+    return run(student, teacher, &mask, &d_student, &d_teacher);
+  }
+
   //! weight·T²·KL_i of each row of the last call (0 for masked rows), before the reduction:
   //! PyTorch's `reduction="none"` summed over classes, for logging per token or sample.
   const Vector<Scalar>& row_values() const { return ws_.row_value; }
@@ -130,11 +191,22 @@ class LogitKD : detail::FloatingScalar<Scalar> {
     detail::check_nonnegative(kName, "weight", options_.weight);
   }
 
+  static constexpr MatrixRef<Scalar>* kNoGrad = nullptr;
+  static constexpr MatrixRef<bfloat16>* kNoGrad16 = nullptr;
+
+  // One body (run_rows) for each storage type of the logits and of the gradients.
   Scalar run(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
              const ConstRowMaskRef* mask, MatrixRef<Scalar>* ds, MatrixRef<Scalar>* dt);
+  Scalar run(const ConstMatrixRef<bfloat16>& s, const ConstMatrixRef<bfloat16>& t,
+             const ConstRowMaskRef* mask, MatrixRef<Scalar>* ds, MatrixRef<Scalar>* dt);
+  Scalar run(const ConstMatrixRef<bfloat16>& s, const ConstMatrixRef<bfloat16>& t,
+             const ConstRowMaskRef* mask, MatrixRef<bfloat16>* ds, MatrixRef<bfloat16>* dt);
+  template <class In, class G>
+  Scalar run_rows(const ConstMatrixRef<In>& s, const ConstMatrixRef<In>& t,
+                  const ConstRowMaskRef* mask, MatrixRef<G>* ds, MatrixRef<G>* dt);
 
-  [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
-                             detail::RowSelect rows) const {
+  template <class MS, class MT>
+  [[noreturn]] void diagnose(const MS& s, const MT& t, detail::RowSelect rows) const {
     const Index i = detail::first_nonfinite_row(ws_.row_value, rows);
     std::string why;
     if (i >= 0) {
@@ -157,6 +229,25 @@ template <class Scalar>
 Scalar LogitKD<Scalar>::run(const ConstMatrixRef<Scalar>& s, const ConstMatrixRef<Scalar>& t,
                             const ConstRowMaskRef* mask, MatrixRef<Scalar>* ds,
                             MatrixRef<Scalar>* dt) {
+  return run_rows(s, t, mask, ds, dt);
+}
+template <class Scalar>
+Scalar LogitKD<Scalar>::run(const ConstMatrixRef<bfloat16>& s, const ConstMatrixRef<bfloat16>& t,
+                            const ConstRowMaskRef* mask, MatrixRef<Scalar>* ds,
+                            MatrixRef<Scalar>* dt) {
+  return run_rows(s, t, mask, ds, dt);
+}
+template <class Scalar>
+Scalar LogitKD<Scalar>::run(const ConstMatrixRef<bfloat16>& s, const ConstMatrixRef<bfloat16>& t,
+                            const ConstRowMaskRef* mask, MatrixRef<bfloat16>* ds,
+                            MatrixRef<bfloat16>* dt) {
+  return run_rows(s, t, mask, ds, dt);
+}
+
+template <class Scalar>
+template <class In, class G>
+Scalar LogitKD<Scalar>::run_rows(const ConstMatrixRef<In>& s, const ConstMatrixRef<In>& t,
+                                 const ConstRowMaskRef* mask, MatrixRef<G>* ds, MatrixRef<G>* dt) {
   validate();
   const Index n = s.rows(), c = s.cols();
   detail::check_nonempty(kName, "student", n, c);
@@ -172,7 +263,7 @@ Scalar LogitKD<Scalar>::run(const ConstMatrixRef<Scalar>& s, const ConstMatrixRe
                         detail::reduction_scale<Scalar>(options_.reduction, used, c);
   const Scalar g_scale = factor * inv_t;  // chain rule through a = s/T
 
-  ws_.prepare(n, c, (ds ? 1 : 0) + (dt ? 1 : 0), 2);
+  ws_.prepare(n, c, (ds ? 1 : 0) + (dt ? 1 : 0), 2, detail::staged_rows<Scalar, In>(2));
   const int gs = ds ? 0 : -1, gt = dt ? (ds ? 1 : 0) : -1;  // scratch gradient slots
   detail::kd_rows(s, t, inv_t, rows, ws_, gs, gt, [g_scale](Index) { return g_scale; });
 

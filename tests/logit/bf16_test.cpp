@@ -1,0 +1,241 @@
+// bfloat16 storage for the logit losses: the conversions against Eigen's own bfloat16, and each
+// loss on bfloat16 inputs against the same loss on the float values those inputs hold.
+
+#include <mmkd/detail/bf16.hpp>
+#include <mmkd/logit/cross_entropy.hpp>
+#include <mmkd/logit/logit_divergence.hpp>
+#include <mmkd/logit/logit_kd.hpp>
+
+#include <cstring>
+
+#include "support.hpp"
+
+using namespace mmkd_test;
+using mmkd::bfloat16;
+using mmkd::Divergence;
+
+namespace {
+
+using Bf = Matrix<bfloat16>;
+
+std::uint16_t bits(bfloat16 x) {
+  std::uint16_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+bfloat16 from_bits(std::uint16_t b) {
+  bfloat16 x;
+  std::memcpy(&x, &b, sizeof b);
+  return x;
+}
+std::uint32_t bits(float x) {
+  std::uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+// A bfloat16 matrix of random values at `scale` (rounded by Eigen's conversion).
+Bf random_bf16(Index n, Index c, std::uint64_t seed, double scale = 3.0) {
+  return random_matrix<float>(n, c, seed, scale).cast<bfloat16>();
+}
+
+Matrix<float> widen(const Bf& m) {
+  return m.cast<float>();
+}
+
+// Every element of `got` is Eigen's round-to-nearest-even of the float in `want`.
+bool rounds_to(const Bf& got, const Matrix<float>& want) {
+  for (Index k = 0; k < got.size(); ++k)
+    if (bits(got.data()[k]) != bits(bfloat16(want.data()[k]))) return false;
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("bfloat16 reads are exact and writes round to nearest even, as Eigen's bfloat16",
+          "[logit][bf16]") {
+  // Every bit pattern, read in runs whose lengths cover the vector body and the scalar tail.
+  std::vector<bfloat16> all(65536);
+  for (std::uint32_t b = 0; b < 65536; ++b) all[b] = from_bits(std::uint16_t(b));
+  std::vector<float> out(65536);
+  for (Index n : {Index(65536), Index(13), Index(7)}) {
+    mmkd::detail::load_bf16(all.data(), out.data(), n);
+    for (Index k = 0; k < n; ++k) {
+      const float want = float(all[std::size_t(k)]);
+      INFO(k);
+      CHECK(bits(out[std::size_t(k)]) == bits(want));  // NaN payloads included
+    }
+  }
+  // Sums d + g: random pairs, ties (the dropped half exactly 0x8000, odd and even kept bits),
+  // overflow to ±inf, subnormals, NaN and infinities.
+  std::vector<float> g;
+  std::vector<bfloat16> d;
+  mmkd::SplitMix64 rng(11);
+  for (int k = 0; k < 2000; ++k) {
+    d.push_back(bfloat16(float(rng.normal() * 10)));
+    g.push_back(float(rng.normal() * std::pow(10.0, double(k % 7) - 3)));
+  }
+  for (std::uint32_t hi : {0x3F80u, 0x3F81u, 0x4000u, 0x4001u, 0x7F7Fu, 0x0001u, 0x8001u}) {
+    for (std::uint32_t lo : {0x8000u, 0x7FFFu, 0x8001u, 0x0000u, 0xFFFFu}) {
+      const std::uint32_t u = (hi << 16) | lo;
+      float f;
+      std::memcpy(&f, &u, sizeof f);
+      d.push_back(bfloat16(0.0f));
+      g.push_back(f);
+    }
+  }
+  for (float f : {std::numeric_limits<float>::max(), -std::numeric_limits<float>::max(),
+                  std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::infinity(),
+                  -std::numeric_limits<float>::infinity()}) {
+    d.push_back(bfloat16(0.0f));
+    g.push_back(f);
+  }
+  d.push_back(bfloat16(1.0f));
+  g.push_back(std::numeric_limits<float>::quiet_NaN());
+  d.push_back(from_bits(0xFFC1));  // a negative NaN in the buffer stays a negative NaN
+  g.push_back(1.0f);
+  std::vector<bfloat16> got = d;
+  mmkd::detail::add_to_bf16(got.data(), g.data(), Index(got.size()));
+  for (std::size_t k = 0; k < got.size(); ++k) {
+    const float sum = float(d[k]) + g[k];
+    INFO(k << ": " << float(d[k]) << " + " << g[k]);
+    if (std::isnan(sum)) {
+      CHECK(std::isnan(float(got[k])));
+      CHECK(std::signbit(float(got[k])) == std::signbit(sum));
+    } else {
+      CHECK(bits(got[k]) == bits(bfloat16(sum)));
+    }
+  }
+}
+
+TEST_CASE("LogitKD and LogitDivergence on bfloat16 logits equal float on the same values",
+          "[logit][bf16]") {
+  // V = 48 keeps every row of the float copies on a 16-byte boundary, as the staged rows are:
+  // the same vector code runs on the same values, so the results are bit-identical. V = 37
+  // leaves rows unaligned, where the order of a sum may differ in the last bit.
+  for (const Index v : {Index(48), Index(37)}) {
+    const Index n = 9;
+    const Bf s = random_bf16(n, v, 1), t = random_bf16(n, v, 2);
+    const Matrix<float> sf = widen(s), tf = widen(t);
+    mmkd::RowMask mask = mmkd::RowMask::Ones(n);
+    mask(3) = 0;
+    const Bf d0 = random_bf16(n, v, 3, 0.01);  // gradient buffers' previous contents
+    const float tol = v % 16 == 0 ? 0.0f : 4e-6f;
+    auto same = [&](float a, float b) {
+      return tol == 0 ? bits(a) == bits(b) : close<float>(a, b, tol);
+    };
+    auto check_grads = [&](const Matrix<float>& ref, const Matrix<float>& got, const Bf& got16) {
+      if (tol == 0) {
+        CHECK(bit_identical(got, ref));
+        CHECK(rounds_to(got16, ref));
+      } else {
+        CHECK(max_rel_diff(got, ref) < tol);
+        // one bf16 ulp (2^-8 relative) at most, from a last-bit difference next to a tie
+        CHECK(max_rel_diff(widen(got16), ref) < 1.0 / 128);
+      }
+    };
+    for (int k = -1; k < 6; ++k) {
+      INFO("V " << v << ", " << (k < 0 ? "LogitKD" : "LogitDivergence ") << k);
+      mmkd::LogitKD<float> kd({2.0f});
+      typename mmkd::LogitDivergence<float>::Options o;
+      o.divergence = Divergence(std::max(k, 0));
+      o.temperature = 2.0f;
+      mmkd::LogitDivergence<float> div(o);
+      auto call = [&](auto&& s_in, auto&& t_in, auto& ds, auto& dt, bool masked) {
+        if (k < 0)
+          return masked ? kd.value_and_grad(s_in, t_in, mask, ds, dt)
+                        : kd.value_and_grad(s_in, t_in, ds, dt);
+        return masked ? div.value_and_grad(s_in, t_in, mask, ds, dt)
+                      : div.value_and_grad(s_in, t_in, ds, dt);
+      };
+      for (const bool masked : {false, true}) {
+        Matrix<float> ds_ref = widen(d0), dt_ref = widen(d0), ds = ds_ref, dt = dt_ref;
+        Bf ds16 = d0, dt16 = d0;
+        const float ref = call(sf, tf, ds_ref, dt_ref, masked);
+        CHECK(same(call(s, t, ds, dt, masked), ref));
+        CHECK(same(call(s, t, ds16, dt16, masked), ref));
+        check_grads(ds_ref, ds, ds16);
+        check_grads(dt_ref, dt, dt16);
+        // The one-gradient and value-only overloads.
+        Matrix<float> g_ref = widen(d0), g = g_ref;
+        Bf g16 = d0;
+        const float r1 =
+            k < 0 ? kd.value_and_grad(sf, tf, g_ref) : div.value_and_grad(sf, tf, g_ref);
+        CHECK(same(k < 0 ? kd.value_and_grad(s, t, g) : div.value_and_grad(s, t, g), r1));
+        CHECK(same(k < 0 ? kd.value_and_grad(s, t, g16) : div.value_and_grad(s, t, g16), r1));
+        check_grads(g_ref, g, g16);
+        CHECK(same(k < 0 ? kd.value(s, t, mask) : div.value(s, t, mask),
+                   k < 0 ? kd.value(sf, tf, mask) : div.value(sf, tf, mask)));
+        // Masked rows are left alone, bit for bit, in a bfloat16 buffer.
+        if (masked) CHECK(bits(ds16(3, 5)) == bits(d0(3, 5)));
+      }
+    }
+  }
+}
+
+TEST_CASE("CrossEntropy on bfloat16 logits equals float on the same values", "[logit][bf16]") {
+  const Index n = 7, v = 64;
+  const Bf z = random_bf16(n, v, 4);
+  const Matrix<float> zf = widen(z);
+  const mmkd::Labels y = random_labels(n, v, 5);
+  mmkd::RowMask mask = mmkd::RowMask::Ones(n);
+  mask(0) = 0;
+  const Bf d0 = random_bf16(n, v, 6, 0.01);
+  for (const float eps : {0.0f, 0.1f}) {
+    mmkd::CrossEntropy<float> ce({eps});
+    Matrix<float> ref = widen(d0), g = ref;
+    Bf g16 = d0;
+    const float r = ce.value_and_grad(zf, y, mask, ref);
+    CHECK(bits(ce.value_and_grad(z, y, mask, g)) == bits(r));
+    CHECK(bits(ce.value_and_grad(z, y, mask, g16)) == bits(r));
+    CHECK(bit_identical(g, ref));
+    CHECK(rounds_to(g16, ref));
+    CHECK(bits(ce.value(z, y)) == bits(ce.value(zf, y)));
+  }
+}
+
+TEST_CASE("bfloat16 logits in a double loss, and extreme bfloat16 rows", "[logit][bf16]") {
+  // Double compute reads the same values: equal to the double loss on their double copies.
+  const Bf s = random_bf16(5, 32, 7), t = random_bf16(5, 32, 8);
+  const Matrix<double> sd = widen(s).cast<double>(), td = widen(t).cast<double>();
+  mmkd::LogitKD<double> kd;
+  Matrix<double> g_ref = Matrix<double>::Zero(5, 32), g = g_ref;
+  CHECK(kd.value_and_grad(s, t, g) == kd.value_and_grad(sd, td, g_ref));
+  CHECK(bit_identical(g, g_ref));
+
+  // Logits around 1e4 (a bfloat16 ulp there is 64) and a one-hot teacher (−inf elsewhere).
+  Bf big = (random_matrix<float>(4, 32, 9, 300.0).array() + 1e4f).matrix().cast<bfloat16>();
+  Bf one_hot = Bf::Constant(4, 32, bfloat16(-std::numeric_limits<float>::infinity()));
+  for (Index i = 0; i < 4; ++i) one_hot(i, i) = bfloat16(0.0f);
+  for (int k = 0; k < 6; ++k) {
+    if (k == 1 || k == 4) continue;  // ReverseKL, SkewReverseKL (λ > 0 is fine, keep it simple)
+    typename mmkd::LogitDivergence<float>::Options o;
+    o.divergence = Divergence(k);
+    mmkd::LogitDivergence<float> div(o);
+    Matrix<float> ref = Matrix<float>::Zero(4, 32), got = ref;
+    const float r = div.value_and_grad(widen(big), widen(one_hot), ref);
+    INFO(k);
+    CHECK(std::isfinite(r));
+    CHECK(bits(div.value_and_grad(big, one_hot, got)) == bits(r));
+    CHECK(bit_identical(got, ref));
+  }
+}
+
+TEST_CASE("bfloat16 inputs: errors name the element and leave bfloat16 buffers untouched",
+          "[logit][bf16][errors]") {
+  Bf s = random_bf16(4, 16, 10), t = random_bf16(4, 16, 11);
+  s(2, 7) = bfloat16(std::numeric_limits<float>::quiet_NaN());
+  Bf ds = Bf::Constant(4, 16, bfloat16(0.5f));
+  mmkd::LogitKD<float> kd;
+  CHECK_THROWS_WITH(kd.value_and_grad(s, t, ds), Catch::Contains("student[2,7] is NaN"));
+  CHECK((widen(ds).array() == 0.5f).all());
+  mmkd::LogitDivergence<float> div;
+  CHECK_THROWS_WITH(div.value_and_grad(s, t, ds), Catch::Contains("student[2,7] is NaN"));
+  CHECK((widen(ds).array() == 0.5f).all());
+  mmkd::CrossEntropy<float> ce;
+  mmkd::Labels y = random_labels(4, 16, 12);
+  CHECK_THROWS_WITH(ce.value_and_grad(s, y, ds), Catch::Contains("logits[2,7] is NaN"));
+  CHECK((widen(ds).array() == 0.5f).all());
+  Bf wrong(4, 15);
+  CHECK_THROWS_WITH(kd.value_and_grad(t, t, wrong), Catch::Contains("d_student has shape 4x15"));
+}
