@@ -5,6 +5,7 @@
 #include <mmkd/logit/cross_entropy.hpp>
 #include <mmkd/logit/logit_divergence.hpp>
 #include <mmkd/logit/logit_kd.hpp>
+#include <mmkd/logit/sparse_logit_kd.hpp>
 
 #include <cstring>
 
@@ -191,6 +192,32 @@ TEST_CASE("CrossEntropy on bfloat16 logits equals float on the same values", "[l
     CHECK(bit_identical(g, ref));
     CHECK(rounds_to(g16, ref));
     CHECK(bits(ce.value(z, y)) == bits(ce.value(zf, y)));
+  }
+}
+
+TEST_CASE("SparseLogitKD on bfloat16 inputs equals float on the same values", "[logit][bf16]") {
+  const Index n = 6, v = 48, k = 5;
+  const Bf s = random_bf16(n, v, 13);
+  const mmkd::IndexMatrix idx = random_indices(n, v, k, 14);
+  // The teacher's top-k log-probabilities: a log-softmax over k + 3 values, its first k kept.
+  Matrix<float> lpf = random_matrix<float>(n, k + 3, 15, 2.0);
+  for (Index i = 0; i < n; ++i)
+    lpf.row(i).array() -= mmkd::detail::log_sum_exp_row(lpf.row(i).array(), 1.0f);
+  const Bf lp = lpf.leftCols(k).cast<bfloat16>();
+  mmkd::RowMask mask = mmkd::RowMask::Ones(n);
+  mask(4) = 0;
+  const Bf d0 = random_bf16(n, v, 16, 0.01);
+  for (const auto support : {mmkd::SparseSupport::TailBucket, mmkd::SparseSupport::Renormalized}) {
+    INFO(int(support));
+    mmkd::SparseLogitKD<float> kd({support, 2.0f});
+    Matrix<float> ref = widen(d0), g = ref;
+    Bf g16 = d0;
+    const float r = kd.value_and_grad(widen(s), idx, widen(lp), mask, ref);
+    CHECK(bits(kd.value_and_grad(s, idx, lp, mask, g)) == bits(r));
+    CHECK(bits(kd.value_and_grad(s, idx, lp, mask, g16)) == bits(r));
+    CHECK(bit_identical(g, ref));
+    CHECK(rounds_to(g16, ref));
+    CHECK(bits(kd.value(s, idx, lp)) == bits(kd.value(widen(s), idx, widen(lp))));
   }
 }
 

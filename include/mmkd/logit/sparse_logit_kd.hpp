@@ -140,6 +140,10 @@ T renormalized_row(const X& x, const L& lp, T log_mass, T inv_t, T c, E& e, bool
  * \post `value_and_grad` adds the gradient to `d_student` (`+=`) and returns the same value as
  *       `value`. On any exception nothing has been written.
  *
+ * bfloat16 storage: student logits and teacher log-probabilities may both be `mmkd::bfloat16`,
+ * read row by row into Scalar (no copy), with a Scalar or bfloat16 `d_student` (sums rounded to
+ * nearest even).
+ *
  * **Example** (a cached top-64 teacher, sequence rows with padding):
  * @code
  * mmkd::SparseLogitKD<float> kd;                    // TailBucket, T = 1
@@ -193,6 +197,45 @@ class SparseLogitKD : detail::FloatingScalar<Scalar> {
     return run(student, teacher_indices, teacher_logprobs, &mask, &d_student);
   }
 
+  //! bfloat16 student logits and teacher log-probabilities, computed in Scalar (no copy).
+  Scalar value(const ConstMatrixRef<bfloat16>& student, const ConstIndexMatrixRef& teacher_indices,
+               const ConstMatrixRef<bfloat16>& teacher_logprobs) {
+    return run(student, teacher_indices, teacher_logprobs, nullptr, kNoGrad);
+  }
+  //! bfloat16 inputs with a row mask.
+  Scalar value(const ConstMatrixRef<bfloat16>& student, const ConstIndexMatrixRef& teacher_indices,
+               const ConstMatrixRef<bfloat16>& teacher_logprobs, const ConstRowMaskRef& mask) {
+    return run(student, teacher_indices, teacher_logprobs, &mask, kNoGrad);
+  }
+  //! bfloat16 inputs; adds dL/d(student) to a Scalar `d_student`.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstIndexMatrixRef& teacher_indices,
+                        const ConstMatrixRef<bfloat16>& teacher_logprobs,
+                        MatrixRef<Scalar> d_student) {
+    return run(student, teacher_indices, teacher_logprobs, nullptr, &d_student);
+  }
+  //! bfloat16 inputs and gradient: d_student = bf16(d_student + dL/d(student)), to nearest even.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstIndexMatrixRef& teacher_indices,
+                        const ConstMatrixRef<bfloat16>& teacher_logprobs,
+                        MatrixRef<bfloat16> d_student) {
+    return run(student, teacher_indices, teacher_logprobs, nullptr, &d_student);
+  }
+  //! bfloat16 inputs with a row mask; adds to a Scalar `d_student`.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstIndexMatrixRef& teacher_indices,
+                        const ConstMatrixRef<bfloat16>& teacher_logprobs,
+                        const ConstRowMaskRef& mask, MatrixRef<Scalar> d_student) {
+    return run(student, teacher_indices, teacher_logprobs, &mask, &d_student);
+  }
+  //! bfloat16 inputs and gradient with a row mask.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& student,
+                        const ConstIndexMatrixRef& teacher_indices,
+                        const ConstMatrixRef<bfloat16>& teacher_logprobs,
+                        const ConstRowMaskRef& mask, MatrixRef<bfloat16> d_student) {
+    return run(student, teacher_indices, teacher_logprobs, &mask, &d_student);
+  }
+
   //! weight·(T²)·D_i of each row of the last call (0 for masked rows), before the reduction.
   const Vector<Scalar>& row_values() const { return ws_.row_value; }
 
@@ -213,14 +256,28 @@ class SparseLogitKD : detail::FloatingScalar<Scalar> {
     detail::check_nonnegative(kName, "weight", options_.weight);
   }
 
-  void check_teacher(const ConstIndexMatrixRef& idx, const ConstMatrixRef<Scalar>& lp,
+  template <class In>
+  void check_teacher(const ConstIndexMatrixRef& idx, const ConstMatrixRef<In>& lp,
                      detail::RowSelect rows, Index classes);
 
+  static constexpr MatrixRef<Scalar>* kNoGrad = nullptr;
+
+  // One body (run_rows) for each storage type of the inputs and of the gradient.
   Scalar run(const ConstMatrixRef<Scalar>& s, const ConstIndexMatrixRef& idx,
              const ConstMatrixRef<Scalar>& lp, const ConstRowMaskRef* mask, MatrixRef<Scalar>* ds);
+  Scalar run(const ConstMatrixRef<bfloat16>& s, const ConstIndexMatrixRef& idx,
+             const ConstMatrixRef<bfloat16>& lp, const ConstRowMaskRef* mask,
+             MatrixRef<Scalar>* ds);
+  Scalar run(const ConstMatrixRef<bfloat16>& s, const ConstIndexMatrixRef& idx,
+             const ConstMatrixRef<bfloat16>& lp, const ConstRowMaskRef* mask,
+             MatrixRef<bfloat16>* ds);
+  template <class In, class G>
+  Scalar run_rows(const ConstMatrixRef<In>& s, const ConstIndexMatrixRef& idx,
+                  const ConstMatrixRef<In>& lp, const ConstRowMaskRef* mask, MatrixRef<G>* ds);
 
-  [[noreturn]] void diagnose(const ConstMatrixRef<Scalar>& s, const ConstIndexMatrixRef& idx,
-                             const ConstMatrixRef<Scalar>& lp, detail::RowSelect rows) const;
+  template <class In>
+  [[noreturn]] void diagnose(const ConstMatrixRef<In>& s, const ConstIndexMatrixRef& idx,
+                             const ConstMatrixRef<In>& lp, detail::RowSelect rows) const;
 
   Options options_;
   detail::RowWorkspace<Scalar> ws_;
@@ -230,8 +287,9 @@ class SparseLogitKD : detail::FloatingScalar<Scalar> {
 };
 
 template <class Scalar>
+template <class In>
 void SparseLogitKD<Scalar>::check_teacher(const ConstIndexMatrixRef& idx,
-                                          const ConstMatrixRef<Scalar>& lp, detail::RowSelect rows,
+                                          const ConstMatrixRef<In>& lp, detail::RowSelect rows,
                                           Index classes) {
   constexpr Scalar ninf = -std::numeric_limits<Scalar>::infinity();
   const Scalar tol = std::sqrt(std::numeric_limits<Scalar>::epsilon());
@@ -263,7 +321,7 @@ void SparseLogitKD<Scalar>::check_teacher(const ConstIndexMatrixRef& idx,
                                          std::to_string(seen_(c) - row_stamp - 1) +
                                          " (the k indices of a row must be distinct)");
       seen_(c) = row_stamp + j + 1;
-      const Scalar v = lp(i, j);
+      const Scalar v = Scalar(lp(i, j));
       if (detail::is_nan(v) || v == -ninf)
         detail::throw_invalid(kName, detail::element_str("teacher_logprobs", i, j, double(v)));
       if (v > tol)
@@ -274,7 +332,7 @@ void SparseLogitKD<Scalar>::check_teacher(const ConstIndexMatrixRef& idx,
     Scalar log_mass = m;
     if (m > ninf) {
       Scalar sum = 0;
-      for (Index j = 0; j < k; ++j) sum += std::exp(lp(i, j) - m);
+      for (Index j = 0; j < k; ++j) sum += std::exp(Scalar(lp(i, j)) - m);
       log_mass = m + std::log(sum);
     }
     if (log_mass > tol)
@@ -294,6 +352,26 @@ template <class Scalar>
 Scalar SparseLogitKD<Scalar>::run(const ConstMatrixRef<Scalar>& s, const ConstIndexMatrixRef& idx,
                                   const ConstMatrixRef<Scalar>& lp, const ConstRowMaskRef* mask,
                                   MatrixRef<Scalar>* ds) {
+  return run_rows(s, idx, lp, mask, ds);
+}
+template <class Scalar>
+Scalar SparseLogitKD<Scalar>::run(const ConstMatrixRef<bfloat16>& s, const ConstIndexMatrixRef& idx,
+                                  const ConstMatrixRef<bfloat16>& lp, const ConstRowMaskRef* mask,
+                                  MatrixRef<Scalar>* ds) {
+  return run_rows(s, idx, lp, mask, ds);
+}
+template <class Scalar>
+Scalar SparseLogitKD<Scalar>::run(const ConstMatrixRef<bfloat16>& s, const ConstIndexMatrixRef& idx,
+                                  const ConstMatrixRef<bfloat16>& lp, const ConstRowMaskRef* mask,
+                                  MatrixRef<bfloat16>* ds) {
+  return run_rows(s, idx, lp, mask, ds);
+}
+
+template <class Scalar>
+template <class In, class G>
+Scalar SparseLogitKD<Scalar>::run_rows(const ConstMatrixRef<In>& s, const ConstIndexMatrixRef& idx,
+                                       const ConstMatrixRef<In>& lp, const ConstRowMaskRef* mask,
+                                       MatrixRef<G>* ds) {
   validate();
   const Index n = s.rows(), v = s.cols(), k = idx.cols();
   detail::check_nonempty(kName, "student", n, v);
@@ -316,7 +394,7 @@ Scalar SparseLogitKD<Scalar>::run(const ConstMatrixRef<Scalar>& s, const ConstIn
   const bool grad = ds != nullptr;
 
   if (tail) {
-    ws_.prepare(n, v, grad ? 1 : 0, 2);
+    ws_.prepare(n, v, grad ? 1 : 0, 2, detail::staged_rows<Scalar, In>(2));
     detail::parallel_for(n, v, [&](Index i, int thread) {
       if (!rows(i)) {
         ws_.row_value(i) = Scalar(0);
@@ -324,11 +402,12 @@ Scalar SparseLogitKD<Scalar>::run(const ConstMatrixRef<Scalar>& s, const ConstIn
       }
       detail::RowMap<Scalar> e = grad ? ws_.grad_row(0, i) : ws_.buffer(thread, 2, 0);
       detail::RowMap<Scalar> buf = ws_.buffer(thread, 2, 1);
-      ws_.row_value(i) = detail::tail_bucket_row(detail::const_row_map(s, i), idx.row(i), lp.row(i),
-                                                 log_mass_(i), inv_t, g_scale, e, buf, grad);
+      ws_.row_value(i) = detail::tail_bucket_row(
+          detail::input_row(s, i, ws_, thread, 0), idx.row(i),
+          detail::input_row(lp, i, ws_, thread, 1), log_mass_(i), inv_t, g_scale, e, buf, grad);
     });
   } else {
-    ws_.prepare(n, k, grad ? 1 : 0, 2);
+    ws_.prepare(n, k, grad ? 1 : 0, 2, detail::staged_rows<Scalar, In>(1));
     detail::parallel_for(n, k, [&](Index i, int thread) {
       if (!rows(i)) {
         ws_.row_value(i) = Scalar(0);
@@ -336,9 +415,9 @@ Scalar SparseLogitKD<Scalar>::run(const ConstMatrixRef<Scalar>& s, const ConstIn
       }
       detail::RowMap<Scalar> x = ws_.buffer(thread, 2, 0);
       detail::RowMap<Scalar> e = grad ? ws_.grad_row(0, i) : ws_.buffer(thread, 2, 1);
-      for (Index j = 0; j < k; ++j) x(j) = s(i, idx(i, j));
-      ws_.row_value(i) = detail::renormalized_row(x, detail::const_row_map(lp, i), log_mass_(i),
-                                                  inv_t, g_scale, e, grad);
+      for (Index j = 0; j < k; ++j) x(j) = Scalar(s(i, idx(i, j)));
+      ws_.row_value(i) = detail::renormalized_row(x, detail::input_row(lp, i, ws_, thread, 0),
+                                                  log_mass_(i), inv_t, g_scale, e, grad);
     });
   }
 
@@ -351,30 +430,34 @@ Scalar SparseLogitKD<Scalar>::run(const ConstMatrixRef<Scalar>& s, const ConstIn
     detail::parallel_for(n, k, [&](Index i, int) {
       if (!rows(i)) return;
       const detail::RowMap<Scalar> g = ws_.grad_row(0, i);
-      for (Index j = 0; j < k; ++j) (*ds)(i, idx(i, j)) += g(j);
+      for (Index j = 0; j < k; ++j) {
+        if constexpr (std::is_same<G, bfloat16>::value)
+          detail::add_to_bf16(&(*ds)(i, idx(i, j)), &g(j), 1);
+        else
+          (*ds)(i, idx(i, j)) += g(j);
+      }
     });
   }
   return value;
 }
 
 template <class Scalar>
-void SparseLogitKD<Scalar>::diagnose(const ConstMatrixRef<Scalar>& s,
-                                     const ConstIndexMatrixRef& idx,
-                                     const ConstMatrixRef<Scalar>& lp,
-                                     detail::RowSelect rows) const {
+template <class In>
+void SparseLogitKD<Scalar>::diagnose(const ConstMatrixRef<In>& s, const ConstIndexMatrixRef& idx,
+                                     const ConstMatrixRef<In>& lp, detail::RowSelect rows) const {
   constexpr Scalar ninf = -std::numeric_limits<Scalar>::infinity();
   const Index i = detail::first_nonfinite_row(ws_.row_value, rows);
   if (i < 0) detail::throw_numerical(kName, "the sum over rows overflows");
   const bool tail = options_.support == SparseSupport::TailBucket;
   std::string why = tail ? detail::bad_element_in_row("student", s, i, true) : std::string();
   for (Index j = 0; j < idx.cols() && why.empty(); ++j) {
-    const Scalar x = s(i, idx(i, j));
+    const Scalar x = Scalar(s(i, idx(i, j)));
     if (!detail::is_finite(x) && x != ninf)
       why = detail::element_str("student", i, idx(i, j), double(x));
   }
   if (why.empty() && tail) why = detail::all_neg_inf_row("student", s, i);
   for (Index j = 0; j < idx.cols() && why.empty(); ++j) {
-    if (lp(i, j) > ninf && s(i, idx(i, j)) == ninf)
+    if (Scalar(lp(i, j)) > ninf && Scalar(s(i, idx(i, j))) == ninf)
       why = detail::element_str("student", i, idx(i, j), double(ninf)) +
             " where the teacher's probability (teacher_logprobs[" + std::to_string(i) + "," +
             std::to_string(j) + "]) is positive: the KL divergence is infinite";
