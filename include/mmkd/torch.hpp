@@ -4,7 +4,8 @@
 // CMake: find_package(mmkd REQUIRED COMPONENTS torch) and link mmkd::torch.
 //
 // Each wrapper views the tensors' memory in place (CPU, contiguous, float or double to match the
-// loss; nothing is copied except integer labels that are not int32), runs the loss's fused
+// loss, or bfloat16 for the logit losses that read it; nothing is copied except integer labels
+// that are not int32), runs the loss's fused
 // `value_and_grad` in the forward pass, saves the gradients, and in the backward pass returns them
 // scaled by the incoming gradient: d(loss)/d(input) · grad_output. Gradients flow to the inputs
 // mmkd differentiates (the student's, always; the teacher's where the loss offers it and the
@@ -42,14 +43,18 @@ struct LossCall {
   std::vector<Grad> grads;         //!< each input's gradient policy
   //! runs value_and_grad into the buffers; returns the value
   std::function<double(const std::vector<at::Tensor>& buffers)> run;
+  //! the loss value's dtype: the loss's scalar type; Undefined means the first input's
+  at::ScalarType value_dtype = at::ScalarType::Undefined;
 };
 
 namespace detail {
 
 template <class S>
 c10::ScalarType dtype_of() {
-  static_assert(std::is_same<S, float>::value || std::is_same<S, double>::value,
-                "mmkd_torch: float or double");
+  static_assert(std::is_same<S, float>::value || std::is_same<S, double>::value ||
+                    std::is_same<S, mmkd::bfloat16>::value,
+                "mmkd_torch: float, double or bfloat16");
+  if (std::is_same<S, mmkd::bfloat16>::value) return at::kBFloat16;
   return std::is_same<S, float>::value ? at::kFloat : at::kDouble;
 }
 
@@ -58,11 +63,12 @@ c10::ScalarType dtype_of() {
 }
 
 template <class S>
-void check(const std::string& loss, const char* name, const at::Tensor& t, int64_t dim) {
+void check(const std::string& loss, const char* name, const at::Tensor& t, int64_t dim,
+           const char* why = "the loss's scalar type") {
   if (!t.defined()) fail(loss, std::string(name) + " is undefined");
   if (t.scalar_type() != dtype_of<S>())
     fail(loss, std::string(name) + " has dtype " + std::string(c10::toString(t.scalar_type())) +
-                   ", expected " + c10::toString(dtype_of<S>()) + " (the loss's scalar type)");
+                   ", expected " + c10::toString(dtype_of<S>()) + " (" + why + ")");
   if (!t.device().is_cpu()) fail(loss, std::string(name) + " is not on the CPU");
   if (!t.is_contiguous())
     fail(loss, std::string(name) + " is not contiguous (call .contiguous(): mmkd works in place)");
@@ -71,13 +77,22 @@ void check(const std::string& loss, const char* name, const at::Tensor& t, int64
                    std::to_string(dim));
 }
 
+// Views of checked tensors (bfloat16: at::BFloat16's 16 bits, read as Eigen's bfloat16).
 template <class S>
 Eigen::Map<const mmkd::Matrix<S>> cmat(const at::Tensor& t) {
-  return {t.data_ptr<S>(), t.size(0), t.size(1)};
+  return {static_cast<const S*>(t.data_ptr()), t.size(0), t.size(1)};
 }
 template <class S>
 Eigen::Map<mmkd::Matrix<S>> mat(const at::Tensor& t) {
-  return {t.data_ptr<S>(), t.size(0), t.size(1)};
+  return {static_cast<S*>(t.data_ptr()), t.size(0), t.size(1)};
+}
+
+// Calls f(S()) for tensors of the loss's scalar type S, f(mmkd::bfloat16()) for bfloat16 ones:
+// the logit losses read either.
+template <class S, class F>
+decltype(auto) with_logit_storage(const at::Tensor& t, F&& f) {
+  if (t.defined() && t.scalar_type() == at::kBFloat16) return f(mmkd::bfloat16());
+  return f(S());
 }
 template <class S>
 mmkd::ConstTensor3Ref<S> ct3(const at::Tensor& t) {
@@ -154,7 +169,9 @@ struct LossFunction : torch::autograd::Function<LossFunction> {
     }
     const double value = call->run(buffers);
     ctx->save_for_backward(buffers);
-    return at::scalar_tensor(value, inputs[0].options());
+    const auto dtype = call->value_dtype == at::ScalarType::Undefined ? inputs[0].scalar_type()
+                                                                      : call->value_dtype;
+    return at::scalar_tensor(value, inputs[0].options().dtype(dtype));
   }
 
   //! The saved gradients times the incoming gradient.
@@ -175,37 +192,48 @@ namespace detail {
 
 // A loss of two N x D matrices whose first gradient is always computed and second on request;
 // `extra` (a row mask) goes between the inputs and the gradients.
-template <class S, class Loss, class... Extra>
+// In: the tensors' storage type (S, or bfloat16 for a loss that reads it; the gradients then
+// come back in bfloat16 too, as autograd expects of a bfloat16 input).
+template <class S, class In = S, class Loss, class... Extra>
 at::Tensor matrix_pair(Loss& loss, const std::string& name, const char* first, const char* second,
                        const at::Tensor& a, const at::Tensor& b, const Extra&... extra) {
-  check<S>(name, first, a, 2);
-  check<S>(name, second, b, 2);
+  check<In>(name, first, a, 2);
+  check<In>(name, second, b, 2,
+            std::is_same<In, S>::value ? "the loss's scalar type" : "the student's");
   const LossCall call{name,
                       {first, second},
                       {Grad::Always, Grad::IfRequired},
                       [&](const std::vector<at::Tensor>& g) -> double {
                         if (g[1].defined())
-                          return loss.value_and_grad(cmat<S>(a), cmat<S>(b), extra..., mat<S>(g[0]),
-                                                     mat<S>(g[1]));
-                        return loss.value_and_grad(cmat<S>(a), cmat<S>(b), extra..., mat<S>(g[0]));
-                      }};
+                          return loss.value_and_grad(cmat<In>(a), cmat<In>(b), extra...,
+                                                     mat<In>(g[0]), mat<In>(g[1]));
+                        return loss.value_and_grad(cmat<In>(a), cmat<In>(b), extra...,
+                                                   mat<In>(g[0]));
+                      },
+                      dtype_of<S>()};
   return run_loss(call, {a, b});
 }
 
-// A student/teacher logit loss with an optional row mask (undefined: every row).
+// A student/teacher logit loss with an optional row mask (undefined: every row), on tensors of
+// the loss's scalar type or of bfloat16.
 template <class S, class Loss>
 at::Tensor masked_logit_pair(Loss& loss, const char* name, const at::Tensor& student,
                              const at::Tensor& teacher, const at::Tensor& mask) {
-  if (!mask.defined()) return matrix_pair<S>(loss, name, "student", "teacher", student, teacher);
-  check<S>(name, "student", student, 2);  // the mask's length is its row count
-  return matrix_pair<S>(loss, name, "student", "teacher", student, teacher,
-                        mask_view(name, mask, student.size(0)));
+  return with_logit_storage<S>(student, [&](auto storage) {
+    using In = decltype(storage);
+    if (!mask.defined())
+      return matrix_pair<S, In>(loss, name, "student", "teacher", student, teacher);
+    check<In>(name, "student", student, 2);  // the mask's length is its row count
+    const auto m = mask_view(name, mask, student.size(0));
+    return matrix_pair<S, In>(loss, name, "student", "teacher", student, teacher, m);
+  });
 }
 
 }  // namespace detail
 
 /// LogitKD on N x C logits; the teacher's gradient too when it requires grad. `mask` (N, bool or
-/// uint8) drops rows, e.g. the padding positions of token-level distillation.
+/// uint8) drops rows, e.g. the padding positions of token-level distillation. Student and
+/// teacher may both be BFloat16: the loss is computed and returned in S, the gradients BFloat16.
 template <class S>
 at::Tensor logit_kd(mmkd::LogitKD<S>& loss, const at::Tensor& student, const at::Tensor& teacher,
                     const at::Tensor& mask = at::Tensor()) {
@@ -213,7 +241,8 @@ at::Tensor logit_kd(mmkd::LogitKD<S>& loss, const at::Tensor& student, const at:
 }
 
 /// LogitDivergence (any divergence) on N x V logits; the teacher's gradient too when it
-/// requires grad; `mask` (N, bool or uint8) drops rows, e.g. padding tokens.
+/// requires grad; `mask` (N, bool or uint8) drops rows, e.g. padding tokens. BFloat16 logits
+/// as for logit_kd.
 template <class S>
 at::Tensor logit_divergence(mmkd::LogitDivergence<S>& loss, const at::Tensor& student,
                             const at::Tensor& teacher, const at::Tensor& mask = at::Tensor()) {
@@ -222,34 +251,41 @@ at::Tensor logit_divergence(mmkd::LogitDivergence<S>& loss, const at::Tensor& st
 
 /// SparseLogitKD on N x V student logits against a top-k teacher: `teacher_indices` N x k
 /// (int32 viewed in place, int64 as `torch::topk` returns them converted), `teacher_logprobs`
-/// N x k of the student's dtype (no gradient); `mask` (N, bool or uint8) drops rows.
+/// N x k of the student's dtype (no gradient); `mask` (N, bool or uint8) drops rows. Student and
+/// log-probabilities may both be BFloat16 (loss in S, gradient BFloat16).
 template <class S>
 at::Tensor sparse_logit_kd(mmkd::SparseLogitKD<S>& loss, const at::Tensor& student,
                            const at::Tensor& teacher_indices, const at::Tensor& teacher_logprobs,
                            const at::Tensor& mask = at::Tensor()) {
   const std::string name = "SparseLogitKD";
-  detail::check<S>(name, "student", student, 2);
-  detail::check<S>(name, "teacher_logprobs", teacher_logprobs, 2);
-  if (!teacher_indices.defined() || teacher_indices.dim() != 2 ||
-      !at::isIntegralType(teacher_indices.scalar_type(), false) ||
-      !teacher_indices.device().is_cpu())
-    detail::fail(name, "teacher_indices must be a 2-D integer CPU tensor");
-  const at::Tensor idx = teacher_indices.to(at::kInt).contiguous();
-  if (mask.defined()) detail::mask_view(name, mask, student.size(0));  // its checks
-  const LossCall call{
-      name,
-      {"student", "teacher_logprobs"},
-      {Grad::Always, Grad::Never},
-      [&](const std::vector<at::Tensor>& g) -> double {
-        const Eigen::Map<const mmkd::IndexMatrix> i(idx.data_ptr<int>(), idx.size(0), idx.size(1));
-        const auto s = detail::cmat<S>(student);
-        const auto lp = detail::cmat<S>(teacher_logprobs);
-        if (mask.defined())
-          return loss.value_and_grad(s, i, lp, detail::mask_view(name, mask, student.size(0)),
-                                     detail::mat<S>(g[0]));
-        return loss.value_and_grad(s, i, lp, detail::mat<S>(g[0]));
-      }};
-  return run_loss(call, {student, teacher_logprobs});
+  return detail::with_logit_storage<S>(student, [&](auto storage) {
+    using In = decltype(storage);
+    detail::check<In>(name, "student", student, 2);
+    detail::check<In>(name, "teacher_logprobs", teacher_logprobs, 2,
+                      std::is_same<In, S>::value ? "the loss's scalar type" : "the student's");
+    if (!teacher_indices.defined() || teacher_indices.dim() != 2 ||
+        !at::isIntegralType(teacher_indices.scalar_type(), false) ||
+        !teacher_indices.device().is_cpu())
+      detail::fail(name, "teacher_indices must be a 2-D integer CPU tensor");
+    const at::Tensor idx = teacher_indices.to(at::kInt).contiguous();
+    if (mask.defined()) detail::mask_view(name, mask, student.size(0));  // its checks
+    const LossCall call{name,
+                        {"student", "teacher_logprobs"},
+                        {Grad::Always, Grad::Never},
+                        [&](const std::vector<at::Tensor>& g) -> double {
+                          const Eigen::Map<const mmkd::IndexMatrix> i(idx.data_ptr<int>(),
+                                                                      idx.size(0), idx.size(1));
+                          const auto s = detail::cmat<In>(student);
+                          const auto lp = detail::cmat<In>(teacher_logprobs);
+                          if (mask.defined())
+                            return loss.value_and_grad(
+                                s, i, lp, detail::mask_view(name, mask, student.size(0)),
+                                detail::mat<In>(g[0]));
+                          return loss.value_and_grad(s, i, lp, detail::mat<In>(g[0]));
+                        },
+                        detail::dtype_of<S>()};
+    return run_loss(call, {student, teacher_logprobs});
+  });
 }
 
 namespace detail {
@@ -363,23 +399,29 @@ at::Tensor decoupled_kd(mmkd::DecoupledKD<S>& loss, const at::Tensor& student,
 
 /// CrossEntropy on N x C logits with N integer labels, PyTorch's `ignore_index = -100`: those
 /// rows, and rows masked out by `mask` (N, bool or uint8), are dropped and the mean is over the
-/// others.
+/// others. BFloat16 logits are read as such (loss in S, gradient BFloat16).
 template <class S>
 at::Tensor cross_entropy(mmkd::CrossEntropy<S>& loss, const at::Tensor& logits,
                          const at::Tensor& labels, const at::Tensor& mask = at::Tensor()) {
-  detail::check<S>("CrossEntropy", "logits", logits, 2);
-  const auto y = detail::ignore_index("CrossEntropy", labels, mask);
-  const LossCall call{
-      "CrossEntropy", {"logits"}, {Grad::Always}, [&](const std::vector<at::Tensor>& g) -> double {
-        const auto z = detail::cmat<S>(logits);
-        const auto l = detail::labels_view(y.labels);
-        if (y.mask.defined())
-          return loss.value_and_grad(z, l,
-                                     detail::mask_view("CrossEntropy", y.mask, logits.size(0)),
-                                     detail::mat<S>(g[0]));
-        return loss.value_and_grad(z, l, detail::mat<S>(g[0]));
-      }};
-  return run_loss(call, {logits});
+  return detail::with_logit_storage<S>(logits, [&](auto storage) {
+    using In = decltype(storage);
+    detail::check<In>("CrossEntropy", "logits", logits, 2);
+    const auto y = detail::ignore_index("CrossEntropy", labels, mask);
+    const LossCall call{"CrossEntropy",
+                        {"logits"},
+                        {Grad::Always},
+                        [&](const std::vector<at::Tensor>& g) -> double {
+                          const auto z = detail::cmat<In>(logits);
+                          const auto l = detail::labels_view(y.labels);
+                          if (y.mask.defined())
+                            return loss.value_and_grad(
+                                z, l, detail::mask_view("CrossEntropy", y.mask, logits.size(0)),
+                                detail::mat<In>(g[0]));
+                          return loss.value_and_grad(z, l, detail::mat<In>(g[0]));
+                        },
+                        detail::dtype_of<S>()};
+    return run_loss(call, {logits});
+  });
 }
 
 /// ModalitySpecificKD: student, teacher N x C; student_modal, teacher_modal M x N x C; weights

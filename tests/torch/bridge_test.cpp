@@ -137,6 +137,87 @@ TEST_CASE("bridge: logit losses equal libtorch autograd", "[torch][bridge]") {
       });
 }
 
+TEST_CASE("bridge: bfloat16 logits give the float results of their values, bfloat16 gradients",
+          "[torch][bridge][bf16]") {
+  // Float losses on BFloat16 tensors: the value equals libtorch's float formula on the same
+  // (rounded) values, and each gradient, BFloat16 like its input, is that float gradient rounded
+  // (exactly mmkd's own float gradient rounded: V = 48 keeps the rows aligned alike).
+  torch::manual_seed(3);
+  const int64_t n = 6, v = 48;
+  const auto mask = torch::tensor({1, 1, 0, 1, 1, 1}, torch::kBool);
+  const auto y = torch::randint(v, {n}, torch::kLong);
+  auto bf16 = [&](double scale) {
+    return (torch::randn({n, v}, torch::kFloat32) * scale).to(torch::kBFloat16);
+  };
+  // bridge(inputs) → loss; reference(float inputs) → loss of libtorch ops.
+  auto check = [&](const Tensors& inputs, const std::vector<bool>& grad, auto&& bridge,
+                   auto&& reference) {
+    Tensors a, f, r;
+    for (std::size_t k = 0; k < inputs.size(); ++k) {
+      a.push_back(inputs[k].clone().set_requires_grad(grad[k]));
+      f.push_back(inputs[k].to(torch::kFloat32).set_requires_grad(grad[k]));
+      r.push_back(inputs[k].to(torch::kFloat32).set_requires_grad(grad[k]));
+    }
+    const torch::Tensor la = bridge(a), lf = bridge(f), lr = reference(r);
+    la.backward();
+    lf.backward();
+    lr.backward();
+    CHECK(la.scalar_type() == torch::kFloat32);  // the loss's scalar type, not rounded
+    CHECK(la.item<float>() == lf.item<float>());
+    CHECK(lf.item<float>() == Approx(lr.item<float>()).epsilon(1e-5));
+    for (std::size_t k = 0; k < inputs.size(); ++k) {
+      if (!grad[k]) continue;
+      INFO("input " << k);
+      REQUIRE(a[k].grad().scalar_type() == torch::kBFloat16);
+      CHECK(torch::equal(a[k].grad(), f[k].grad().to(torch::kBFloat16)));
+      CHECK(torch::allclose(a[k].grad().to(torch::kFloat32), r[k].grad(), 1.0 / 128, 1e-6));
+    }
+  };
+  mmkd::LogitKD<float> kd;
+  check(
+      {bf16(3), bf16(3)}, {true, true},
+      [&](const Tensors& x) { return mmkd_torch::logit_kd(kd, x[0], x[1], mask); },
+      [&](const Tensors& x) {
+        return torch_kd(x[0], x[1], 4.0, mmkd::Reduction::BatchMean, mask.to(torch::kFloat32));
+      });
+  for (const auto kind : {mmkd::Divergence::GeneralizedJSD, mmkd::Divergence::ReverseKL}) {
+    mmkd::LogitDivergence<float>::Options o;
+    o.divergence = kind;
+    mmkd::LogitDivergence<float> div(o);
+    check(
+        {bf16(3), bf16(3)}, {true, false},
+        [&](const Tensors& x) { return mmkd_torch::logit_divergence(div, x[0], x[1]); },
+        [&](const Tensors& x) {
+          return torch_divergence_rows(kind, kind == mmkd::Divergence::GeneralizedJSD ? 0.5 : 0.1,
+                                       x[0], x[1], 1.0)
+                     .sum() /
+                 n;
+        });
+  }
+  mmkd::CrossEntropy<float> ce({0.1f});
+  check(
+      {bf16(3)}, {true}, [&](const Tensors& x) { return mmkd_torch::cross_entropy(ce, x[0], y); },
+      [&](const Tensors& x) {
+        return torch::nn::functional::cross_entropy(
+            x[0], y, torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(0.1));
+      });
+  // a top-5 teacher
+  const auto top = torch::log_softmax(torch::randn({n, v}) * 3, 1).topk(5, 1);
+  const auto top_lp = std::get<0>(top).to(torch::kBFloat16), top_idx = std::get<1>(top);
+  for (bool tail : {true, false}) {
+    mmkd::SparseLogitKD<float> sparse(
+        {tail ? mmkd::SparseSupport::TailBucket : mmkd::SparseSupport::Renormalized});
+    check(
+        {bf16(3), top_lp}, {true, false},
+        [&](const Tensors& x) { return mmkd_torch::sparse_logit_kd(sparse, x[0], top_idx, x[1]); },
+        [&](const Tensors& x) {
+          return torch_sparse_kd_rows(x[0], top_idx, x[1], 1.0, tail).mean();
+        });
+  }
+  CHECK_THROWS_WITH(mmkd_torch::logit_kd(kd, bf16(1), bf16(1).to(torch::kFloat32)),
+                    Catch::Contains("teacher has dtype Float, expected BFloat16 (the student's)"));
+}
+
 TEST_CASE("bridge: multimodal losses equal libtorch autograd", "[torch][bridge]") {
   torch::manual_seed(2);
   const int64_t m = 3, n = 5, c = 6;
