@@ -3,7 +3,9 @@
 //
 // - LogitDivergence, every divergence, N = 1024 tokens x V = 32 000 and 152 064: BW_share against
 //   a plain pass over the bytes it must touch (student and teacher read, gradient updated) and
-//   exp_share, the time of its two softmaxes' exponentials alone over the call's.
+//   exp_share, the time of its two softmaxes' exponentials alone over the call's; and the same
+//   with bfloat16 logits and gradient (-bf16: half the bytes; libtorch converts to float in the
+//   graph, as autocast does).
 // - SparseLogitKD at k = 64, V = 152 064 against libtorch's dense path (log_softmax over V, gather,
 //   the tail bucket or the renormalisation, KL).
 // - FusedLinearKD at N = 1024, d = 1024, V = 32 000: products_share, the time of its four matrix
@@ -145,6 +147,29 @@ void mmkd_divergence(benchmark::State& st, Divergence kind) {
   report_exp_bound(st, t_call, n, v, 2.0 * double(v));
 }
 
+// The same inputs stored as bfloat16.
+const mmkd::Matrix<mmkd::bfloat16>& cached16(Index n, Index c, std::uint64_t seed) {
+  static std::map<std::array<double, 3>, mmkd::Matrix<mmkd::bfloat16>> made;
+  const std::array<double, 3> key{double(n), double(c), double(seed)};
+  auto it = made.find(key);
+  if (it == made.end()) it = made.emplace(key, cached(n, c, seed).cast<mmkd::bfloat16>()).first;
+  return it->second;
+}
+
+// bfloat16 logits and gradient: half the bytes of the float call.
+void mmkd_divergence16(benchmark::State& st, Divergence kind) {
+  const Index n = st.range(0), v = st.range(1);
+  const auto &s = cached16(n, v, 1), &t = cached16(n, v, 2);
+  mmkd::Matrix<mmkd::bfloat16> g = mmkd::Matrix<mmkd::bfloat16>::Zero(n, v);
+  mmkd::LogitDivergence<float>::Options o;
+  o.divergence = kind;
+  mmkd::LogitDivergence<float> loss(o);
+  const double t_call =
+      timed_loop(st, [&] { benchmark::DoNotOptimize(loss.value_and_grad(s, t, g)); });
+  report_memory_bound(st, t_call, {double(n * v) / 2, 2, 0, 1});
+  report_exp_bound(st, t_call, n, v, 2.0 * double(v));
+}
+
 // A top-k teacher: the k largest of random teacher logits' log-softmax, in order.
 void top_k(const Mat& t, Index k, mmkd::IndexMatrix& idx, Mat& lp) {
   const Index n = t.rows(), v = t.cols();
@@ -247,6 +272,23 @@ void torch_divergence(benchmark::State& st, Divergence kind) {
   });
 }
 
+// bfloat16 tensors computed in float, as autocast does for a softmax loss: the conversion is part
+// of the graph, so the gradient comes back in bfloat16.
+void torch_divergence16(benchmark::State& st, Divergence kind) {
+  torch_threads();
+  const Index n = st.range(0), v = st.range(1);
+  auto s = to_tensor(cached(n, v, 1)).to(torch::kBFloat16).set_requires_grad(true);
+  const auto t = to_tensor(cached(n, v, 2)).to(torch::kBFloat16);
+  torch_loop(st, [&] {
+    auto loss = torch_ref::torch_divergence_rows(kind, mix_of(kind), s.to(torch::kFloat32),
+                                                 t.to(torch::kFloat32), 1.0)
+                    .sum() /
+                double(n);
+    loss.backward();
+    return loss.item<float>();
+  });
+}
+
 void torch_sparse(benchmark::State& st, mmkd::SparseSupport support) {
   torch_threads();
   const Index n = st.range(0), v = st.range(1), k = st.range(2);
@@ -304,6 +346,16 @@ const bool registered = [] {
         ->Apply(divergence_shapes);
 #ifdef MMKD_BENCH_TORCH
     benchmark::RegisterBenchmark(("torch_" + name).c_str(), torch_divergence, kind)
+        ->Apply(divergence_shapes);
+#endif
+  }
+  for (Divergence kind : kKinds) {
+    const std::string name =
+        std::string("LogitDivergence-") + kind_name(kind) + "-bf16_value_and_grad";
+    benchmark::RegisterBenchmark(("mmkd_" + name).c_str(), mmkd_divergence16, kind)
+        ->Apply(divergence_shapes);
+#ifdef MMKD_BENCH_TORCH
+    benchmark::RegisterBenchmark(("torch_" + name).c_str(), torch_divergence16, kind)
         ->Apply(divergence_shapes);
 #endif
   }

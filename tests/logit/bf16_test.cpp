@@ -266,3 +266,36 @@ TEST_CASE("bfloat16 inputs: errors name the element and leave bfloat16 buffers u
   Bf wrong(4, 15);
   CHECK_THROWS_WITH(kd.value_and_grad(t, t, wrong), Catch::Contains("d_student has shape 4x15"));
 }
+
+TEST_CASE("The README's bfloat16 lines give the gradient of the loss of their values",
+          "[logit][bf16]") {
+  const Index n = 8, v = 32;
+  const Bf student_logits_bf16 = random_bf16(n, v, 20), teacher_logits_bf16 = random_bf16(n, v, 21);
+  mmkd::RowMask mask = mmkd::RowMask::Ones(n);
+  mask(7) = 0;  // padding
+  mmkd::LogitDivergence<float>::Options o;
+  o.divergence = mmkd::Divergence::GeneralizedJSD;
+  mmkd::LogitDivergence<float> jsd(o);
+  // The README's lines.
+  mmkd::Matrix<mmkd::bfloat16> s16 = student_logits_bf16, t16 = teacher_logits_bf16;
+  mmkd::Matrix<mmkd::bfloat16> d_s16 = mmkd::Matrix<mmkd::bfloat16>::Zero(s16.rows(), s16.cols());
+  float l4 = jsd.value_and_grad(s16, t16, mask, d_s16);  // computed in float
+  // Central differences of the double loss on the same values: the gradient to bfloat16's
+  // rounding (2^-9 relative, plus a little for float).
+  mmkd::LogitDivergence<double>::Options od;
+  od.divergence = mmkd::Divergence::GeneralizedJSD;
+  mmkd::LogitDivergence<double> exact(od);
+  const Matrix<double> sd = widen(s16).cast<double>(), td = widen(t16).cast<double>();
+  CHECK(l4 == Approx(exact.value(sd, td, mask)).epsilon(1e-6));
+  Matrix<double> fd(n, v);
+  for (Index k = 0; k < sd.size(); ++k) {
+    Matrix<double> a = sd, b = sd;
+    a.data()[k] += 1e-6;
+    b.data()[k] -= 1e-6;
+    fd.data()[k] = (exact.value(a, td, mask) - exact.value(b, td, mask)) / 2e-6;
+  }
+  const double scale = fd.cwiseAbs().maxCoeff();
+  CHECK(scale > 1e-3);
+  CHECK((widen(d_s16).cast<double>() - fd).cwiseAbs().maxCoeff() < scale / 256);
+  CHECK(d_s16.row(7).cast<float>().isZero(0));
+}
