@@ -49,6 +49,14 @@ int main() {
   jo.divergence = mmkd::Divergence::GeneralizedJSD;
   mmkd::LogitDivergence<double> jsd(jo);
   std::printf("  generalized JSD over the same rows: %.6f\n", jsd.value(student, teacher, mask));
+  // The same logits stored in bfloat16, as a language model emits them; computed in float.
+  const mmkd::Matrix<mmkd::bfloat16> student16 = student.cast<mmkd::bfloat16>(),
+                                     teacher16 = teacher.cast<mmkd::bfloat16>();
+  mmkd::LogitDivergence<float>::Options jo16;
+  jo16.divergence = mmkd::Divergence::GeneralizedJSD;
+  mmkd::LogitDivergence<float> jsd16(jo16);
+  std::printf("  the same on bfloat16 logits: %.6f\n",
+              double(jsd16.value(student16, teacher16, mask)));
   // A teacher kept as its top-2 per row (a logit cache): classes and log-probabilities.
   mmkd::IndexMatrix top(n, 2);
   mmkd::Matrix<double> top_logprobs(n, 2);
