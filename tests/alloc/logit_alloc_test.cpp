@@ -51,6 +51,12 @@ TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][all
   const Matrix<mmkd::bfloat16> s16 = s.template cast<mmkd::bfloat16>(),
                                t16 = t.template cast<mmkd::bfloat16>();
   Matrix<mmkd::bfloat16> ds16 = Matrix<mmkd::bfloat16>::Zero(64, 100), dt16 = ds16;
+  const Matrix<mmkd::bfloat16> h16 = h.template cast<mmkd::bfloat16>(),
+                               w16 = w.template cast<mmkd::bfloat16>(),
+                               ht16 = ht.template cast<mmkd::bfloat16>(),
+                               wt16 = wt.template cast<mmkd::bfloat16>();
+  Matrix<mmkd::bfloat16> dh16 = dh.template cast<mmkd::bfloat16>(),
+                         dw16 = dw.template cast<mmkd::bfloat16>();
   mmkd::LossSum<T> total;  // its terms' calls, by name, add no allocation of their own
   total.add("kd", T(0.9), kd, [&](auto& l) { return l.value_and_grad(s, t, ds); });
   total.add("ce", T(0.1), ce, [&](auto& l) { return l.value_and_grad(s, y, ds); });
@@ -84,6 +90,8 @@ TEMPLATE_TEST_CASE("logit losses allocate nothing in steady state", "[logit][all
     CHECK_NOTHROW(ce.value_and_grad(s16, y, mask, ds16));
     CHECK_NOTHROW(divergences[2].value_and_grad(s16, t16, ds16));
     CHECK_NOTHROW(divergences[0].value(s16, t16));
+    CHECK_NOTHROW(fused.value_and_grad(h16, w16, ht16, wt16, y, dh16, dw16));
+    CHECK_NOTHROW(fused.value_and_grad(h16, w16, t16, y, dh, dw));
     CHECK_NOTHROW(total.value_and_grad());
     CHECK_NOTHROW(total.value("kd"));
   }

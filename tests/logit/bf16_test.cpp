@@ -3,6 +3,7 @@
 
 #include <mmkd/detail/bf16.hpp>
 #include <mmkd/logit/cross_entropy.hpp>
+#include <mmkd/logit/fused_linear_kd.hpp>
 #include <mmkd/logit/logit_divergence.hpp>
 #include <mmkd/logit/logit_kd.hpp>
 #include <mmkd/logit/sparse_logit_kd.hpp>
@@ -298,4 +299,91 @@ TEST_CASE("The README's bfloat16 lines give the gradient of the loss of their va
   CHECK(scale > 1e-3);
   CHECK((widen(d_s16).cast<double>() - fd).cwiseAbs().maxCoeff() < scale / 256);
   CHECK(d_s16.row(7).cast<float>().isZero(0));
+}
+
+TEST_CASE("FusedLinearKD on bfloat16 hidden states and heads equals float on the same values",
+          "[logit][bf16][fused]") {
+  // V = 4100: two blocks of head rows; chunks of 2 rows; a row labelled -100.
+  const Index n = 5, d = 6, d_t = 4, v = 4100;
+  const Bf hs = random_bf16(n, d, 30, 1.0), ws = random_bf16(v, d, 31, 0.5),
+           ht = random_bf16(n, d_t, 32, 1.0), wt = random_bf16(v, d_t, 33, 0.5);
+  const Bf bs = random_bf16(v, 1, 34, 0.2), bt = random_bf16(v, 1, 35, 0.2);
+  const Bf tl = random_bf16(n, v, 36, 2.0);
+  const mmkd::Vector<bfloat16> b_s = bs, b_t = bt;
+  const mmkd::Vector<float> b_sf = widen(bs), b_tf = widen(bt);
+  mmkd::Labels y = random_labels(n, v, 37);
+  y(1) = -100;
+  mmkd::FusedLinearKD<float>::Options o;
+  o.hard_weight = 0.5f;
+  o.chunk_rows = 2;
+  o.divergence.divergence = Divergence::GeneralizedJSD;
+  mmkd::FusedLinearKD<float> kd(o);
+  const Bf dh0 = random_bf16(n, d, 38, 0.01), dw0 = random_bf16(v, d, 39, 0.01);
+  const mmkd::Vector<bfloat16> db0 = random_bf16(v, 1, 40, 0.01);
+  // Within bfloat16's rounding of each element, plus the float sums' own order.
+  auto near = [](const auto& got16, const auto& want) {
+    const Matrix<float> g = widen(Bf(got16)), w = want;
+    const float floor = 1e-5f * std::max(1.0f, w.cwiseAbs().maxCoeff());
+    return ((g - w).array().abs() <= w.array().abs() / 128 + floor).all();
+  };
+  for (int form = 0; form < 2; ++form) {
+    INFO((form == 0 ? "heads and biases" : "teacher logits and bias"));
+    Matrix<float> dh = widen(dh0), dw = widen(dw0), dh_ref = dh, dw_ref = dw;
+    mmkd::Vector<float> db = widen(Bf(db0)), db_ref = db;
+    Bf dh16 = dh0, dw16 = dw0;
+    mmkd::Vector<bfloat16> db16 = db0;
+    float ref, got, got16;
+    if (form == 0) {
+      ref = kd.value_and_grad(widen(hs), widen(ws), widen(ht), widen(wt), y, b_sf, b_tf, dh_ref,
+                              dw_ref, db_ref);
+      got = kd.value_and_grad(hs, ws, ht, wt, y, b_s, b_t, dh, dw, db);
+      got16 = kd.value_and_grad(hs, ws, ht, wt, y, b_s, b_t, dh16, dw16, db16);
+      CHECK(bits(kd.value(hs, ws, ht, wt, y)) ==
+            bits(kd.value(widen(hs), widen(ws), widen(ht), widen(wt), y)));
+    } else {
+      ref = kd.value_and_grad(widen(hs), widen(ws), widen(tl), y, b_sf, dh_ref, dw_ref, db_ref);
+      got = kd.value_and_grad(hs, ws, tl, y, b_s, dh, dw, db);
+      got16 = kd.value_and_grad(hs, ws, tl, y, b_s, dh16, dw16, db16);
+      CHECK(bits(kd.value(hs, ws, tl, y)) == bits(kd.value(widen(hs), widen(ws), widen(tl), y)));
+    }
+    // The same products and row kernels on the same values: bit for bit in float.
+    CHECK(bits(got) == bits(ref));
+    CHECK(bits(got16) == bits(ref));
+    CHECK(bit_identical(dh, dh_ref));
+    CHECK(bit_identical(dw, dw_ref));
+    CHECK((db.array() == db_ref.array()).all());
+    // d_h_s and d_b_s are rounded once; d_w_s once per chunk (three here): within an error
+    // model of round-to-nearest, 2^-8 of the running sum per rounding, the running sums bounded
+    // by |d_w0| + Σ_c |chunk c's share| (each share the float loss on that chunk's labels alone,
+    // rescaled to the whole batch's count).
+    CHECK(near(dh16, dh_ref));
+    CHECK(near(Bf(db16), Matrix<float>(db_ref)));
+    Matrix<float> bound = widen(dw0).cwiseAbs();
+    const Index used = (y.array() != -100).count();
+    for (Index c0 = 0; c0 < n; c0 += 2) {
+      mmkd::Labels yc = mmkd::Labels::Constant(n, -100);
+      yc.segment(c0, std::min<Index>(2, n - c0)) = y.segment(c0, std::min<Index>(2, n - c0));
+      const Index used_c = (yc.array() != -100).count();
+      if (used_c == 0) continue;
+      Matrix<float> dhc = Matrix<float>::Zero(n, d), dwc = Matrix<float>::Zero(v, d);
+      mmkd::Vector<float> dbc = mmkd::Vector<float>::Zero(v);
+      if (form == 0)
+        kd.value_and_grad(widen(hs), widen(ws), widen(ht), widen(wt), yc, b_sf, b_tf, dhc, dwc,
+                          dbc);
+      else
+        kd.value_and_grad(widen(hs), widen(ws), widen(tl), yc, b_sf, dhc, dwc, dbc);
+      bound += dwc.cwiseAbs() * (float(used_c) / float(used));
+    }
+    const Matrix<float> err = (widen(dw16) - dw_ref).cwiseAbs();
+    CHECK((err.array() <= 3.0f / 256 * bound.array() + 1e-6f).all());
+    CHECK(bits(dh16(1, 2)) == bits(dh0(1, 2)));  // the -100 row: nothing added
+  }
+  // Errors name the bfloat16 element and leave bfloat16 buffers as they were.
+  Bf bad = ws;
+  bad(4, 1) = bfloat16(std::numeric_limits<float>::quiet_NaN());
+  Bf dh16 = dh0, dw16 = dw0;
+  CHECK_THROWS_WITH(kd.value_and_grad(hs, bad, ht, wt, y, dh16, dw16),
+                    Catch::Contains("w_s[4,1] is NaN"));
+  CHECK(bit_identical(widen(dh16), widen(dh0)));
+  CHECK(bit_identical(widen(dw16), widen(dw0)));
 }

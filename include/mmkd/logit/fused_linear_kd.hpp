@@ -40,7 +40,15 @@ namespace mmkd {
  * Memory: the extra storage is the chunk's student logits (`chunk_rows` x V, which then hold its
  * gradient), the teacher's (the same; none with precomputed teacher logits) and a few V-long rows
  * per thread, never O(N·V). The four products per chunk (two heads, two backward) run in Eigen's
- * GEMM (BLAS with `MMKD_BLAS`), in a fixed grid of tiles on mmkd's threads.
+ * GEMM (BLAS with `MMKD_BLAS`), over blocks of 4096 classes in a fixed grid of tiles on mmkd's
+ * threads.
+ *
+ * bfloat16 storage: hidden states, heads, biases and teacher logits may be `mmkd::bfloat16`
+ * (all of them), computed in Scalar: each chunk of hidden states and each block of head rows is
+ * read into a Scalar buffer (chunk_rows x d, 4096 x d) just before its products, never the whole
+ * head. Gradient buffers are Scalar or bfloat16; a bfloat16 one gets the float sums rounded to
+ * nearest even: d_h_s and d_b_s once per call, d_w_s once per chunk of rows (as Liger adds each
+ * chunk's weight gradient to a bfloat16 buffer).
  *
  * Everything that could fail is checked before anything is written, so the strong guarantee
  * holds without a copy of the gradients: shapes, labels (−100 or a class), non-finite hidden
@@ -146,6 +154,103 @@ class FusedLinearKD : detail::FloatingScalar<Scalar> {
                &d_w_s, &d_b_s);
   }
 
+  //! bfloat16 hidden states and heads (biases bfloat16 too, or empty), computed in Scalar.
+  Scalar value(const ConstMatrixRef<bfloat16>& h_s, const ConstMatrixRef<bfloat16>& w_s,
+               const ConstMatrixRef<bfloat16>& h_t, const ConstMatrixRef<bfloat16>& w_t,
+               const ConstLabelsRef& labels) {
+    return run(In16{&h_s, &w_s, nullptr, &h_t, &w_t, nullptr, nullptr, &labels}, kNoGrad, kNoGrad,
+               kNoBias);
+  }
+  //! bfloat16, with head biases.
+  Scalar value(const ConstMatrixRef<bfloat16>& h_s, const ConstMatrixRef<bfloat16>& w_s,
+               const ConstMatrixRef<bfloat16>& h_t, const ConstMatrixRef<bfloat16>& w_t,
+               const ConstLabelsRef& labels, const ConstVectorRef<bfloat16>& b_s,
+               const ConstVectorRef<bfloat16>& b_t) {
+    return run(In16{&h_s, &w_s, &b_s, &h_t, &w_t, &b_t, nullptr, &labels}, kNoGrad, kNoGrad,
+               kNoBias);
+  }
+  //! bfloat16, with precomputed teacher logits.
+  Scalar value(const ConstMatrixRef<bfloat16>& h_s, const ConstMatrixRef<bfloat16>& w_s,
+               const ConstMatrixRef<bfloat16>& teacher_logits, const ConstLabelsRef& labels) {
+    return run(In16{&h_s, &w_s, nullptr, nullptr, nullptr, nullptr, &teacher_logits, &labels},
+               kNoGrad, kNoGrad, kNoBias);
+  }
+  //! bfloat16, with precomputed teacher logits and the student head's bias.
+  Scalar value(const ConstMatrixRef<bfloat16>& h_s, const ConstMatrixRef<bfloat16>& w_s,
+               const ConstMatrixRef<bfloat16>& teacher_logits, const ConstLabelsRef& labels,
+               const ConstVectorRef<bfloat16>& b_s) {
+    return run(In16{&h_s, &w_s, &b_s, nullptr, nullptr, nullptr, &teacher_logits, &labels}, kNoGrad,
+               kNoGrad, kNoBias);
+  }
+  //! bfloat16 inputs (as the float overloads: heads, biases or teacher logits), gradients in
+  //! Scalar or in bfloat16: each sum rounded to nearest even, d_h_s and d_b_s once per call,
+  //! d_w_s once per chunk of rows.
+  //! bfloat16 (heads), Scalar gradients.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& h_s, const ConstMatrixRef<bfloat16>& w_s,
+                        const ConstMatrixRef<bfloat16>& h_t, const ConstMatrixRef<bfloat16>& w_t,
+                        const ConstLabelsRef& labels, MatrixRef<Scalar> d_h_s,
+                        MatrixRef<Scalar> d_w_s) {
+    return run(In16{&h_s, &w_s, nullptr, &h_t, &w_t, nullptr, nullptr, &labels}, &d_h_s, &d_w_s,
+               kNoBias);
+  }
+  //! bfloat16 (heads), bfloat16 gradients.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& h_s, const ConstMatrixRef<bfloat16>& w_s,
+                        const ConstMatrixRef<bfloat16>& h_t, const ConstMatrixRef<bfloat16>& w_t,
+                        const ConstLabelsRef& labels, MatrixRef<bfloat16> d_h_s,
+                        MatrixRef<bfloat16> d_w_s) {
+    return run(In16{&h_s, &w_s, nullptr, &h_t, &w_t, nullptr, nullptr, &labels}, &d_h_s, &d_w_s,
+               kNoBias16);
+  }
+  //! bfloat16 (heads, biases), Scalar gradients.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& h_s, const ConstMatrixRef<bfloat16>& w_s,
+                        const ConstMatrixRef<bfloat16>& h_t, const ConstMatrixRef<bfloat16>& w_t,
+                        const ConstLabelsRef& labels, const ConstVectorRef<bfloat16>& b_s,
+                        const ConstVectorRef<bfloat16>& b_t, MatrixRef<Scalar> d_h_s,
+                        MatrixRef<Scalar> d_w_s, VectorRef<Scalar> d_b_s) {
+    return run(In16{&h_s, &w_s, &b_s, &h_t, &w_t, &b_t, nullptr, &labels}, &d_h_s, &d_w_s, &d_b_s);
+  }
+  //! bfloat16 (heads, biases), bfloat16 gradients.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& h_s, const ConstMatrixRef<bfloat16>& w_s,
+                        const ConstMatrixRef<bfloat16>& h_t, const ConstMatrixRef<bfloat16>& w_t,
+                        const ConstLabelsRef& labels, const ConstVectorRef<bfloat16>& b_s,
+                        const ConstVectorRef<bfloat16>& b_t, MatrixRef<bfloat16> d_h_s,
+                        MatrixRef<bfloat16> d_w_s, VectorRef<bfloat16> d_b_s) {
+    return run(In16{&h_s, &w_s, &b_s, &h_t, &w_t, &b_t, nullptr, &labels}, &d_h_s, &d_w_s, &d_b_s);
+  }
+  //! bfloat16 (teacher logits), Scalar gradients.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& h_s, const ConstMatrixRef<bfloat16>& w_s,
+                        const ConstMatrixRef<bfloat16>& teacher_logits,
+                        const ConstLabelsRef& labels, MatrixRef<Scalar> d_h_s,
+                        MatrixRef<Scalar> d_w_s) {
+    return run(In16{&h_s, &w_s, nullptr, nullptr, nullptr, nullptr, &teacher_logits, &labels},
+               &d_h_s, &d_w_s, kNoBias);
+  }
+  //! bfloat16 (teacher logits), bfloat16 gradients.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& h_s, const ConstMatrixRef<bfloat16>& w_s,
+                        const ConstMatrixRef<bfloat16>& teacher_logits,
+                        const ConstLabelsRef& labels, MatrixRef<bfloat16> d_h_s,
+                        MatrixRef<bfloat16> d_w_s) {
+    return run(In16{&h_s, &w_s, nullptr, nullptr, nullptr, nullptr, &teacher_logits, &labels},
+               &d_h_s, &d_w_s, kNoBias16);
+  }
+  //! bfloat16 (teacher logits, bias), Scalar gradients.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& h_s, const ConstMatrixRef<bfloat16>& w_s,
+                        const ConstMatrixRef<bfloat16>& teacher_logits,
+                        const ConstLabelsRef& labels, const ConstVectorRef<bfloat16>& b_s,
+                        MatrixRef<Scalar> d_h_s, MatrixRef<Scalar> d_w_s, VectorRef<Scalar> d_b_s) {
+    return run(In16{&h_s, &w_s, &b_s, nullptr, nullptr, nullptr, &teacher_logits, &labels}, &d_h_s,
+               &d_w_s, &d_b_s);
+  }
+  //! bfloat16 (teacher logits, bias), bfloat16 gradients.
+  Scalar value_and_grad(const ConstMatrixRef<bfloat16>& h_s, const ConstMatrixRef<bfloat16>& w_s,
+                        const ConstMatrixRef<bfloat16>& teacher_logits,
+                        const ConstLabelsRef& labels, const ConstVectorRef<bfloat16>& b_s,
+                        MatrixRef<bfloat16> d_h_s, MatrixRef<bfloat16> d_w_s,
+                        VectorRef<bfloat16> d_b_s) {
+    return run(In16{&h_s, &w_s, &b_s, nullptr, nullptr, nullptr, &teacher_logits, &labels}, &d_h_s,
+               &d_w_s, &d_b_s);
+  }
+
   //! hard_weight·CE_i + soft_weight·D_i of each row of the last call (0 for rows labelled
   //! −100), before the division by the number of labelled rows.
   const Vector<Scalar>& row_values() const { return ws_.row_value; }
@@ -161,17 +266,27 @@ class FusedLinearKD : detail::FloatingScalar<Scalar> {
  private:
   static constexpr const char* kName = "FusedLinearKD";
   static constexpr int kBuffers = 6;  // the student's logits, then the divergence's five
+  // Head rows (classes) per block of the products: a multiple of their 256-wide tiles, so the
+  // tiles are those of one product over all V classes.
+  static constexpr Index kBlock = 4096;
 
-  struct Inputs {
-    const ConstMatrixRef<Scalar>* h_s;
-    const ConstMatrixRef<Scalar>* w_s;
-    const ConstVectorRef<Scalar>* b_s;  // nullptr or empty: none
-    const ConstMatrixRef<Scalar>* h_t;  // nullptr with precomputed teacher logits
-    const ConstMatrixRef<Scalar>* w_t;
-    const ConstVectorRef<Scalar>* b_t;
-    const ConstMatrixRef<Scalar>* logits_t;
+  template <class In>
+  struct InputsOf {
+    const ConstMatrixRef<In>* h_s;
+    const ConstMatrixRef<In>* w_s;
+    const ConstVectorRef<In>* b_s;  // nullptr or empty: none
+    const ConstMatrixRef<In>* h_t;  // nullptr with precomputed teacher logits
+    const ConstMatrixRef<In>* w_t;
+    const ConstVectorRef<In>* b_t;
+    const ConstMatrixRef<In>* logits_t;
     const ConstLabelsRef* labels;
   };
+  using Inputs = InputsOf<Scalar>;
+  using In16 = InputsOf<bfloat16>;
+  static constexpr MatrixRef<Scalar>* kNoGrad = nullptr;
+  static constexpr VectorRef<Scalar>* kNoBias = nullptr;
+  static constexpr VectorRef<bfloat16>* kNoBias16 = nullptr;
+  using Rows = Eigen::Map<const Matrix<Scalar>, 0, Eigen::OuterStride<>>;
 
   void validate() const {
     LogitDivergence<Scalar> check(options_.divergence);  // its options' checks
@@ -187,45 +302,115 @@ class FusedLinearKD : detail::FloatingScalar<Scalar> {
           kName, "option chunk_rows must be >= 1, got " + std::to_string(options_.chunk_rows));
   }
 
+  /// Row i of x in Scalar: a view, or (bfloat16) read into row_ (one row at a time).
+  template <class M>
+  detail::ConstRowMap<Scalar> read_row(const M& x, Index i);
+  /// Rows [r0, r0 + m) of x in Scalar: a view, or (bfloat16) read into `buf` in parallel.
+  template <class In>
+  Rows rows_of(const ConstMatrixRef<In>& x, Index r0, Index m, Matrix<Scalar>& buf);
   /// max_i ‖x_i‖ over the rows of a finite matrix; names the first non-finite entry otherwise.
-  static double max_row_norm(const char* name, const ConstMatrixRef<Scalar>& x);
-  /// max |b_j| of a finite bias (0 for none).
-  static double max_abs_bias(const char* name, const ConstVectorRef<Scalar>* b);
+  template <class M>
+  double max_row_norm(const char* name, const M& x);
+  /// The bias in Scalar (a view, or read into `buf`), nullptr for none; max |b_j| in `bound`
+  /// (0 for none); names a non-finite entry.
+  template <class In>
+  const Scalar* bias_of(const char* name, const ConstVectorRef<In>* b, Vector<Scalar>& buf,
+                        double& bound);
   /// The teacher logits' checks on the labelled rows; returns their largest finite |entry|.
-  double check_teacher_logits(const ConstMatrixRef<Scalar>& t, const ConstLabelsRef& labels) const;
+  template <class M>
+  double check_teacher_logits(const M& t, const ConstLabelsRef& labels);
 
+  // One body (run_rows) for each storage type of the inputs and of the gradients.
   Scalar run(const Inputs& in, MatrixRef<Scalar>* d_h, MatrixRef<Scalar>* d_w,
              VectorRef<Scalar>* d_b);
+  Scalar run(const In16& in, MatrixRef<Scalar>* d_h, MatrixRef<Scalar>* d_w,
+             VectorRef<Scalar>* d_b);
+  Scalar run(const In16& in, MatrixRef<bfloat16>* d_h, MatrixRef<bfloat16>* d_w,
+             VectorRef<bfloat16>* d_b);
+  template <class In, class G>
+  Scalar run_rows(const InputsOf<In>& in, MatrixRef<G>* d_h, MatrixRef<G>* d_w, VectorRef<G>* d_b);
 
   Options options_;
   detail::RowWorkspace<Scalar> ws_;
   Matrix<Scalar> logits_s_, logits_t_;  // one chunk of each head's logits
   Vector<Scalar> ones_;                 // for the bias gradient, Σ_i g_i = gᵀ 1
+  // bfloat16 inputs: the rows being checked, a chunk of each model's hidden states, a block of
+  // head rows, the biases; bfloat16 gradients: their float sums before rounding.
+  detail::RowArray<Scalar> row_;
+  Matrix<Scalar> h_s16_, h_t16_, w16_, d_h16_, d_w16_;
+  Vector<Scalar> b_s16_, b_t16_, d_b16_;
 };
 
 template <class Scalar>
-double FusedLinearKD<Scalar>::max_row_norm(const char* name, const ConstMatrixRef<Scalar>& x) {
+template <class M>
+detail::ConstRowMap<Scalar> FusedLinearKD<Scalar>::read_row(const M& x, Index i) {
+  if constexpr (std::is_same<typename M::Scalar, Scalar>::value) {
+    return detail::const_row_map(x, i);
+  } else {
+    if (row_.size() < x.cols()) row_.resize(x.cols());
+    detail::load_bf16(x.data() + i * x.outerStride(), row_.data(), x.cols());
+    return detail::ConstRowMap<Scalar>(row_.data(), x.cols());
+  }
+}
+
+template <class Scalar>
+template <class In>
+typename FusedLinearKD<Scalar>::Rows FusedLinearKD<Scalar>::rows_of(const ConstMatrixRef<In>& x,
+                                                                    Index r0, Index m,
+                                                                    Matrix<Scalar>& buf) {
+  if constexpr (std::is_same<In, Scalar>::value) {
+    (void)buf;
+    return Rows(x.data() + r0 * x.outerStride(), m, x.cols(),
+                Eigen::OuterStride<>(x.outerStride()));
+  } else {
+    detail::parallel_for(m, x.cols(), [&](Index r, int) {
+      detail::load_bf16(x.data() + (r0 + r) * x.outerStride(), buf.data() + r * buf.cols(),
+                        x.cols());
+    });
+    return Rows(buf.data(), m, x.cols(), Eigen::OuterStride<>(buf.cols()));
+  }
+}
+
+template <class Scalar>
+template <class M>
+double FusedLinearKD<Scalar>::max_row_norm(const char* name, const M& x) {
   Scalar m = 0;
-  for (Index i = 0; i < x.rows(); ++i) m = detail::max_nan(m, x.row(i).squaredNorm());
+  for (Index i = 0; i < x.rows(); ++i)
+    m = detail::max_nan(m, read_row(x, i).matrix().squaredNorm());
   if (detail::is_finite(m)) return std::sqrt(double(m));
   const std::string why = detail::bad_element(name, x, false);
   if (!why.empty()) detail::throw_invalid(kName, why);
   double big = 0;  // finite entries whose squares overflow
-  for (Index i = 0; i < x.rows(); ++i) big = std::max(big, double(x.row(i).stableNorm()));
+  for (Index i = 0; i < x.rows(); ++i)
+    big = std::max(big, double(read_row(x, i).matrix().stableNorm()));
   return big;
 }
 
 template <class Scalar>
-double FusedLinearKD<Scalar>::max_abs_bias(const char* name, const ConstVectorRef<Scalar>* b) {
-  if (!b || b->size() == 0) return 0;
-  const Scalar m = b->cwiseAbs().template maxCoeff<Eigen::PropagateNaN>();
-  if (!detail::is_finite(m)) detail::throw_invalid(kName, detail::bad_element(name, *b, false));
-  return double(m);
+template <class In>
+const Scalar* FusedLinearKD<Scalar>::bias_of(const char* name, const ConstVectorRef<In>* b,
+                                             Vector<Scalar>& buf, double& bound) {
+  bound = 0;
+  if (!b || b->size() == 0) return nullptr;
+  const Scalar* data;
+  if constexpr (std::is_same<In, Scalar>::value) {
+    (void)buf;
+    data = b->data();
+  } else {
+    buf.resize(b->size());
+    detail::load_bf16(b->data(), buf.data(), b->size());
+    data = buf.data();
+  }
+  const Eigen::Map<const Vector<Scalar>> v(data, b->size());
+  const Scalar m = v.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>();
+  if (!detail::is_finite(m)) detail::throw_invalid(kName, detail::bad_element(name, v, false));
+  bound = double(m);
+  return data;
 }
 
 template <class Scalar>
-double FusedLinearKD<Scalar>::check_teacher_logits(const ConstMatrixRef<Scalar>& t,
-                                                   const ConstLabelsRef& labels) const {
+template <class M>
+double FusedLinearKD<Scalar>::check_teacher_logits(const M& t, const ConstLabelsRef& labels) {
   constexpr Scalar ninf = -std::numeric_limits<Scalar>::infinity();
   const Divergence kind = options_.divergence.divergence;
   const bool reverse = kind == Divergence::ReverseKL ||
@@ -233,7 +418,7 @@ double FusedLinearKD<Scalar>::check_teacher_logits(const ConstMatrixRef<Scalar>&
   double bound = 0;
   for (Index i = 0; i < t.rows(); ++i) {
     if (labels(i) == -100) continue;
-    const auto row = detail::const_row_map(t, i);
+    const auto row = read_row(t, i);
     const Scalar m = row.template maxCoeff<Eigen::PropagateNaN>();
     const Scalar lo = row.minCoeff();
     if (!detail::is_finite(m) || !detail::is_finite(lo)) {
@@ -243,7 +428,7 @@ double FusedLinearKD<Scalar>::check_teacher_logits(const ConstMatrixRef<Scalar>&
         detail::throw_numerical(kName, detail::all_neg_inf_row("teacher_logits", t, i));
       if (reverse) {
         for (Index j = 0; j < t.cols(); ++j)
-          if (t(i, j) == ninf)
+          if (row(j) == ninf)
             detail::throw_numerical(kName,
                                     detail::element_str("teacher_logits", i, j, double(ninf)) +
                                         " where the student's probability is positive: the "
@@ -260,9 +445,28 @@ double FusedLinearKD<Scalar>::check_teacher_logits(const ConstMatrixRef<Scalar>&
 template <class Scalar>
 Scalar FusedLinearKD<Scalar>::run(const Inputs& in, MatrixRef<Scalar>* d_h, MatrixRef<Scalar>* d_w,
                                   VectorRef<Scalar>* d_b) {
+  return run_rows(in, d_h, d_w, d_b);
+}
+template <class Scalar>
+Scalar FusedLinearKD<Scalar>::run(const In16& in, MatrixRef<Scalar>* d_h, MatrixRef<Scalar>* d_w,
+                                  VectorRef<Scalar>* d_b) {
+  return run_rows(in, d_h, d_w, d_b);
+}
+template <class Scalar>
+Scalar FusedLinearKD<Scalar>::run(const In16& in, MatrixRef<bfloat16>* d_h,
+                                  MatrixRef<bfloat16>* d_w, VectorRef<bfloat16>* d_b) {
+  return run_rows(in, d_h, d_w, d_b);
+}
+
+template <class Scalar>
+template <class In, class G>
+Scalar FusedLinearKD<Scalar>::run_rows(const InputsOf<In>& in, MatrixRef<G>* d_h, MatrixRef<G>* d_w,
+                                       VectorRef<G>* d_b) {
+  constexpr bool staged = !std::is_same<In, Scalar>::value;
+  constexpr bool round = std::is_same<G, bfloat16>::value;
   validate();
-  const ConstMatrixRef<Scalar>& hs = *in.h_s;
-  const ConstMatrixRef<Scalar>& ws = *in.w_s;
+  const ConstMatrixRef<In>& hs = *in.h_s;
+  const ConstMatrixRef<In>& ws = *in.w_s;
   const ConstLabelsRef& labels = *in.labels;
   const Index n = hs.rows(), d = hs.cols(), v = ws.rows();
   detail::check_nonempty(kName, "h_s", n, d);
@@ -296,11 +500,14 @@ Scalar FusedLinearKD<Scalar>::run(const Inputs& in, MatrixRef<Scalar>* d_h, Matr
   }
 
   // |s_ij| ≤ ‖h_s,i‖·‖w_s,j‖ + |b_j| (Cauchy–Schwarz), likewise for the teacher.
+  double bias_bound_s = 0, bias_bound_t = 0;
+  const Scalar* b_s = bias_of("b_s", bias_s ? in.b_s : nullptr, b_s16_, bias_bound_s);
+  const Scalar* b_t = bias_of("b_t", bias_t ? in.b_t : nullptr, b_t16_, bias_bound_t);
   const double hs_norm = max_row_norm("h_s", hs), ws_norm = max_row_norm("w_s", ws);
-  const double bound_s = hs_norm * ws_norm + max_abs_bias("b_s", in.b_s);
-  const double bound_t = heads ? max_row_norm("h_t", *in.h_t) * max_row_norm("w_t", *in.w_t) +
-                                     max_abs_bias("b_t", in.b_t)
-                               : check_teacher_logits(*in.logits_t, labels);
+  const double bound_s = hs_norm * ws_norm + bias_bound_s;
+  const double bound_t =
+      heads ? max_row_norm("h_t", *in.h_t) * max_row_norm("w_t", *in.w_t) + bias_bound_t
+            : check_teacher_logits(*in.logits_t, labels);
   if (used == 0) {
     ws_.row_value.setZero(n);
     return Scalar(0);
@@ -335,23 +542,45 @@ Scalar FusedLinearKD<Scalar>::run(const Inputs& in, MatrixRef<Scalar>* d_h, Matr
   }
 
   const Index chunk = std::min(options_.chunk_rows, n);
+  const Index d_t = heads ? in.h_t->cols() : 0;
   logits_s_.resize(chunk, v);
   if (heads) logits_t_.resize(chunk, v);
   if (d_b && bias_s) ones_.setOnes(chunk);
-  ws_.prepare(n, v, 0, kBuffers);
+  ws_.prepare(n, v, 0, kBuffers, heads ? 0 : detail::staged_rows<Scalar, In>(1));
+  if (staged) {
+    h_s16_.resize(chunk, d);
+    if (heads) h_t16_.resize(chunk, d_t);
+    w16_.resize(std::min(kBlock, v), std::max(d, d_t));
+  }
+  if (round && d_h) {
+    d_h16_.resize(chunk, d);
+    d_w16_.resize(std::min(kBlock, v), d);
+    if (d_b && bias_s) d_b16_.setZero(v);
+  }
   const Divergence kind = div.divergence;
   const Scalar mix = kind == Divergence::GeneralizedJSD ? div.beta : div.skew;
   const Scalar soft_row = soft, hard_row = hard;
+  using BiasRow = Eigen::Map<const detail::RowArray<Scalar>>;
 
+  // The products go over blocks of kBlock head rows, the rows of a bfloat16 head read into w16_
+  // block by block (twice per chunk for the student's: forward, then backward).
+  auto head_product = [&](auto& out, const Rows& h, const ConstMatrixRef<In>& w) {
+    for (Index v0 = 0; v0 < v; v0 += kBlock) {
+      const Index vb = std::min(kBlock, v - v0);
+      const Rows wb = rows_of(w, v0, vb, w16_);
+      detail::tiled_product(out.middleCols(v0, vb), h, wb.transpose(), Scalar(1), false);
+    }
+  };
   for (Index r0 = 0; r0 < n; r0 += chunk) {
     const Index m = std::min(chunk, n - r0);
     auto s = logits_s_.topRows(m);
-    detail::tiled_product(s, hs.middleRows(r0, m), ws.transpose(), Scalar(1), false);
-    if (bias_s) s.rowwise() += in.b_s->transpose();
+    const Rows h = rows_of(hs, r0, m, h_s16_);
+    head_product(s, h, ws);
+    if (bias_s) s.array().rowwise() += BiasRow(b_s, v);
     if (heads) {
       auto t = logits_t_.topRows(m);
-      detail::tiled_product(t, in.h_t->middleRows(r0, m), in.w_t->transpose(), Scalar(1), false);
-      if (bias_t) t.rowwise() += in.b_t->transpose();
+      head_product(t, rows_of(*in.h_t, r0, m, h_t16_), *in.w_t);
+      if (bias_t) t.array().rowwise() += BiasRow(b_t, v);
     }
     // Each row's logits become its gradient dL/ds_i in place (the logits copied to a buffer).
     detail::parallel_for(m, 16 * v, [&](Index r, int thread) {
@@ -368,8 +597,8 @@ Scalar FusedLinearKD<Scalar>::run(const Inputs& in, MatrixRef<Scalar>* d_h, Matr
           ws_.buffer(thread, kBuffers, 1), ws_.buffer(thread, kBuffers, 2),
           ws_.buffer(thread, kBuffers, 3), ws_.buffer(thread, kBuffers, 4),
           ws_.buffer(thread, kBuffers, 5)};
-      const auto t =
-          heads ? detail::const_row_map(logits_t_, r) : detail::const_row_map(*in.logits_t, i);
+      const auto t = heads ? detail::const_row_map(logits_t_, r)
+                           : detail::input_row(*in.logits_t, i, ws_, thread, 0);
       const Scalar dv = detail::divergence_row_student(kind, mix, x, t, inv_t, b, g);
       g *= soft_g;
       Scalar ce = 0;
@@ -382,11 +611,36 @@ Scalar FusedLinearKD<Scalar>::run(const Inputs& in, MatrixRef<Scalar>* d_h, Matr
       }
       ws_.row_value(i) = soft_row * dv + hard_row * ce;
     });
-    if (d_h) {
-      detail::tiled_product(d_h->middleRows(r0, m), s, ws, Scalar(1), true);
-      detail::tiled_product(*d_w, s.transpose(), hs.middleRows(r0, m), Scalar(1), true);
+    if (!d_h) continue;
+    // dL/dh_s = Σ_blocks g_block w_block, dL/dw_s,block = g_blockᵀ h; bfloat16 buffers get
+    // the float sums rounded: d_h's chunk rows once, d_w's block rows once per chunk.
+    const Rows& hb = h;  // the chunk, still in h_s16_ when staged
+    for (Index v0 = 0; v0 < v; v0 += kBlock) {
+      const Index vb = std::min(kBlock, v - v0);
+      const Rows wb = rows_of(ws, v0, vb, w16_);
+      const auto gb = s.middleCols(v0, vb);
+      if constexpr (round) {
+        detail::tiled_product(d_h16_.topRows(m), gb, wb, Scalar(1), v0 > 0);
+        detail::tiled_product(d_w16_.topRows(vb), gb.transpose(), hb, Scalar(1), false);
+        detail::parallel_for(vb, d, [&](Index j, int) {
+          detail::add_to_bf16(&(*d_w)(v0 + j, 0), d_w16_.data() + j * d, d);
+        });
+      } else {
+        detail::tiled_product(d_h->middleRows(r0, m), gb, wb, Scalar(1), true);
+        detail::tiled_product(d_w->middleRows(v0, vb), gb.transpose(), hb, Scalar(1), true);
+      }
+    }
+    if constexpr (round) {
+      detail::parallel_for(m, d, [&](Index r, int) {
+        detail::add_to_bf16(&(*d_h)(r0 + r, 0), d_h16_.data() + r * d, d);
+      });
+      if (d_b && bias_s) d_b16_.noalias() += s.transpose() * ones_.head(m);
+    } else {
       if (d_b && bias_s) d_b->noalias() += s.transpose() * ones_.head(m);
     }
+  }
+  if constexpr (round) {
+    if (d_h && d_b && bias_s) detail::add_to_bf16(d_b->data(), d_b16_.data(), v);
   }
   return ws_.row_value.sum() / Scalar(used);
 }
