@@ -292,26 +292,29 @@ namespace detail {
 
 // FusedLinearKD through the autograd node: gradients to h_s, w_s and (when given) b_s; the
 // teacher (its head, or its logits) gets none.
-template <class S>
-at::Tensor fused_linear(mmkd::FusedLinearKD<S>& loss, const at::Tensor& h_s, const at::Tensor& w_s,
-                        const at::Tensor& h_t, const at::Tensor& w_t, const at::Tensor& logits,
-                        const at::Tensor& labels, const at::Tensor& b_s, const at::Tensor& b_t) {
+// In: the tensors' storage type (S, or bfloat16 for all of them).
+template <class S, class In>
+at::Tensor fused_linear_as(mmkd::FusedLinearKD<S>& loss, const at::Tensor& h_s,
+                           const at::Tensor& w_s, const at::Tensor& h_t, const at::Tensor& w_t,
+                           const at::Tensor& logits, const at::Tensor& labels,
+                           const at::Tensor& b_s, const at::Tensor& b_t) {
   const std::string name = "FusedLinearKD";
-  check<S>(name, "h_s", h_s, 2);
-  check<S>(name, "w_s", w_s, 2);
+  check<In>(name, "h_s", h_s, 2);
+  check<In>(name, "w_s", w_s, 2);
   const bool heads = !logits.defined();
   if (heads) {
-    check<S>(name, "h_t", h_t, 2);
-    check<S>(name, "w_t", w_t, 2);
+    check<In>(name, "h_t", h_t, 2);
+    check<In>(name, "w_t", w_t, 2);
   } else {
-    check<S>(name, "teacher_logits", logits, 2);
+    check<In>(name, "teacher_logits", logits, 2);
   }
-  if (b_s.defined()) check<S>(name, "b_s", b_s, 1);
-  if (b_t.defined()) check<S>(name, "b_t", b_t, 1);
+  if (b_s.defined()) check<In>(name, "b_s", b_s, 1);
+  if (b_t.defined()) check<In>(name, "b_t", b_t, 1);
   const at::Tensor y = labels_int32(name, labels);  // -100 stays -100
   auto vec = [](const at::Tensor& b) {
-    return b.defined() ? Eigen::Map<const mmkd::Vector<S>>(b.data_ptr<S>(), b.size(0))
-                       : Eigen::Map<const mmkd::Vector<S>>(nullptr, 0);
+    return b.defined()
+               ? Eigen::Map<const mmkd::Vector<In>>(static_cast<const In*>(b.data_ptr()), b.size(0))
+               : Eigen::Map<const mmkd::Vector<In>>(nullptr, 0);
   };
   std::vector<at::Tensor> inputs{h_s, w_s};
   std::vector<std::string> names{"h_s", "w_s"};
@@ -330,31 +333,44 @@ at::Tensor fused_linear(mmkd::FusedLinearKD<S>& loss, const at::Tensor& h_s, con
     grads.push_back(Grad::Never);
   }
   const LossCall call{
-      name, names, grads, [&](const std::vector<at::Tensor>& g) -> double {
-        const auto hs = cmat<S>(h_s), ws = cmat<S>(w_s);
+      name, names, grads,
+      [&](const std::vector<at::Tensor>& g) -> double {
+        const auto hs = cmat<In>(h_s), ws = cmat<In>(w_s);
         const auto l = labels_view(y);
         const auto bs = vec(b_s), bt = vec(b_t);
         if (b_s.defined()) {
-          Eigen::Map<mmkd::Vector<S>> db(g[2].data_ptr<S>(), g[2].size(0));
+          Eigen::Map<mmkd::Vector<In>> db(static_cast<In*>(g[2].data_ptr()), g[2].size(0));
           if (heads)
-            return loss.value_and_grad(hs, ws, cmat<S>(h_t), cmat<S>(w_t), l, bs, bt, mat<S>(g[0]),
-                                       mat<S>(g[1]), db);
-          return loss.value_and_grad(hs, ws, cmat<S>(logits), l, bs, mat<S>(g[0]), mat<S>(g[1]),
+            return loss.value_and_grad(hs, ws, cmat<In>(h_t), cmat<In>(w_t), l, bs, bt,
+                                       mat<In>(g[0]), mat<In>(g[1]), db);
+          return loss.value_and_grad(hs, ws, cmat<In>(logits), l, bs, mat<In>(g[0]), mat<In>(g[1]),
                                      db);
         }
         if (heads)
-          return loss.value_and_grad(hs, ws, cmat<S>(h_t), cmat<S>(w_t), l, bs, bt, mat<S>(g[0]),
-                                     mat<S>(g[1]), Eigen::Map<mmkd::Vector<S>>(nullptr, 0));
-        return loss.value_and_grad(hs, ws, cmat<S>(logits), l, mat<S>(g[0]), mat<S>(g[1]));
-      }};
+          return loss.value_and_grad(hs, ws, cmat<In>(h_t), cmat<In>(w_t), l, bs, bt, mat<In>(g[0]),
+                                     mat<In>(g[1]), Eigen::Map<mmkd::Vector<In>>(nullptr, 0));
+        return loss.value_and_grad(hs, ws, cmat<In>(logits), l, mat<In>(g[0]), mat<In>(g[1]));
+      },
+      dtype_of<S>()};
   return run_loss(call, inputs);
+}
+
+template <class S>
+at::Tensor fused_linear(mmkd::FusedLinearKD<S>& loss, const at::Tensor& h_s, const at::Tensor& w_s,
+                        const at::Tensor& h_t, const at::Tensor& w_t, const at::Tensor& logits,
+                        const at::Tensor& labels, const at::Tensor& b_s, const at::Tensor& b_t) {
+  return with_logit_storage<S>(h_s, [&](auto storage) {
+    using In = decltype(storage);
+    return fused_linear_as<S, In>(loss, h_s, w_s, h_t, w_t, logits, labels, b_s, b_t);
+  });
 }
 
 }  // namespace detail
 
 /// FusedLinearKD: the student's hidden states h_s (N x d) and head weight w_s (V x d) with the
 /// teacher's h_t, w_t, and N integer labels (-100: the row takes no part); optional head biases
-/// (V). Gradients flow to h_s, w_s and b_s; the teacher's tensors must not require grad.
+/// (V). Gradients flow to h_s, w_s and b_s; the teacher's tensors must not require grad. All of
+/// them may be BFloat16 (computed in S, the gradients BFloat16).
 template <class S>
 at::Tensor fused_linear_kd(mmkd::FusedLinearKD<S>& loss, const at::Tensor& h_s,
                            const at::Tensor& w_s, const at::Tensor& h_t, const at::Tensor& w_t,

@@ -214,6 +214,34 @@ TEST_CASE("bridge: bfloat16 logits give the float results of their values, bfloa
           return torch_sparse_kd_rows(x[0], top_idx, x[1], 1.0, tail).mean();
         });
   }
+  // the fused head, one chunk (d_w_s then rounds once, as the float gradient's rounding)
+  {
+    auto bf = [](at::IntArrayRef shape) { return torch::randn(shape).to(torch::kBFloat16); };
+    const auto ht = bf({n, 3}), wt = bf({v, 3});
+    const auto yi = torch::tensor({1, -100, 4, 0, -100, 6}, torch::kLong);
+    mmkd::FusedLinearKD<float>::Options fo;
+    fo.hard_weight = 0.5f;
+    fo.chunk_rows = 8;
+    mmkd::FusedLinearKD<float> fused(fo);
+    check(
+        {bf({n, 5}), bf({v, 5}), bf({v})}, {true, true, true},
+        [&](const Tensors& x) {
+          const auto dtype = x[0].scalar_type();  // the teacher's head in the student's dtype
+          return mmkd_torch::fused_linear_kd(fused, x[0], x[1], ht.to(dtype), wt.to(dtype), yi,
+                                             x[2]);
+        },
+        [&](const Tensors& x) {
+          const auto s = torch::matmul(x[0], x[1].t()) + x[2];
+          const auto t = torch::matmul(ht.to(torch::kFloat32), wt.to(torch::kFloat32).t());
+          const auto keep = (yi != -100).to(torch::kFloat32);
+          const auto hard = torch::nn::functional::cross_entropy(
+              s, yi, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+          return (0.5 * hard +
+                  (torch_divergence_rows(mmkd::Divergence::ForwardKL, 0.1, s, t, 1.0) * keep)
+                      .sum()) /
+                 4;
+        });
+  }
   CHECK_THROWS_WITH(mmkd_torch::logit_kd(kd, bf16(1), bf16(1).to(torch::kFloat32)),
                     Catch::Contains("teacher has dtype Float, expected BFloat16 (the student's)"));
 }
