@@ -56,9 +56,21 @@ struct LogAddExp {
   }
 };
 
+/// ½·sign(p − q) elementwise (0 where equal or NaN): vectorised, where Eigen 3.4's sign() is not.
+template <class T>
+struct HalfSignOfDifference {
+  T operator()(T p, T q) const { return p > q ? T(0.5) : (p < q ? T(-0.5) : T(0)); }
+  template <class Packet>
+  Packet packetOp(const Packet& p, const Packet& q) const {
+    using namespace Eigen::internal;
+    const Packet h = pset1<Packet>(T(0.5));
+    return psub(pand(pcmp_lt(q, p), h), pand(pcmp_lt(p, q), h));
+  }
+};
+
 /// One row of a divergence other than ForwardKL, with a = s/T, b = t/T. Returns D; writes
-/// ga = ∂D/∂a and gb = ∂D/∂b (each optional: nullptr) unscaled. `mix` is β (GeneralizedJSD) or
-/// λ (the skew divergences).
+/// c·∂D/∂a to ga and c·∂D/∂b to gb (each optional: nullptr), c = `scale`. `mix` is β
+/// (GeneralizedJSD) or λ (the skew divergences).
 ///
 /// Everything is formed in the log domain from the max-shifted logits: log q = (s − max s)/T −
 /// log Σ, log m = logaddexp(log β + log p, log(1−β) + log q), and the products q·p/m, p²/m as
@@ -79,14 +91,16 @@ struct LogAddExp {
 ///                gb = p ⊙ (h − Σ p h), h = −g
 template <class T, class S, class U>
 T divergence_row(Divergence kind, T mix, const Eigen::ArrayBase<S>& s, const Eigen::ArrayBase<U>& t,
-                 T inv_t, DivergenceBuffers<T>& b, RowMap<T>* ga, RowMap<T>* gb) {
+                 T inv_t, DivergenceBuffers<T>& b, RowMap<T>* ga, RowMap<T>* gb, T scale = T(1)) {
   const ShiftedExp<T> es = shifted_exp(s, inv_t, b.q);
   const ShiftedExp<T> et = shifted_exp(t, inv_t, b.p);
   if (!(es.sum > T(0)) || !(et.sum > T(0))) return std::numeric_limits<T>::quiet_NaN();
   b.q /= es.sum;
   b.p /= et.sum;
-  b.lq = (s - es.x_max) * inv_t - std::log(es.sum);
-  b.lp = (t - et.x_max) * inv_t - std::log(et.sum);
+  if (kind != Divergence::TotalVariation) {  // TV needs no logs
+    b.lq = (s - es.x_max) * inv_t - std::log(es.sum);
+    b.lp = (t - et.x_max) * inv_t - std::log(et.sum);
+  }
   const ExpShifted<T> ex;
   const ZeroTimes<T> times;  // 0 where the weight (a probability) is 0
   // log(α·x + (1−α)·y) from log x, log y; −inf where both are −inf.
@@ -107,12 +121,12 @@ T divergence_row(Divergence kind, T mix, const Eigen::ArrayBase<S>& s, const Eig
     if (gy) {
       *gy = ((ly - b.lm) + lx + std::log1p(-mix)).unaryExpr(ex);  // (1−λ) x y / m
       const T sum = gy->sum();
-      *gy = y * sum - *gy;
+      *gy = (y * sum - *gy) * scale;
     }
     if (gx) {
       *gx = ((lx - b.lm) + lx + std::log(mix)).unaryExpr(ex);  // λ x² / m
       const T sum = gx->sum();
-      *gx = x.binaryExpr((lx - b.lm) - dv, times) - (*gx - x * sum);
+      *gx = (x.binaryExpr((lx - b.lm) - dv, times) - (*gx - x * sum)) * scale;
     }
     return dv;
   };
@@ -120,8 +134,8 @@ T divergence_row(Divergence kind, T mix, const Eigen::ArrayBase<S>& s, const Eig
   switch (kind) {
     case Divergence::ReverseKL: {
       d = b.q.binaryExpr(b.lq - b.lp, times).sum();
-      if (ga) *ga = b.q.binaryExpr((b.lq - b.lp) - d, times);
-      if (gb) *gb = b.p - b.q;
+      if (ga) *ga = b.q.binaryExpr((b.lq - b.lp) - d, times) * scale;
+      if (gb) *gb = (b.p - b.q) * scale;
       break;
     }
     case Divergence::GeneralizedJSD: {
@@ -129,8 +143,8 @@ T divergence_row(Divergence kind, T mix, const Eigen::ArrayBase<S>& s, const Eig
       const T kp = b.p.binaryExpr(b.lp - b.lm, times).sum();
       const T kq = b.q.binaryExpr(b.lq - b.lm, times).sum();
       d = mix * kp + (T(1) - mix) * kq;
-      if (ga) *ga = b.q.binaryExpr(((b.lq - b.lm) - kq) * (T(1) - mix), times);
-      if (gb) *gb = b.p.binaryExpr(((b.lp - b.lm) - kp) * mix, times);
+      if (ga) *ga = b.q.binaryExpr(((b.lq - b.lm) - kq) * ((T(1) - mix) * scale), times);
+      if (gb) *gb = b.p.binaryExpr(((b.lp - b.lm) - kp) * (mix * scale), times);
       break;
     }
     case Divergence::SkewForwardKL:
@@ -140,10 +154,10 @@ T divergence_row(Divergence kind, T mix, const Eigen::ArrayBase<S>& s, const Eig
       d = skew_kl(b.q, b.lq, b.p, b.lp, ga, gb);
       break;
     case Divergence::TotalVariation: {
-      b.lm = (b.p - b.q).sign() * T(0.5);  // h = ∂D/∂p; ∂D/∂q = −h
+      b.lm = b.p.binaryExpr(b.q, HalfSignOfDifference<T>());  // h = ∂D/∂p; ∂D/∂q = −h
       d = (b.p - b.q).abs().sum() * T(0.5);
-      if (ga) *ga = -b.q * (b.lm - (b.q * b.lm).sum());
-      if (gb) *gb = b.p * (b.lm - (b.p * b.lm).sum());
+      if (ga) *ga = b.q * ((b.q * b.lm).sum() - b.lm) * scale;
+      if (gb) *gb = b.p * (b.lm - (b.p * b.lm).sum()) * scale;
       break;
     }
     case Divergence::ForwardKL:  // kd_rows
@@ -152,19 +166,19 @@ T divergence_row(Divergence kind, T mix, const Eigen::ArrayBase<S>& s, const Eig
   return d;
 }
 
-/// Any divergence's row with the student's gradient only: returns D and writes ga = ∂D/∂a
-/// unscaled (a = s/T). ForwardKL goes through kl_row (ga = q − p), the others through
-/// divergence_row. `ga` must not alias s or t.
+/// Any divergence's row with the student's gradient only: returns D and writes
+/// ga = c·∂D/∂a (a = s/T, c = `scale`). ForwardKL goes through kl_row (ga = q − p), the others
+/// through divergence_row. `ga` must not alias s or t.
 template <class T, class S, class U>
 T divergence_row_student(Divergence kind, T mix, const Eigen::ArrayBase<S>& s,
                          const Eigen::ArrayBase<U>& t, T inv_t, DivergenceBuffers<T>& b,
-                         RowMap<T>& ga) {
+                         RowMap<T>& ga, T scale = T(1)) {
   if (kind == Divergence::ForwardKL) {
     const KlRow<T> r = kl_row(s, t, inv_t, b.q, b.p);
-    ga = b.q * (T(1) / r.s.sum) - b.p * (T(1) / r.t.sum);
+    ga = b.q * (scale / r.s.sum) - b.p * (scale / r.t.sum);
     return r.value;
   }
-  return divergence_row(kind, mix, s, t, inv_t, b, &ga, static_cast<RowMap<T>*>(nullptr));
+  return divergence_row(kind, mix, s, t, inv_t, b, &ga, static_cast<RowMap<T>*>(nullptr), scale);
 }
 
 }  // namespace detail
@@ -175,6 +189,10 @@ namespace internal {
 template <class T>
 struct functor_traits<mmkd::detail::ZeroTimes<T>> {
   enum { Cost = 2 * NumTraits<T>::MulCost, PacketAccess = packet_traits<T>::HasCmp };
+};
+template <class T>
+struct functor_traits<mmkd::detail::HalfSignOfDifference<T>> {
+  enum { Cost = 3 * NumTraits<T>::AddCost, PacketAccess = packet_traits<T>::HasCmp };
 };
 template <class T>
 struct functor_traits<mmkd::detail::LogAddExp<T>> {

@@ -599,8 +599,7 @@ Scalar FusedLinearKD<Scalar>::run_rows(const InputsOf<In>& in, MatrixRef<G>* d_h
           ws_.buffer(thread, kBuffers, 5)};
       const auto t = heads ? detail::const_row_map(logits_t_, r)
                            : detail::input_row(*in.logits_t, i, ws_, thread, 0);
-      const Scalar dv = detail::divergence_row_student(kind, mix, x, t, inv_t, b, g);
-      g *= soft_g;
+      const Scalar dv = detail::divergence_row_student(kind, mix, x, t, inv_t, b, g, soft_g);
       Scalar ce = 0;
       if (hard_row > Scalar(0)) {
         const int y = labels(i);

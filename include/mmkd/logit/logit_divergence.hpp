@@ -275,12 +275,14 @@ Scalar LogitDivergence<Scalar>::run_rows(const ConstMatrixRef<In>& s, const Cons
     bound = ds ? 2 * g_scale : Scalar(0);
   }
   const bool scan = kind != Divergence::ForwardKL || dt;  // gradients without an O(1) bound
+  if (scan) bad_grad_.resize(n);
   if (kind != Divergence::ForwardKL) {
     ws_.prepare(n, c, (ds ? 1 : 0) + (dt ? 1 : 0), kBuffers, detail::staged_rows<Scalar, In>(2));
     const Scalar m = mix();
     detail::parallel_for(n, c, [&](Index i, int thread) {
       if (!rows(i)) {
         ws_.row_value(i) = Scalar(0);
+        bad_grad_(i) = 0;
         return;
       }
       detail::DivergenceBuffers<Scalar> b{
@@ -289,11 +291,11 @@ Scalar LogitDivergence<Scalar>::run_rows(const ConstMatrixRef<In>& s, const Cons
           ws_.buffer(thread, kBuffers, 4)};
       detail::RowMap<Scalar> ga = gs >= 0 ? ws_.grad_row(gs, i) : b.q;
       detail::RowMap<Scalar> gb = gt >= 0 ? ws_.grad_row(gt, i) : b.q;
-      ws_.row_value(i) = detail::divergence_row(kind, m, detail::input_row(s, i, ws_, thread, 0),
-                                                detail::input_row(t, i, ws_, thread, 1), inv_t, b,
-                                                gs >= 0 ? &ga : nullptr, gt >= 0 ? &gb : nullptr);
-      if (gs >= 0) ga *= g_scale;
-      if (gt >= 0) gb *= g_scale;
+      ws_.row_value(i) = detail::divergence_row(
+          kind, m, detail::input_row(s, i, ws_, thread, 0), detail::input_row(t, i, ws_, thread, 1),
+          inv_t, b, gs >= 0 ? &ga : nullptr, gt >= 0 ? &gb : nullptr, g_scale);
+      // Scanned here, while the row is in cache.
+      bad_grad_(i) = (gs >= 0 && !detail::all_finite(ga)) || (gt >= 0 && !detail::all_finite(gb));
     });
   }
 
@@ -301,13 +303,11 @@ Scalar LogitDivergence<Scalar>::run_rows(const ConstMatrixRef<In>& s, const Cons
   if (!detail::is_finite(raw)) diagnose(s, t, rows);
   const Scalar value = detail::scaled_value(kName, factor, raw, bound);
   if (scan) {
-    bad_grad_.resize(n);
-    detail::parallel_for(n, c, [&](Index i, int) {
-      bad_grad_(i) =
-          rows(i) &&
-          ((gs >= 0 && kind != Divergence::ForwardKL && !detail::all_finite(ws_.grad_row(gs, i))) ||
-           (gt >= 0 && !detail::all_finite(ws_.grad_row(gt, i))));
-    });
+    if (kind == Divergence::ForwardKL) {  // only the teacher's gradient needs the scan
+      detail::parallel_for(n, c, [&](Index i, int) {
+        bad_grad_(i) = rows(i) && !detail::all_finite(ws_.grad_row(gt, i));
+      });
+    }
     for (Index i = 0; i < n; ++i) {
       if (bad_grad_(i))
         detail::throw_numerical(kName, "the gradient overflows in row " + std::to_string(i) +
