@@ -182,9 +182,9 @@ class FusedLinearKD : detail::FloatingScalar<Scalar> {
     return run(In16{&h_s, &w_s, &b_s, nullptr, nullptr, nullptr, &teacher_logits, &labels}, kNoGrad,
                kNoGrad, kNoBias);
   }
-  //! bfloat16 inputs (as the float overloads: heads, biases or teacher logits), gradients in
-  //! Scalar or in bfloat16: each sum rounded to nearest even, d_h_s and d_b_s once per call,
-  //! d_w_s once per chunk of rows.
+  // bfloat16 inputs (as the float overloads: heads, biases or teacher logits), gradients in
+  // Scalar or in bfloat16: each sum rounded to nearest even, d_h_s and d_b_s once per call,
+  // d_w_s once per chunk of rows.
   //! bfloat16 (heads), Scalar gradients.
   Scalar value_and_grad(const ConstMatrixRef<bfloat16>& h_s, const ConstMatrixRef<bfloat16>& w_s,
                         const ConstMatrixRef<bfloat16>& h_t, const ConstMatrixRef<bfloat16>& w_t,
