@@ -16,6 +16,7 @@
 #include "mmkd/core/tensor.hpp"
 #include "mmkd/core/types.hpp"
 #include "mmkd/core/version.hpp"
+#include "mmkd/feature/hint_loss.hpp"
 #include "mmkd/gradcheck.hpp"
 #include "mmkd/logit/cross_entropy.hpp"
 #include "mmkd/logit/decoupled_kd.hpp"
