@@ -574,7 +574,7 @@ Scalar FusedLinearKD<Scalar>::run_rows(const InputsOf<In>& in, MatrixRef<G>* d_h
   for (Index r0 = 0; r0 < n; r0 += chunk) {
     const Index m = std::min(chunk, n - r0);
     auto s = logits_s_.topRows(m);
-    const Rows h = rows_of(hs, r0, m, h_s16_);
+    const Rows h = rows_of(hs, r0, m, h_s16_);  // kept in h_s16_ for the backward products
     head_product(s, h, ws);
     if (bias_s) s.array().rowwise() += BiasRow(b_s, v);
     if (heads) {
@@ -613,20 +613,19 @@ Scalar FusedLinearKD<Scalar>::run_rows(const InputsOf<In>& in, MatrixRef<G>* d_h
     if (!d_h) continue;
     // dL/dh_s = Σ_blocks g_block w_block, dL/dw_s,block = g_blockᵀ h; bfloat16 buffers get
     // the float sums rounded: d_h's chunk rows once, d_w's block rows once per chunk.
-    const Rows& hb = h;  // the chunk, still in h_s16_ when staged
     for (Index v0 = 0; v0 < v; v0 += kBlock) {
       const Index vb = std::min(kBlock, v - v0);
       const Rows wb = rows_of(ws, v0, vb, w16_);
       const auto gb = s.middleCols(v0, vb);
       if constexpr (round) {
         detail::tiled_product(d_h16_.topRows(m), gb, wb, Scalar(1), v0 > 0);
-        detail::tiled_product(d_w16_.topRows(vb), gb.transpose(), hb, Scalar(1), false);
+        detail::tiled_product(d_w16_.topRows(vb), gb.transpose(), h, Scalar(1), false);
         detail::parallel_for(vb, d, [&](Index j, int) {
           detail::add_to_bf16(&(*d_w)(v0 + j, 0), d_w16_.data() + j * d, d);
         });
       } else {
         detail::tiled_product(d_h->middleRows(r0, m), gb, wb, Scalar(1), true);
-        detail::tiled_product(d_w->middleRows(v0, vb), gb.transpose(), hb, Scalar(1), true);
+        detail::tiled_product(d_w->middleRows(v0, vb), gb.transpose(), h, Scalar(1), true);
       }
     }
     if constexpr (round) {
